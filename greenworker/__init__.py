@@ -1,0 +1,37 @@
+"""greenworker: a Celery-compatible task worker on one green hub (gevent or eventlet).
+
+``from greenworker import App`` is cheap: the heavy modules (kombu, the hubs)
+load on first use, so the CLI can monkeypatch before anything opens a socket.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = ["App", "AsyncResult", "Context", "Task", "Worker", "current_request"]
+
+if TYPE_CHECKING:
+    from .app import App
+    from .results import AsyncResult
+    from .task import Context, Task, current_request
+    from .worker import Worker
+
+_LAZY = {
+    "App": "app",
+    "AsyncResult": "results",
+    "Context": "task",
+    "Task": "task",
+    "current_request": "task",
+    "Worker": "worker",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'greenworker' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{module}", __name__), name)

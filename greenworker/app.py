@@ -1,0 +1,324 @@
+"""The application: settings, the task registry and the client side (sending, results)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+import sys
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, overload
+
+from kombu.connection import Connection
+from kombu.entity import Exchange, Queue
+from kombu.messaging import Producer
+
+from .config import Settings
+from .exceptions import ImproperlyConfigured
+from .hooks import Middleware
+from .protocol import build_task_message
+from .results import AsyncResult, LMDBBackend, ResultBackend, backend_from_url
+from .task import Task
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+EMBEDDED_BROKER = "filesystem://localhost/"
+
+
+class App:
+    """A greenworker application: ``app = App("proj", broker=..., backend=...)``.
+
+    With no broker configured anywhere, the app uses the embedded default:
+    kombu's filesystem transport and an LMDB result store in ``data_dir``.
+    """
+
+    def __init__(
+        self,
+        main: str = "__main__",
+        broker: str | None = None,
+        backend: str | None = None,
+        *,
+        config: Mapping[str, Any] | object | str | None = None,
+        data_dir: str | None = None,
+    ) -> None:
+        self.main = main
+        self.conf = Settings()
+        self.conf.update(config)
+        if broker is not None:
+            self.conf.broker_url = broker
+        if backend is not None:
+            self.conf.result_backend = backend
+        if data_dir is not None:
+            self.conf.data_dir = data_dir
+        self.conf.update_from_env()
+        self.tasks: dict[str, Task] = {}
+        #: Middleware every worker of this app uses (see :mod:`greenworker.hooks`).
+        self.middleware: list[Middleware] = []
+        self._backend: ResultBackend | None = None
+        self._producer_lock: threading.Lock | None = None
+        self._producer_conn: Connection | None = None
+        self._producer: Producer | None = None
+
+    def __repr__(self) -> str:
+        return f"<greenworker.App {self.main}>"
+
+    # ------------------------------------------------------------ settings
+
+    def config_from_object(self, source: Mapping[str, Any] | object | str) -> None:
+        """Load settings from a module, a module path, an object or a dict."""
+        self.conf.update(source)
+        self._reset_clients()
+
+    @property
+    def embedded(self) -> bool:
+        """True when no broker is configured: filesystem transport + LMDB in ``data_dir``."""
+        return not self.conf.broker_url
+
+    @property
+    def data_dir(self) -> str:
+        return os.path.abspath(self.conf.data_dir)
+
+    @property
+    def broker_url(self) -> str:
+        return self.conf.broker_url or EMBEDDED_BROKER
+
+    @property
+    def result_backend_url(self) -> str | None:
+        if self.conf.result_backend:
+            return self.conf.result_backend
+        if self.embedded:
+            return "lmdb://" + os.path.join(self.data_dir, "results")
+        return None
+
+    @property
+    def state_db_path(self) -> str | None:
+        """Where the worker keeps its state: ``worker_state_db``, else ``data_dir/state``
+        on the embedded default, else nowhere."""
+        if self.conf.worker_state_db:
+            return os.path.abspath(self.conf.worker_state_db)
+        return os.path.join(self.data_dir, "state") if self.embedded else None
+
+    @property
+    def hostname(self) -> str:
+        return self.conf.worker_hostname or f"greenworker@{socket.gethostname()}"
+
+    def transport_options(self) -> dict[str, Any]:
+        options = dict(self.conf.broker_transport_options)
+        if self.embedded:
+            queue_dir = os.path.join(self.data_dir, "queues")
+            for sub in ("messages", "control"):
+                os.makedirs(os.path.join(queue_dir, sub), exist_ok=True)
+            options.setdefault("data_folder_in", os.path.join(queue_dir, "messages"))
+            options.setdefault("data_folder_out", os.path.join(queue_dir, "messages"))
+            options.setdefault("control_folder", os.path.join(queue_dir, "control"))
+            options.setdefault("store_processed", False)
+            options.setdefault("polling_interval", self.conf.filesystem_polling_interval)
+        elif self.broker_url.startswith("memory://"):
+            options.setdefault("polling_interval", 0.005)  # kombu's default is 1 s
+        elif self.broker_url.startswith(("redis://", "rediss://")):
+            # kombu turns this into the BRPOP timeout (1 s by default), which bounds
+            # how long closing the connection waits for the outstanding BRPOP.
+            options.setdefault("polling_interval", self.conf.worker_drain_interval)
+        return options
+
+    def connection(self) -> Connection:
+        """A new (lazy) kombu connection to the broker."""
+        return Connection(
+            self.broker_url,
+            transport_options=self.transport_options(),
+            connect_timeout=self.conf.broker_connection_timeout,
+        )
+
+    # ------------------------------------------------------------ tasks
+
+    @overload
+    def task(self, fn: Callable[..., Any]) -> Task: ...
+
+    @overload
+    def task(
+        self, *, name: str | None = None, bind: bool = False, **options: Any
+    ) -> Callable[[Callable[..., Any]], Task]: ...
+
+    def task(
+        self,
+        fn: Callable[..., Any] | None = None,
+        *,
+        name: str | None = None,
+        bind: bool = False,
+        **options: Any,
+    ) -> Task | Callable[[Callable[..., Any]], Task]:
+        """Register a function as a task: ``@app.task`` or ``@app.task(name=..., bind=True)``.
+
+        Other keyword arguments are task options (see :class:`~greenworker.task.Task`).
+        """
+
+        def register(func: Callable[..., Any]) -> Task:
+            task_name = name or self._default_name(func)
+            task = Task(self, func, task_name, bind=bind, **options)
+            self.tasks[task_name] = task
+            return task
+
+        return register(fn) if fn is not None else register
+
+    def _default_name(self, fn: Callable[..., Any]) -> str:
+        module = fn.__module__
+        if module == "__main__":
+            module = self.main
+        return f"{module}.{fn.__qualname__}"
+
+    # ------------------------------------------------------------ sending
+
+    def queue(self, name: str | None = None) -> Queue:
+        """The kombu queue for ``name``, declared the way Celery declares it."""
+        qname = name or self.conf.task_default_queue
+        exchange = Exchange(qname, type=self.conf.task_default_exchange_type, durable=True)
+        return Queue(qname, exchange, routing_key=qname, durable=True)
+
+    def send_task(
+        self,
+        name: str,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        expires: float | datetime | None = None,
+        queue: str | None = None,
+        task_id: str | None = None,
+        ignore_result: bool = False,
+        soft_time_limit: float | None = None,
+        time_limit: float | None = None,
+        retries: int = 0,
+        parent_id: str | None = None,
+        root_id: str | None = None,
+        group: str | None = None,
+        group_index: int | None = None,
+        embed: Mapping[str, Any] | None = None,
+    ) -> AsyncResult:
+        """Send a task by name (it need not be registered here) and return its result handle."""
+        from .task import current_request
+
+        parent = current_request.get()
+        if parent is not None and parent_id is None and root_id is None:
+            # sent from inside a task: a child of it (a retry or a canvas step says otherwise)
+            parent_id, root_id = parent.id, parent.root_id
+        body, headers, properties = build_task_message(
+            name,
+            args or (),
+            kwargs,
+            task_id=task_id,
+            countdown=countdown,
+            eta=eta,
+            expires=expires,
+            retries=retries,
+            soft_time_limit=soft_time_limit,
+            time_limit=time_limit,
+            parent_id=parent_id,
+            root_id=root_id,
+            group=group,
+            group_index=group_index,
+            origin=f"{os.getpid()}@{socket.gethostname()}",
+            ignore_result=ignore_result,
+            embed=embed,
+        )
+        self.publish(body, headers, properties, self.queue(queue))
+        return AsyncResult(headers["id"], self)
+
+    def publish(
+        self,
+        body: Any,
+        headers: dict[str, Any],
+        properties: dict[str, Any],
+        queue: Queue,
+    ) -> None:
+        """Publish one task message on the app's shared producer connection."""
+        if self._producer_lock is None:
+            self._producer_lock = threading.Lock()
+        with self._producer_lock:
+            if self._producer is None:
+                self._producer_conn = self.connection()
+                self._producer = Producer(self._producer_conn)
+            self._producer.publish(
+                body,
+                exchange=queue.exchange,
+                routing_key=queue.routing_key,
+                serializer=self.conf.task_serializer,
+                headers=headers,
+                declare=[queue],
+                delivery_mode=self.conf.task_default_delivery_mode,
+                retry=True,
+                retry_policy={"max_retries": 3, "interval_start": 0.1, "interval_step": 0.5},
+                **properties,
+            )
+
+    # ------------------------------------------------------------ results
+
+    @property
+    def backend(self) -> ResultBackend:
+        if self._backend is None:
+            self._backend = backend_from_url(
+                self.result_backend_url, expires=self.conf.result_expires
+            )
+        return self._backend
+
+    def AsyncResult(self, task_id: str) -> AsyncResult:
+        return AsyncResult(task_id, self)
+
+    def purge_expired_results(self) -> int:
+        backend = self.backend
+        return backend.purge_expired() if isinstance(backend, LMDBBackend) else 0
+
+    # ------------------------------------------------------------ worker
+
+    def Worker(self, **options: Any) -> Worker:
+        """Build a worker for this app; see :class:`greenworker.worker.Worker`."""
+        from .worker import Worker
+
+        return Worker(self, **options)
+
+    def _reset_clients(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the client connections (the producer and the result backend)."""
+        if self._producer_conn is not None:
+            self._producer_conn.release()
+        self._producer_conn = None
+        self._producer = None
+        if self._backend is not None:
+            self._backend.close()
+        self._backend = None
+
+
+def load_app(spec: str) -> App:
+    """Import ``module`` (attribute ``app``) or ``module:attr`` and return the App.
+
+    Raises :class:`ImproperlyConfigured` with a readable reason.
+    """
+    module_name, _, attr = spec.partition(":")
+    if not module_name:
+        raise ImproperlyConfigured(f"bad app spec {spec!r}: expected module or module:attr")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImproperlyConfigured(f"cannot import app module {module_name!r}: {exc}") from exc
+    except Exception as exc:  # a SyntaxError or a failing import-time statement
+        raise ImproperlyConfigured(
+            f"app module {module_name!r} failed to import: {type(exc).__name__}: {exc}"
+        ) from exc
+    names = [attr] if attr else ["app", "application"]
+    for candidate in names:
+        value = getattr(module, candidate, None)
+        if isinstance(value, App):
+            return value
+    found = [n for n, v in vars(module).items() if isinstance(v, App)]
+    if not attr and len(found) == 1:
+        return getattr(module, found[0])  # type: ignore[no-any-return]
+    raise ImproperlyConfigured(
+        f"module {module_name!r} has no greenworker App named {' or '.join(names)!r}"
+    )

@@ -1,0 +1,662 @@
+"""The ``greenworker`` command.
+
+``greenworker -A proj [-P gevent|eventlet] [-c N] [-Q q1,q2]`` runs a worker;
+subcommands (``call``, ``purge``) act as clients.  The chosen hub patches the
+process before the user's module is imported, so nothing here imports kombu
+or the app at module level.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from . import __version__, green
+
+if TYPE_CHECKING:
+    from .app import App
+    from .worker import Worker
+
+LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(name)s] %(message)s"
+
+
+class CLIError(click.ClickException):
+    """One readable line on stderr and exit code 2; never a traceback."""
+
+    exit_code = 2
+
+
+def _json_arg(value: str | None, what: str, kind: type) -> Any:
+    if value is None:
+        return kind()
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise CLIError(f"--{what} is not valid JSON: {exc}") from None
+    if not isinstance(parsed, kind):
+        raise CLIError(f"--{what} must be a JSON {'array' if kind is list else 'object'}")
+    return parsed
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "-A",
+    "--app",
+    "app_spec",
+    metavar="MODULE[:ATTR]",
+    help="The app: module (attribute `app`) or module:attr.",
+)
+@click.option(
+    "-P",
+    "--pool",
+    "hub",
+    type=click.Choice(green.HUBS),
+    default="gevent",
+    show_default=True,
+    help="The green hub that patches the process.",
+)
+@click.option(
+    "-c",
+    "--concurrency",
+    type=click.IntRange(min=1),
+    help="Tasks run at once (greenlets).  [default: worker_concurrency, 100]",
+)
+@click.option("-Q", "--queues", help="Comma-separated queues to consume.  [default: celery]")
+@click.option(
+    "-b",
+    "--broker",
+    help="Broker URL (redis://, amqp://, filesystem://, memory://).  [default: embedded]",
+)
+@click.option("--result-backend", help="Result backend URL (redis://, lmdb:///dir, memory://).")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    help="Data directory of the embedded default.  [default: ./.greenworker]",
+)
+@click.option("-n", "--hostname", help="Worker name.  [default: greenworker@<host>]")
+@click.option(
+    "--prefetch-multiplier",
+    type=click.IntRange(min=1),
+    help="Prefetch = concurrency x this.  [default: 4]",
+)
+@click.option(
+    "--soft-shutdown-timeout",
+    type=click.FloatRange(min=0),
+    help="Seconds a warm shutdown waits for running tasks.  [default: 30]",
+)
+@click.option(
+    "--autoscale",
+    metavar="MAX,MIN",
+    help="Grow the pool up to MAX when tasks wait, shrink to MIN when idle.",
+)
+@click.option("-E", "--task-events", is_flag=True, help="Send task events (for Flower).")
+@click.option("--without-gossip", is_flag=True, help="Do not watch other workers' events.")
+@click.option("--without-mingle", is_flag=True, help="Do not sync with the cluster at startup.")
+@click.option("--without-heartbeat", is_flag=True, help="Send no worker-heartbeat events.")
+@click.option(
+    "--statedb",
+    type=click.Path(file_okay=False),
+    help="LMDB state store directory (revoked ids, counters, clock).  "
+    "[default: DATA_DIR/state on the embedded default, none otherwise]",
+)
+@click.option(
+    "--soft-time-limit",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds before SoftTimeLimitExceeded is raised in a task (task_soft_time_limit).",
+)
+@click.option(
+    "--time-limit",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds before a task is killed and fails (task_time_limit).",
+)
+@click.option(
+    "-l",
+    "--loglevel",
+    type=click.Choice(["debug", "info", "warning", "error", "critical"], case_sensitive=False),
+    default="info",
+    show_default=True,
+)
+@click.version_option(__version__, prog_name="greenworker")
+@click.pass_context
+def main(
+    ctx: click.Context,
+    app_spec: str | None,
+    hub: green.HubName,
+    concurrency: int | None,
+    queues: str | None,
+    broker: str | None,
+    result_backend: str | None,
+    data_dir: str | None,
+    hostname: str | None,
+    prefetch_multiplier: int | None,
+    soft_shutdown_timeout: float | None,
+    autoscale: str | None,
+    task_events: bool,
+    without_gossip: bool,
+    without_mingle: bool,
+    without_heartbeat: bool,
+    statedb: str | None,
+    soft_time_limit: float | None,
+    time_limit: float | None,
+    loglevel: str,
+) -> None:
+    """Run a greenworker worker (with no command), or a client command."""
+    if ctx.resilient_parsing:
+        return
+    try:
+        green.patch(hub)
+    except green.HubError as exc:
+        raise CLIError(str(exc)) from None
+    logging.basicConfig(level=loglevel.upper(), format=LOG_FORMAT)
+    loader = AppLoader(app_spec, broker, result_backend, data_dir)
+    ctx.obj = loader
+    if ctx.invoked_subcommand is not None:
+        return  # the subcommand loads the app once its own options (and --help) are parsed
+    app = loader.load()
+    if soft_shutdown_timeout is not None:
+        app.conf.worker_shutdown_timeout = soft_shutdown_timeout
+    try:
+        _run_worker(
+            app,
+            concurrency=concurrency,
+            queues=queues,
+            hostname=hostname,
+            prefetch_multiplier=prefetch_multiplier,
+            autoscale=_autoscale_bounds(autoscale),
+            task_events=task_events,
+            without_gossip=without_gossip,
+            without_mingle=without_mingle,
+            without_heartbeat=without_heartbeat,
+            statedb=statedb,
+            soft_time_limit=soft_time_limit,
+            time_limit=time_limit,
+        )
+    finally:
+        app.close()
+
+
+def _run_worker(
+    app: App,
+    *,
+    concurrency: int | None,
+    queues: str | None,
+    hostname: str | None,
+    prefetch_multiplier: int | None,
+    autoscale: tuple[int, int] | None,
+    task_events: bool,
+    without_gossip: bool,
+    without_mingle: bool,
+    without_heartbeat: bool,
+    statedb: str | None,
+    soft_time_limit: float | None,
+    time_limit: float | None,
+) -> None:
+    from .exceptions import ImproperlyConfigured
+    from .signals import SignalSupervisor, restart_in_place
+    from .store import StoreError
+
+    if soft_time_limit is not None:
+        app.conf.task_soft_time_limit = soft_time_limit
+    if time_limit is not None:
+        app.conf.task_time_limit = time_limit
+    if statedb is not None:
+        app.conf.worker_state_db = statedb
+    if task_events:
+        app.conf.worker_send_task_events = True
+    if without_gossip:
+        app.conf.worker_enable_gossip = False
+    if without_mingle:
+        app.conf.worker_enable_mingle = False
+    if without_heartbeat:
+        app.conf.worker_heartbeat = 0
+    try:
+        worker = app.Worker(
+            concurrency=concurrency,
+            queues=[q.strip() for q in queues.split(",") if q.strip()] if queues else None,
+            hostname=hostname,
+            prefetch_multiplier=prefetch_multiplier,
+            autoscale=autoscale,
+        )
+        _print_banner(app, worker)
+        supervisor = SignalSupervisor(worker)
+        supervisor.install()
+        worker.run()
+        if supervisor.restart:
+            restart_in_place()
+    except (StoreError, ImproperlyConfigured, ValueError) as exc:
+        raise CLIError(str(exc)) from None
+
+
+def _autoscale_bounds(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        high, _, low = value.partition(",")
+        bounds = (int(high), int(low) if low else 1)
+    except ValueError:
+        raise CLIError(f"--autoscale takes MAX,MIN (two integers), got {value!r}") from None
+    if not 1 <= bounds[1] <= bounds[0]:
+        raise CLIError(f"--autoscale needs 1 <= MIN <= MAX, got {value!r}")
+    return bounds
+
+
+@dataclass
+class AppLoader:
+    """Loads the user's app when a command needs it (after the hub patched the process)."""
+
+    spec: str | None
+    broker: str | None
+    backend: str | None
+    data_dir: str | None
+
+    def load(self) -> App:
+        from .app import load_app
+        from .config import ConfigError
+        from .exceptions import ImproperlyConfigured
+
+        if not self.spec:
+            raise CLIError("missing -A/--app MODULE[:ATTR] (the module that defines your App)")
+        try:
+            app = load_app(self.spec)
+        except ImproperlyConfigured as exc:
+            raise CLIError(str(exc)) from None
+        except ConfigError as exc:
+            raise CLIError(f"bad configuration in {self.spec}: {exc}") from None
+        if self.broker:
+            app.conf.broker_url = self.broker
+        if self.backend:
+            app.conf.result_backend = self.backend
+        if self.data_dir:
+            app.conf.data_dir = self.data_dir
+        return app
+
+
+def _print_banner(app: App, worker: Worker) -> None:
+    from kombu.utils.url import maybe_sanitize_url
+
+    lines = [
+        f"greenworker {__version__} · {worker.hostname}",
+        f"  app:         {app.main}",
+        f"  hub:         {green.hub_name()}, concurrency {worker.concurrency}",
+        f"  broker:      {maybe_sanitize_url(app.broker_url)}"
+        + (f" (embedded, {app.data_dir})" if app.embedded else ""),
+        f"  results:     {maybe_sanitize_url(app.result_backend_url or 'disabled')}",
+        f"  queues:      {', '.join(worker.queues)}",
+        f"  tasks:       {len(app.tasks)} registered",
+    ]
+    click.echo("\n".join(lines), err=True)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--args", "args_json", metavar="JSON", help="Positional arguments as a JSON array.")
+@click.option("--kwargs", "kwargs_json", metavar="JSON", help="Keyword arguments as a JSON object.")
+@click.option("-Q", "--queue", help="Queue to send to.  [default: celery]")
+@click.option("--countdown", type=float, help="Run no sooner than this many seconds from now.")
+@click.option("--expires", type=float, help="Discard if not started within this many seconds.")
+@click.option("--wait", is_flag=True, help="Wait for the result and print it as JSON.")
+@click.option(
+    "--timeout",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="With --wait: give up after this many seconds.",
+)
+@click.pass_obj
+def call(
+    loader: AppLoader,
+    name: str,
+    args_json: str | None,
+    kwargs_json: str | None,
+    queue: str | None,
+    countdown: float | None,
+    expires: float | None,
+    wait: bool,
+    timeout: float,
+) -> None:
+    """Send task NAME and print its id (or, with --wait, its result)."""
+    from .exceptions import ImproperlyConfigured
+    from .exceptions import TimeoutError as ResultTimeout
+
+    app = loader.load()
+    args = _json_arg(args_json, "args", list)
+    kwargs = _json_arg(kwargs_json, "kwargs", dict)
+    try:
+        result = app.send_task(
+            name, args, kwargs, queue=queue, countdown=countdown, expires=expires
+        )
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    if not wait:
+        click.echo(result.id)
+        app.close()
+        return
+    try:
+        value = result.get(timeout=timeout, propagate=False)
+    except ResultTimeout:
+        raise CLIError(f"no result for {result.id} after {timeout}s") from None
+    except ImproperlyConfigured as exc:
+        raise CLIError(f"sent {result.id}, but cannot wait for it: {exc}") from None
+    state = result.state
+    app.close()
+    if state == "SUCCESS":
+        click.echo(json.dumps(value))
+        return
+    click.echo(f"{state}: {value!r}", err=True)
+    sys.exit(1)
+
+
+@main.command()
+@click.option("-Q", "--queues", help="Comma-separated queues to purge.  [default: celery]")
+@click.option("-f", "--force", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+def purge(loader: AppLoader, queues: str | None, force: bool) -> None:
+    """Delete every waiting message from the queues."""
+    app = loader.load()
+    names = [q.strip() for q in (queues or app.conf.task_default_queue).split(",") if q.strip()]
+    if not force and not click.confirm(f"Delete all messages in {', '.join(names)}?"):
+        raise SystemExit(1)
+    total = 0
+    with app.connection() as conn:
+        for name in names:
+            queue = app.queue(name)(conn.default_channel)
+            queue.declare()
+            total += queue.purge() or 0
+    click.echo(f"purged {total} message(s) from {', '.join(names)}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(file_okay=False))
+@click.argument("action", type=click.Choice(["show", "compact", "clear"]))
+@click.option("-f", "--force", is_flag=True, help="clear: do not ask for confirmation.")
+def statedb(path: str, action: str, force: bool) -> None:
+    """Inspect or maintain the LMDB state store at PATH (stop the worker first)."""
+    from .store import StateStore, StoreError
+
+    if not os.path.isdir(path):
+        raise CLIError(f"no state store at {path}")
+    store = StateStore(path)
+    try:
+        store.open()
+    except StoreError as exc:
+        raise CLIError(str(exc)) from None
+    try:
+        if action == "show":
+            click.echo(json.dumps(store.summary(), indent=2, sort_keys=True))
+        elif action == "compact":
+            before, after = store.compact()
+            click.echo(f"compacted {path}: {before} -> {after} bytes")
+        else:
+            if not force and not click.confirm(
+                f"Delete revoked ids, counters and clock in {path}?"
+            ):
+                raise SystemExit(1)
+            store.clear()
+            click.echo(f"cleared {path}")
+    finally:
+        store.close()
+
+
+INSPECT_COMMANDS = (
+    "ping",
+    "stats",
+    "active",
+    "reserved",
+    "scheduled",
+    "revoked",
+    "registered",
+    "query_task",
+    "active_queues",
+    "conf",
+    "report",
+    "clock",
+)
+CONTROL_COMMANDS = (
+    "revoke",
+    "terminate",
+    "rate_limit",
+    "time_limit",
+    "pool_grow",
+    "pool_shrink",
+    "autoscale",
+    "add_consumer",
+    "cancel_consumer",
+    "enable_events",
+    "disable_events",
+    "heartbeat",
+    "shutdown",
+    "pool_restart",
+)
+
+
+def _remote(
+    loader: AppLoader,
+    name: str,
+    arguments: dict[str, Any],
+    destination: str | None,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    from .control import broadcast
+
+    app = loader.load()
+    targets = [d.strip() for d in destination.split(",")] if destination else None
+    with app.connection() as conn:
+        replies = broadcast(conn, name, arguments, destination=targets, timeout=timeout)
+    merged: dict[str, Any] = {}
+    for reply in replies:
+        merged.update(reply)
+    if as_json:
+        click.echo(json.dumps(merged, indent=2, sort_keys=True, default=str))
+    else:
+        for host in sorted(merged):
+            value = merged[host]
+            failed = isinstance(value, dict) and "error" in value
+            click.echo(f"-> {host}: {'ERROR' if failed else 'OK'}")
+            click.echo(_readable(value))
+        click.echo(f"{len(merged)} node(s) replied.")
+    if not merged:
+        click.echo("Error: no node replied within the timeout", err=True)
+        sys.exit(1)
+
+
+def _readable(value: Any) -> str:
+    if isinstance(value, dict) and set(value) <= {"ok", "error"}:
+        return "    " + str(next(iter(value.values()))).replace("\n", "\n    ")
+    if isinstance(value, list):
+        if not value:
+            return "    - empty -"
+        return "\n".join(
+            "    * " + (v if isinstance(v, str) else json.dumps(v, default=str)) for v in value
+        )
+    return "\n".join(
+        "    " + line
+        for line in json.dumps(value, indent=2, sort_keys=True, default=str).splitlines()
+    )
+
+
+def _parse_arguments(pairs: tuple[str, ...]) -> dict[str, Any]:
+    args: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise CLIError(f"--arg takes KEY=VALUE, got {pair!r}")
+        try:
+            args[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            args[key] = raw
+    return args
+
+
+_remote_options = [
+    click.option("-d", "--destination", help="Comma-separated worker names (default: all)."),
+    click.option(
+        "-t",
+        "--timeout",
+        type=float,
+        default=1.0,
+        show_default=True,
+        help="Seconds to wait for replies.",
+    ),
+    click.option("-j", "--json", "as_json", is_flag=True, help="Print the replies as JSON."),
+]
+
+
+def _with_remote_options(fn: Any) -> Any:
+    for option in reversed(_remote_options):
+        fn = option(fn)
+    return fn
+
+
+@main.command()
+@click.argument("name", type=click.Choice(INSPECT_COMMANDS))
+@click.argument("ids", nargs=-1)
+@_with_remote_options
+@click.pass_obj
+def inspect(
+    loader: AppLoader,
+    name: str,
+    ids: tuple[str, ...],
+    destination: str | None,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Ask workers about their state (Celery's inspect commands; IDS for query_task)."""
+    arguments: dict[str, Any] = {"ids": list(ids)} if name == "query_task" else {}
+    _remote(loader, name, arguments, destination, timeout, as_json)
+
+
+@main.command()
+@click.argument("name", type=click.Choice(CONTROL_COMMANDS))
+@click.argument("params", nargs=-1)
+@click.option(
+    "--arg",
+    "pairs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A named argument (JSON value), e.g. --arg terminate=true.",
+)
+@_with_remote_options
+@click.pass_obj
+def control(
+    loader: AppLoader,
+    name: str,
+    params: tuple[str, ...],
+    pairs: tuple[str, ...],
+    destination: str | None,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Steer workers (Celery's control commands).
+
+    \b
+    Positional PARAMS, as in Celery's CLI:
+      revoke ID...            rate_limit TASK RATE      time_limit TASK SOFT HARD
+      pool_grow N             pool_shrink N             add_consumer QUEUE
+      cancel_consumer QUEUE   autoscale MAX MIN         terminate SIGNAL ID...
+    """
+    arguments = _parse_arguments(pairs)
+    p = list(params)
+    try:
+        if name == "revoke":
+            arguments.setdefault("task_id", p)
+        elif name == "terminate":
+            arguments.update(signal=p[0], task_id=p[1:])
+        elif name == "rate_limit":
+            arguments.update(task_name=p[0], rate_limit=p[1])
+        elif name == "time_limit":
+            arguments.update(
+                task_name=p[0], soft=float(p[1]), hard=float(p[2]) if len(p) > 2 else None
+            )
+        elif name in ("pool_grow", "pool_shrink"):
+            arguments.setdefault("n", int(p[0]) if p else 1)
+        elif name in ("add_consumer", "cancel_consumer"):
+            arguments.setdefault("queue", p[0])
+        elif name == "autoscale":
+            arguments.update(max=int(p[0]), min=int(p[1]))
+    except (IndexError, ValueError):
+        raise CLIError(f"bad parameters for {name}: {' '.join(p) or '(none)'}") from None
+    _remote(loader, name, arguments, destination, timeout, as_json)
+
+
+@main.command()
+@click.option("-t", "--timeout", type=float, default=1.0, show_default=True)
+@click.option("-d", "--destination", help="Comma-separated worker names (default: all).")
+@click.pass_obj
+def status(loader: AppLoader, timeout: float, destination: str | None) -> None:
+    """List the workers that answer ping; exit 1 if none does (a health check)."""
+    from .control import broadcast
+
+    app = loader.load()
+    targets = [d.strip() for d in destination.split(",")] if destination else None
+    try:
+        with app.connection() as conn:
+            replies = broadcast(conn, "ping", {}, destination=targets, timeout=timeout)
+    except Exception as exc:
+        click.echo(f"Error: broker unreachable: {exc}", err=True)
+        sys.exit(1)
+    hosts = sorted(h for reply in replies for h in reply)
+    for host in hosts:
+        click.echo(f"{host}: OK")
+    if not hosts:
+        click.echo("Error: no worker answered ping", err=True)
+        sys.exit(1)
+    click.echo(f"{len(hosts)} node(s) online.")
+
+
+@main.command()
+@click.option("--dump", is_flag=True, help="Print each event as raw JSON.")
+@click.option("--count", type=int, default=0, help="Stop after this many events (0: never).")
+@click.pass_obj
+def events(loader: AppLoader, dump: bool, count: int) -> None:
+    """Print the live event stream of the workers (Ctrl-C to stop)."""
+    import uuid as uuid_module
+
+    from kombu.entity import Queue
+    from kombu.messaging import Consumer
+
+    from .events import event_exchange
+
+    app = loader.load()
+    seen = 0
+    done = green.new_event()
+
+    def show(body: Any, message: Any) -> None:
+        nonlocal seen
+        for event in body if isinstance(body, list) else [body]:
+            if not isinstance(event, dict):
+                continue
+            seen += 1
+            if dump:
+                click.echo(json.dumps(event, sort_keys=True, default=str))
+            else:
+                when = time.strftime("%H:%M:%S", time.localtime(event.get("timestamp", 0)))
+                what = event.get("uuid") or ""
+                extra = event.get("name") or event.get("result") or event.get("exception") or ""
+                click.echo(f"{when} {event.get('hostname')} {event.get('type')} {what} {extra}")
+            if count and seen >= count:
+                done.set()
+
+    with app.connection() as conn:
+        queue = Queue(
+            f"celeryev.greenworker-cli.{uuid_module.uuid4()}",
+            exchange=event_exchange(conn),
+            routing_key="#",
+            auto_delete=True,
+            durable=False,
+            message_ttl=10.0,
+            expires=60.0,
+        )
+        with Consumer(conn, [queue], callbacks=[show], accept=["json"], no_ack=True):
+            while not done.is_set():
+                try:
+                    conn.drain_events(timeout=0.5)
+                except TimeoutError:
+                    pass

@@ -1,0 +1,271 @@
+"""The task consumer: one broker connection, QoS, delivery to a handler, safe broker writes.
+
+Reading happens in the consumer greenlet only.  Acks and rejects come from
+many task greenlets; they go through one lock so frames never interleave on
+the shared connection.  Changes of QoS are applied by the consumer greenlet
+itself, because on AMQP they wait for a reply that only the reader may read.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from kombu.connection import Connection
+from kombu.message import Message
+from kombu.messaging import Consumer as KombuConsumer
+
+from . import green
+from .app import App
+
+log = logging.getLogger(__name__)
+
+
+class Consumer:
+    """Consumes task messages from ``queues`` and hands each to ``on_message``."""
+
+    def __init__(
+        self,
+        app: App,
+        queues: Sequence[str],
+        on_message: Callable[[Message], None],
+        prefetch_count: Callable[[], int],
+    ) -> None:
+        self.app = app
+        self.queue_names = list(queues)
+        self._on_message = on_message
+        self._prefetch_count = prefetch_count
+        self._write_lock = green.new_semaphore(1)
+        self._ready = green.new_event()
+        self._stopping = False
+        self._qos_dirty = False
+        self._queue_changes: list[tuple[str, str]] = []
+        self._applied_prefetch: int | None = None
+        self._greenlet: green.Greenlet | None = None
+        self._connection: Connection | None = None
+        self._kombu_consumer: KombuConsumer | None = None
+        self.connection_generation = 0
+        self.reconnects = 0
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._stopping = False
+        self._greenlet = green.spawn(self._run)
+
+    def wait_ready(self, timeout: float | None) -> bool:
+        """Wait until the consumer is consuming (connected, queues declared)."""
+        return self._ready.wait(timeout)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def stop_consuming(self, timeout: float = 5.0) -> None:
+        """Stop taking new messages; the connection stays open for acks."""
+        self._stopping = True
+        if self._greenlet is not None:
+            if not self._greenlet.join(timeout):
+                self._greenlet.kill()
+            self._greenlet = None
+
+    def close(self) -> None:
+        """Close the connection; the broker requeues every unacked message."""
+        self._stopping = True
+        with self._write_lock:
+            self._release_connection()
+
+    def add_queue(self, name: str) -> None:
+        """Start consuming ``name`` too (applied by the consumer greenlet)."""
+        if name not in self.queue_names:
+            self.queue_names.append(name)
+            self._queue_changes.append(("add", name))
+
+    def cancel_queue(self, name: str) -> None:
+        """Stop consuming ``name`` (applied by the consumer greenlet)."""
+        if name in self.queue_names:
+            self.queue_names.remove(name)
+            self._queue_changes.append(("cancel", name))
+
+    def _apply_queue_changes(self, consumer: KombuConsumer) -> None:
+        while self._queue_changes:
+            action, name = self._queue_changes.pop(0)
+            with self._write_lock:
+                if action == "add":
+                    consumer.add_queue(self.app.queue(name))
+                    consumer.consume()
+                else:
+                    consumer.cancel_by_queue(name)
+            log.info("%s queue %s", "consuming from" if action == "add" else "cancelled", name)
+
+    def update_prefetch(self) -> None:
+        """Ask the consumer greenlet to apply the current prefetch count."""
+        self._qos_dirty = True
+
+    @property
+    def prefetch(self) -> int | None:
+        return self._applied_prefetch
+
+    # ------------------------------------------------------------ broker writes
+
+    def ack(self, message: Message) -> bool:
+        return self._write(message, "ack")
+
+    def reject(self, message: Message, requeue: bool) -> bool:
+        return self._write(message, "requeue" if requeue else "reject")
+
+    def _write(self, message: Message, action: str) -> bool:
+        with self._write_lock:
+            if message.acknowledged:
+                return True
+            try:
+                if action == "ack":
+                    message.ack()
+                elif action == "requeue":
+                    message.reject(requeue=True)
+                else:
+                    message.reject(requeue=False)
+                return True
+            except Exception as exc:  # the connection it came on is gone: redelivered later
+                log.warning("could not %s message %s: %s", action, _tag(message), exc)
+                return False
+
+    # ------------------------------------------------------------ the loop
+
+    def _run(self) -> None:
+        delay = 0.5
+        max_delay = self.app.conf.broker_connection_max_backoff
+        while not self._stopping:
+            try:
+                self._consume()
+                return
+            except green.GreenletExit:
+                raise
+            except Exception as exc:
+                self._ready.clear()
+                with self._write_lock:
+                    self._release_connection()
+                if self._stopping:
+                    return
+                self.reconnects += 1
+                pause = delay * (0.5 + random.random() / 2)
+                log.warning(
+                    "broker connection error: %s: %s; reconnecting in %.1fs",
+                    type(exc).__name__,
+                    exc,
+                    pause,
+                )
+                green.sleep(pause)
+                delay = min(delay * 2, max_delay)
+
+    def _consume(self) -> None:
+        conn = self.app.connection()
+        conn.connect()
+        self._connection = conn
+        self.connection_generation += 1
+        channel = conn.channel()
+        queues = [self.app.queue(name) for name in self.queue_names]
+        consumer = KombuConsumer(
+            channel,
+            queues=queues,
+            on_message=self._on_message,
+            accept=self.app.conf.accept_content,
+            no_ack=False,
+        )
+        self._apply_qos(consumer)
+        consumer.consume()
+        self._kombu_consumer = consumer
+        log.info(
+            "consuming from %s on %s",
+            ", ".join(self.queue_names),
+            conn.as_uri(),  # as_uri() masks the password
+        )
+        self._ready.set()
+        interval = self.app.conf.worker_drain_interval
+        self._queue_changes.clear()  # a fresh consumer already has the current queues
+        while not self._stopping:
+            if self._qos_dirty:
+                self._apply_qos(consumer)
+            if self._queue_changes:
+                self._apply_queue_changes(consumer)
+            try:
+                conn.drain_events(timeout=interval)
+            except TimeoutError:  # socket.timeout: nothing arrived within the interval
+                pass
+        with self._write_lock:
+            try:
+                consumer.cancel()
+            except Exception as exc:
+                log.debug("cancelling the consumer failed: %s", exc)
+        self._kombu_consumer = None
+
+    def _apply_qos(self, consumer: KombuConsumer) -> None:
+        self._qos_dirty = False
+        count = max(self._prefetch_count(), 1)
+        if count != self._applied_prefetch:
+            with self._write_lock:
+                consumer.qos(prefetch_count=count)
+            self._applied_prefetch = count
+
+    def _release_connection(self) -> None:
+        conn, self._connection = self._connection, None
+        self._kombu_consumer = None
+        self._applied_prefetch = None
+        if conn is not None:
+            try:
+                conn.release()
+            except Exception as exc:
+                log.debug("closing the broker connection failed: %s", exc)
+
+    # ------------------------------------------------------------ visibility (Redis)
+
+    def visibility_refresh_interval(self) -> float:
+        """How often held messages' visibility is renewed: a quarter of the timeout."""
+        timeout = self.app.conf.broker_transport_options.get("visibility_timeout", 3600)
+        return max(0.25, float(timeout) / 4)
+
+    def refresh_visibility(self, messages: Sequence[Message]) -> int:
+        """Renew the delivery time of unacked messages on kombu's Redis transport.
+
+        kombu restores an unacked message to its queue once it is older than
+        ``visibility_timeout``, so an ETA task held longer (or a long task)
+        would run twice.  Bumping its score in ``unacked_index`` while this
+        worker holds it keeps it ours; if the worker dies, it becomes visible
+        again after the timeout and is redelivered (at-least-once).
+        """
+        consumer = self._kombu_consumer
+        channel = consumer.channel if consumer is not None else None
+        index_key = getattr(channel, "unacked_index_key", None)
+        if channel is None or index_key is None:
+            return 0
+        tags = [m.delivery_tag for m in messages if m.channel is channel and not m.acknowledged]
+        if not tags:
+            return 0
+        now = time.time()
+        try:
+            with channel.conn_or_acquire() as client:
+                client.zadd(index_key, dict.fromkeys(tags, now), xx=True)
+        except Exception as exc:
+            log.warning("could not renew the visibility of %d message(s): %s", len(tags), exc)
+            return 0
+        return len(tags)
+
+    def queue_sizes(self) -> dict[str, int]:
+        """Messages waiting in each consumed queue (read on a separate connection)."""
+        sizes: dict[str, int] = {}
+        with self.app.connection() as conn:
+            channel = conn.default_channel
+            for name in self.queue_names:
+                try:
+                    _, count, _ = channel.queue_declare(queue=name, passive=True)
+                except Exception:
+                    count = 0
+                sizes[name] = int(count)
+        return sizes
+
+
+def _tag(message: Message) -> Any:
+    return (message.headers or {}).get("id") or message.delivery_tag

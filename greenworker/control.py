@@ -1,0 +1,468 @@
+"""Remote control: Celery's pidbox mailbox, served by a greenlet on the worker's hub.
+
+The worker listens on ``<hostname>.celery.pidbox`` bound to the ``celery.pidbox``
+fanout exchange and replies on ``reply.celery.pidbox``, through kombu's own
+pidbox, so ``celery inspect``/``celery control`` and Flower talk to greenworker
+unchanged.  The listener has its own connection and greenlet: a slow command
+never holds up the task consumer.
+
+Replies use Celery's shapes (``{"ok": "pong"}``, request dicts for
+``active``...).  A command with bad arguments gets ``{"error": ...}`` and the
+worker goes on.  ``worker_enable_remote_control`` turns the mailbox off and
+``worker_control_allow`` limits the commands; replies never carry secrets.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import resource
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from kombu.connection import Connection
+from kombu.pidbox import Mailbox
+from kombu.utils.url import maybe_sanitize_url
+
+from . import __version__, green
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[..., Any]
+#: Celery's command names, each answered by the function of that name below.
+HANDLERS: dict[str, Handler] = {}
+
+
+F = TypeVar("F", bound=Handler)
+
+
+def command(fn: F) -> F:
+    HANDLERS[fn.__name__] = fn
+    return fn
+
+
+def mailbox(namespace: str = "celery") -> Mailbox:
+    """The mailbox as Celery declares it (fanout, JSON, queues expire when unused)."""
+    return Mailbox(
+        namespace,
+        type="fanout",
+        accept=["json"],
+        serializer="json",
+        queue_ttl=300.0,
+        queue_expires=10.0,
+        queue_exclusive=False,
+        reply_queue_ttl=300.0,
+        reply_queue_expires=10.0,
+    )
+
+
+class RemoteControl:
+    """Serves the worker's mailbox in a greenlet of its own."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        conf = worker.app.conf
+        allowed = conf.worker_control_allow
+        self.handlers = {
+            name: fn for name, fn in HANDLERS.items() if allowed is None or name in allowed
+        }
+        self.mailbox = mailbox()
+        self._greenlet: green.Greenlet | None = None
+        self._stopping = False
+        self._ready = green.new_event()
+
+    def start(self) -> None:
+        self._stopping = False
+        self._greenlet = green.spawn(self._run)
+
+    def wait_ready(self, timeout: float | None) -> bool:
+        return self._ready.wait(timeout)
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self._greenlet is not None:
+            if not self._greenlet.join(2.0):
+                self._greenlet.kill()
+            self._greenlet = None
+
+    def _run(self) -> None:
+        delay = 0.5
+        while not self._stopping:
+            try:
+                self._serve()
+                return
+            except green.GreenletExit:
+                raise
+            except Exception as exc:
+                self._ready.clear()
+                if self._stopping:
+                    return
+                pause = delay * (0.5 + random.random() / 2)
+                log.warning("remote control connection error: %s; again in %.1fs", exc, pause)
+                green.sleep(pause)
+                delay = min(delay * 2, self.worker.app.conf.broker_connection_max_backoff)
+
+    def _serve(self) -> None:
+        conn: Connection = self.worker.app.connection()
+        try:
+            conn.connect()
+            box = self.mailbox(conn)
+            node = box.Node(self.worker.hostname, state=self.worker, handlers=self.handlers)
+            node.channel = conn.channel()
+
+            def on_message(body: Any, message: Any) -> None:
+                problem = _malformed(body)
+                if problem:
+                    log.error("ignored malformed control message: %s", problem)
+                    return
+                try:
+                    node.handle_message(body, message)
+                except Exception as exc:  # e.g. a reply that cannot be sent
+                    log.error("control command %r failed: %s", body.get("method"), exc)
+
+            node.listen(callback=on_message)
+            self._ready.set()
+            interval = self.worker.app.conf.worker_drain_interval
+            while not self._stopping:
+                try:
+                    conn.drain_events(timeout=interval)
+                except TimeoutError:
+                    pass
+        finally:
+            try:
+                conn.release()
+            except Exception as exc:
+                log.debug("closing the control connection failed: %s", exc)
+
+
+def control_client(connection: Connection) -> Any:
+    """A kombu mailbox bound to ``connection``, for sending commands."""
+    return mailbox()(connection)
+
+
+def broadcast(
+    connection: Connection,
+    command_name: str,
+    arguments: dict[str, Any] | None = None,
+    *,
+    destination: list[str] | None = None,
+    reply: bool = True,
+    timeout: float = 1.0,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """Send a command to every worker (or ``destination``); return their replies."""
+    box = control_client(connection)
+    replies = box._broadcast(command_name, arguments or {}, destination, reply, timeout, limit)
+    return list(replies or [])
+
+
+# ------------------------------------------------------------------ inspect
+
+
+@command
+def ping(worker: Worker) -> dict[str, str]:
+    return {"ok": "pong"}
+
+
+@command
+def clock(worker: Worker) -> dict[str, int]:
+    return {"clock": worker.state.clock.value}
+
+
+@command
+def stats(worker: Worker) -> dict[str, Any]:
+    app = worker.app
+    conn = app.connection()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    soft, hard = app.conf.task_soft_time_limit, app.conf.task_time_limit
+    base = worker.stats()
+    return {
+        "total": dict(worker.state.total),
+        "pid": os.getpid(),
+        "clock": str(worker.state.clock.value),
+        "uptime": int(time.time() - worker.state.started_at),
+        "pool": {
+            "implementation": f"greenworker:{green.hub_name()}",
+            "max-concurrency": worker.pool.size,
+            "processes": [os.getpid()],
+            "running": worker.pool.active,
+            "waiting": worker.pool.waiting,
+            "timeouts": [soft or 0, hard or 0],
+            "put-guarded-by-semaphore": False,
+        },
+        "prefetch_count": worker.consumer.prefetch or 0,
+        "autoscaler": base["autoscaler"] or {},
+        "broker": {
+            "hostname": conn.hostname,
+            "port": conn.port,
+            "transport": conn.transport_cls,
+            "virtual_host": conn.virtual_host,
+            "userid": conn.userid,
+            "uri": maybe_sanitize_url(app.broker_url),
+        },
+        "rusage": {
+            "utime": usage.ru_utime,
+            "stime": usage.ru_stime,
+            "maxrss": usage.ru_maxrss,
+            "minflt": usage.ru_minflt,
+            "majflt": usage.ru_majflt,
+            "nvcsw": usage.ru_nvcsw,
+            "nivcsw": usage.ru_nivcsw,
+        },
+        "sw_ident": "greenworker",
+        "sw_ver": __version__,
+        "hub_blocks": base["hub_blocks"],
+        "broker_reconnects": base["broker_reconnects"],
+        "retried": base["retried"],
+        "failed": base["failed"],
+        "succeeded": base["succeeded"],
+        "rejected": base["rejected"],
+    }
+
+
+@command
+def active(worker: Worker, safe: bool = False) -> list[dict[str, Any]]:
+    return [r.describe() for r in list(worker.state.active.values())]
+
+
+@command
+def reserved(worker: Worker, safe: bool = False) -> list[dict[str, Any]]:
+    return [r.describe() for r in list(worker.state.reserved.values()) if r.msg.eta is None]
+
+
+@command
+def scheduled(worker: Worker, safe: bool = False) -> list[dict[str, Any]]:
+    return [
+        {"eta": r.msg.eta.isoformat(), "priority": 0, "request": r.describe()}
+        for r in list(worker.state.reserved.values())
+        if r.msg.eta is not None
+    ]
+
+
+@command
+def revoked(worker: Worker) -> list[str]:
+    return list(worker.state.revoked.as_dict())
+
+
+@command
+def registered(worker: Worker, taskinfoitems: list[str] | None = None) -> list[str]:
+    names = sorted(worker.app.tasks)
+    if not taskinfoitems:
+        return names
+    out = []
+    for name in names:
+        task = worker.app.tasks[name]
+        extra = [f"{k}={getattr(task, k, None)}" for k in taskinfoitems if hasattr(task, k)]
+        out.append(" ".join([name, *(f"[{e}]" for e in extra)]))
+    return out
+
+
+@command
+def query_task(worker: Worker, ids: list[str] | str) -> dict[str, Any]:
+    wanted = [ids] if isinstance(ids, str) else list(ids)
+    found: dict[str, Any] = {}
+    for task_id in wanted:
+        if task_id in worker.state.active:
+            found[task_id] = ["active", worker.state.active[task_id].describe()]
+        elif task_id in worker.state.reserved:
+            request = worker.state.reserved[task_id]
+            kind = "scheduled" if request.msg.eta is not None else "reserved"
+            found[task_id] = [kind, request.describe()]
+    return found
+
+
+@command
+def active_queues(worker: Worker) -> list[dict[str, Any]]:
+    return [worker.app.queue(name).as_dict(recurse=True) for name in worker.consumer.queue_names]
+
+
+@command
+def conf(worker: Worker, with_defaults: bool = False) -> dict[str, Any]:
+    return safe_settings(worker.app.conf.as_dict())
+
+
+@command
+def report(worker: Worker) -> dict[str, str]:
+    lines = [
+        f"software -> greenworker:{__version__} hub:{green.hub_name()}",
+        f"app -> {worker.app.main}",
+        f"broker -> {maybe_sanitize_url(worker.app.broker_url)}",
+        f"results -> {maybe_sanitize_url(worker.app.result_backend_url or 'disabled')}",
+        f"queues -> {', '.join(worker.consumer.queue_names)}",
+        f"concurrency -> {worker.pool.size}",
+    ]
+    return {"ok": "\n".join(lines)}
+
+
+@command
+def hello(worker: Worker, from_node: str, revoked: dict[str, float] | None = None) -> Any:
+    """Mingle: another worker starting asks for our revoked ids and clock."""
+    if from_node == worker.hostname:
+        return None
+    if revoked:
+        worker.state.revoked.update({k: float(v) for k, v in revoked.items()})
+    return {"revoked": worker.state.revoked.as_dict(), "clock": worker.state.clock.forward()}
+
+
+# ------------------------------------------------------------------ control
+
+
+@command
+def revoke(
+    worker: Worker, task_id: str | list[str], terminate: bool = False, signal: str | None = None
+) -> dict[str, str]:
+    ids = [task_id] if isinstance(task_id, str) else list(task_id)
+    worker.revoke(ids, terminate=bool(terminate))
+    what = "terminated" if terminate else "flagged as revoked"
+    return {"ok": f"tasks {', '.join(ids)} {what}"}
+
+
+@command
+def terminate(worker: Worker, signal: str | None, task_id: str | list[str]) -> dict[str, str]:
+    return revoke(worker, task_id, terminate=True, signal=signal)
+
+
+@command
+def rate_limit(worker: Worker, task_name: str, rate_limit: str | float | None) -> dict[str, str]:
+    if task_name not in worker.app.tasks:
+        return {"error": f"unknown task {task_name!r}"}
+    try:
+        worker.set_rate_limit(task_name, rate_limit)
+    except ValueError as exc:
+        return {"error": str(exc)}
+    return {"ok": f"new rate limit set successfully: {task_name} {rate_limit}"}
+
+
+@command
+def time_limit(
+    worker: Worker, task_name: str, soft: float | None = None, hard: float | None = None
+) -> dict[str, str]:
+    if task_name not in worker.app.tasks:
+        return {"error": f"unknown task {task_name!r}"}
+    worker.set_time_limit(task_name, soft, hard)
+    return {"ok": "time limits set successfully"}
+
+
+@command
+def pool_grow(worker: Worker, n: int = 1) -> dict[str, str]:
+    worker.pool.grow(int(n))
+    return {"ok": f"pool will grow to {worker.pool.size}"}
+
+
+@command
+def pool_shrink(worker: Worker, n: int = 1) -> dict[str, str]:
+    worker.pool.shrink(int(n))
+    return {"ok": f"pool will shrink to {worker.pool.size}"}
+
+
+@command
+def pool_restart(worker: Worker, **kwargs: Any) -> dict[str, str]:
+    return {"error": "pool_restart is not supported: greenworker has no child processes"}
+
+
+@command
+def autoscale(worker: Worker, max: int, min: int) -> dict[str, str]:  # Celery's names
+    if worker.autoscaler is None:
+        return {"error": "autoscale is not enabled on this worker (start it with --autoscale)"}
+    try:
+        worker.autoscaler.update(maximum=int(max), minimum=int(min))
+    except ValueError as exc:
+        return {"error": str(exc)}
+    return {"ok": f"autoscale now max={worker.autoscaler.maximum} min={worker.autoscaler.minimum}"}
+
+
+@command
+def add_consumer(worker: Worker, queue: str, **options: Any) -> dict[str, str]:
+    if queue in worker.consumer.queue_names:
+        return {"ok": f"already consuming from {queue!r}"}
+    worker.consumer.add_queue(queue)
+    return {"ok": f"add consumer {queue}"}
+
+
+@command
+def cancel_consumer(worker: Worker, queue: str, **options: Any) -> dict[str, str]:
+    if queue not in worker.consumer.queue_names:
+        return {"error": f"not consuming from {queue!r}"}
+    worker.consumer.cancel_queue(queue)
+    return {"ok": f"no longer consuming from {queue}"}
+
+
+@command
+def enable_events(worker: Worker) -> dict[str, str]:
+    if worker.events is None:
+        return {"error": "events are not available on this transport"}
+    worker.events.task_events = True
+    return {"ok": "task events enabled"}
+
+
+@command
+def disable_events(worker: Worker) -> dict[str, str]:
+    if worker.events is None:
+        return {"error": "events are not available on this transport"}
+    worker.events.task_events = False
+    return {"ok": "task events disabled"}
+
+
+@command
+def heartbeat(worker: Worker) -> dict[str, str]:
+    if worker.heart is None:
+        return {"error": "heartbeats are off on this worker"}
+    worker.heart.beat()
+    return {"ok": "heartbeat sent"}
+
+
+@command
+def shutdown(worker: Worker, msg: str = "Got shutdown from remote") -> dict[str, str]:
+    log.warning("remote shutdown: %s", msg)
+    worker.request_stop()
+    return {"ok": "shutting down"}
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _malformed(body: Any) -> str | None:
+    """Why a control message cannot be dispatched, or None."""
+    if not isinstance(body, dict):
+        return f"body is {type(body).__name__}, not an object"
+    if not isinstance(body.get("method"), str):
+        return "no method name"
+    arguments = body.get("arguments")
+    if arguments is not None and not (
+        isinstance(arguments, dict) and all(isinstance(k, str) for k in arguments)
+    ):
+        return "arguments must be an object"
+    destination = body.get("destination")
+    if destination is not None and not isinstance(destination, list | tuple):
+        return "destination must be a list"
+    reply_to = body.get("reply_to")
+    if reply_to is not None and not (
+        isinstance(reply_to, dict) and {"exchange", "routing_key"} <= set(reply_to)
+    ):
+        return "reply_to must name an exchange and a routing key"
+    return None
+
+
+_SECRET_WORDS = ("password", "secret", "token", "key")
+
+
+def safe_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings fit to show: URLs without passwords, secret-looking values masked."""
+    out: dict[str, Any] = {}
+    for name, value in settings.items():
+        if isinstance(value, str) and "://" in value:
+            value = maybe_sanitize_url(value)
+        elif any(word in name for word in _SECRET_WORDS):
+            value = "********"
+        elif isinstance(value, dict):
+            value = {
+                k: ("********" if any(w in str(k).lower() for w in _SECRET_WORDS) else v)
+                for k, v in value.items()
+            }
+        out[name] = value
+    return out

@@ -1,0 +1,360 @@
+"""Events in Celery's format, the heartbeat, gossip and mingle.
+
+* Events go to the ``celeryev`` exchange (topic; fanout on Redis, as Celery
+  does) with Celery's names and fields, so ``celery events`` and Flower show
+  greenworker.  Task events are buffered and published together as one list
+  message (routing key ``task.multi``, which Celery's receiver expands), by a
+  timer on a connection of their own: the task path only appends a dict.
+* Heart: ``worker-online`` at start, ``worker-heartbeat`` every
+  ``worker_heartbeat`` seconds, ``worker-offline`` at stop.
+* Gossip: listens to other workers' events, keeps a table of peers (alive
+  while their heartbeats keep coming) and merges their clocks.
+* Mingle: at startup asks the cluster (pidbox ``hello``) for revoked ids and
+  the clock, and merges them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+import uuid
+from collections import deque
+from copy import copy
+from typing import TYPE_CHECKING, Any
+
+from kombu.connection import Connection
+from kombu.entity import Exchange, Queue
+from kombu.messaging import Consumer, Producer
+
+from . import __version__, green
+from .hooks import Middleware
+
+if TYPE_CHECKING:
+    from kombu.message import Message
+
+    from .request import Request
+    from .timer import Entry
+    from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+EVENT_EXCHANGE = Exchange("celeryev", type="topic")
+#: A peer is gone when no heartbeat came for this many heartbeat intervals (Celery: 2).
+HEARTBEAT_EXPIRE_WINDOW = 2.0
+
+
+def event_exchange(connection: Connection) -> Exchange:
+    """Celery's event exchange: a topic exchange, fanout on Redis (Celery does the same)."""
+    exchange = copy(EVENT_EXCHANGE)
+    if connection.transport.driver_type in ("redis",):
+        exchange.type = "fanout"
+    return exchange
+
+
+def utcoffset() -> float:
+    """Hours to add to local time to get UTC (Celery's sign: positive west of Greenwich)."""
+    seconds = time.altzone if time.daylight and time.localtime().tm_isdst > 0 else time.timezone
+    return seconds / 3600
+
+
+class EventDispatcher:
+    """Buffers events and publishes them from a timer, on its own connection."""
+
+    def __init__(self, worker: Worker, *, flush_interval: float = 0.2, limit: int = 500) -> None:
+        self.worker = worker
+        self.hostname = worker.hostname
+        self.pid = os.getpid()
+        self.enabled = True
+        self.task_events = worker.app.conf.worker_send_task_events
+        self._buffer: deque[dict[str, Any]] = deque()
+        self._limit = limit
+        self._flush_interval = flush_interval
+        self._conn: Connection | None = None
+        self._producer: Producer | None = None
+        self._exchange: Exchange | None = None
+        self._lock = green.new_semaphore(1)
+        self._timer: Entry | None = None
+        self.sent = 0
+
+    def start(self) -> None:
+        self._timer = self.worker.timer.call_repeatedly(self._flush_interval, self.flush)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.flush()
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    self._conn.release()
+                except Exception as exc:
+                    log.debug("closing the event connection failed: %s", exc)
+            self._conn = self._producer = None
+
+    def event(self, type_: str, **fields: Any) -> dict[str, Any]:
+        return {
+            "type": type_,
+            "timestamp": time.time(),
+            "hostname": self.hostname,
+            "utcoffset": utcoffset(),
+            "pid": self.pid,
+            "clock": self.worker.state.clock.forward(),
+            **fields,
+        }
+
+    def task(self, type_: str, **fields: Any) -> None:
+        """Queue a task event (cheap: the timer publishes the batch)."""
+        if self.enabled and self.task_events:
+            self._buffer.append(self.event(type_, **fields))
+            if len(self._buffer) >= self._limit:
+                green.spawn(self.flush)
+
+    def send_now(self, type_: str, **fields: Any) -> None:
+        """Publish one event at once (worker events)."""
+        if self.enabled:
+            event = self.event(type_, **fields)
+            self._publish(event, type_.replace("-", "."))
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        batch = list(self._buffer)
+        self._buffer.clear()
+        self._publish(batch, "task.multi")
+
+    def _publish(self, body: Any, routing_key: str) -> None:
+        with self._lock:
+            try:
+                if self._producer is None:
+                    self._conn = self.worker.app.connection()
+                    self._exchange = event_exchange(self._conn)
+                    self._producer = Producer(self._conn)
+                assert self._exchange is not None
+                self._producer.publish(
+                    body,
+                    exchange=self._exchange,
+                    routing_key=routing_key,
+                    declare=[self._exchange],
+                    serializer="json",
+                    headers={"hostname": self.hostname},
+                    delivery_mode=1,
+                    retry=False,
+                )
+                self.sent += len(body) if isinstance(body, list) else 1
+            except Exception as exc:  # events are best effort: never fail a task for one
+                log.warning("could not send events: %s", exc)
+                if self._conn is not None:
+                    try:
+                        self._conn.release()
+                    except Exception:
+                        pass
+                self._conn = self._producer = None
+
+
+class TaskEvents(Middleware):
+    """The task events of Celery's worker, from the worker's hooks."""
+
+    def __init__(self, dispatcher: EventDispatcher) -> None:
+        self.events = dispatcher
+
+    def task_received(self, request: Request) -> None:
+        msg = request.msg
+        self.events.task(
+            "task-received",
+            uuid=msg.id,
+            name=msg.task,
+            args=msg.headers.get("argsrepr", repr(msg.args)),
+            kwargs=msg.headers.get("kwargsrepr", repr(msg.kwargs)),
+            root_id=msg.root_id,
+            parent_id=msg.parent_id,
+            retries=msg.retries,
+            eta=msg.eta.isoformat() if msg.eta else None,
+            expires=msg.expires.isoformat() if msg.expires else None,
+        )
+
+    def before_task(self, request: Request) -> None:
+        self.events.task("task-started", uuid=request.id, pid=os.getpid())
+
+    def task_succeeded(self, request: Request, result: Any, runtime: float) -> None:
+        self.events.task(
+            "task-succeeded", uuid=request.id, result=_safe_repr(result), runtime=runtime
+        )
+
+    def task_failed(self, request: Request, exc: BaseException, traceback: str | None) -> None:
+        self.events.task(
+            "task-failed", uuid=request.id, exception=_safe_repr(exc), traceback=traceback
+        )
+
+    def task_retried(self, request: Request, exc: BaseException | None, when: Any) -> None:
+        self.events.task("task-retried", uuid=request.id, exception=_safe_repr(exc), traceback=None)
+
+    def task_revoked(self, request: Request, reason: str) -> None:
+        self.events.task(
+            "task-revoked",
+            uuid=request.id,
+            terminated=reason == "terminated",
+            signum=None,
+            expired=reason == "expired",
+        )
+
+    def task_rejected(self, message: Message, reason: str) -> None:
+        task_id = (message.headers or {}).get("id")
+        if isinstance(task_id, str):
+            self.events.task("task-rejected", uuid=task_id, requeue=False)
+
+
+def _safe_repr(value: Any, limit: int = 1024) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class Heart:
+    """worker-online, worker-heartbeat every ``interval`` seconds, worker-offline."""
+
+    def __init__(self, worker: Worker, dispatcher: EventDispatcher, interval: float) -> None:
+        self.worker = worker
+        self.events = dispatcher
+        self.interval = interval
+        self._timer: Entry | None = None
+
+    def _fields(self) -> dict[str, Any]:
+        return {
+            "freq": self.interval,
+            "sw_ident": "greenworker",
+            "sw_ver": __version__,
+            "sw_sys": platform.system(),
+        }
+
+    def start(self) -> None:
+        self.events.send_now("worker-online", **self._fields())
+        self._timer = self.worker.timer.call_repeatedly(self.interval, self.beat)
+
+    def beat(self) -> None:
+        self.events.send_now(
+            "worker-heartbeat",
+            active=self.worker.pool.active,
+            processed=self.worker.state.processed,
+            loadavg=[round(x, 2) for x in os.getloadavg()],
+            **self._fields(),
+        )
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.events.send_now("worker-offline", **self._fields())
+
+
+class Gossip:
+    """Watches other workers' events: who is alive, and their clocks."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.peers: dict[str, dict[str, Any]] = {}
+        self._greenlet: green.Greenlet | None = None
+        self._stopping = False
+        self._ready = green.new_event()
+
+    def alive(self) -> list[str]:
+        now = time.time()
+        return sorted(
+            host
+            for host, info in self.peers.items()
+            if info["online"] and now - info["seen"] < info["freq"] * HEARTBEAT_EXPIRE_WINDOW
+        )
+
+    def start(self) -> None:
+        self._greenlet = green.spawn(self._run)
+
+    def wait_ready(self, timeout: float | None) -> bool:
+        return self._ready.wait(timeout)
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self._greenlet is not None:
+            if not self._greenlet.join(2.0):
+                self._greenlet.kill()
+            self._greenlet = None
+
+    def _run(self) -> None:
+        while not self._stopping:
+            try:
+                self._listen()
+            except green.GreenletExit:
+                raise
+            except Exception as exc:
+                log.warning("gossip connection error: %s", exc)
+                green.sleep(1.0)
+
+    def _listen(self) -> None:
+        with self.worker.app.connection() as conn:
+            queue = Queue(
+                f"celeryev.gossip.{uuid.uuid4()}",
+                exchange=event_exchange(conn),
+                routing_key="worker.#",
+                auto_delete=True,
+                durable=False,
+                message_ttl=10.0,
+                expires=60.0,
+            )
+            # no_ack: events are transient; unacked ones would pile up on Redis
+            with Consumer(conn, [queue], callbacks=[self._on_event], accept=["json"], no_ack=True):
+                self._ready.set()
+                while not self._stopping:
+                    try:
+                        conn.drain_events(timeout=self.worker.app.conf.worker_drain_interval)
+                    except TimeoutError:
+                        pass
+
+    def _on_event(self, body: Any, message: Message) -> None:
+        for event in body if isinstance(body, list) else [body]:
+            if not isinstance(event, dict):
+                continue
+            host = event.get("hostname")
+            kind = str(event.get("type", ""))
+            if not isinstance(host, str) or host == self.worker.hostname:
+                continue
+            clock = event.get("clock")
+            if isinstance(clock, int):
+                self.worker.state.clock.adjust(clock)
+            if kind.startswith("worker-"):
+                freq = event.get("freq")
+                self.peers[host] = {
+                    "online": kind != "worker-offline",
+                    "seen": time.time(),
+                    "freq": float(freq) if isinstance(freq, int | float) else 2.0,
+                    "sw": f"{event.get('sw_ident')} {event.get('sw_ver')}",
+                }
+
+
+def mingle(worker: Worker, timeout: float = 1.0) -> int:
+    """Ask the cluster for revoked ids and the clock; merge them.  Returns replies count."""
+    from .control import broadcast
+
+    try:
+        with worker.app.connection() as conn:
+            replies = broadcast(
+                conn,
+                "hello",
+                {"from_node": worker.hostname, "revoked": worker.state.revoked.as_dict()},
+                timeout=timeout,
+            )
+    except Exception as exc:
+        log.warning("mingle: no answer from the cluster: %s", exc)
+        return 0
+    merged = 0
+    for reply in replies:
+        for host, value in reply.items():
+            if host == worker.hostname or not isinstance(value, dict):
+                continue
+            revoked = value.get("revoked")
+            if isinstance(revoked, dict):
+                worker.state.revoked.update({k: float(v) for k, v in revoked.items()})
+            clock = value.get("clock")
+            if isinstance(clock, int):
+                worker.state.clock.adjust(clock)
+            merged += 1
+    if merged:
+        log.info("mingle: synced with %d node(s)", merged)
+    return merged

@@ -1,0 +1,458 @@
+"""One task execution, and the strategy that turns a broker message into one.
+
+``MessageHandler.on_message`` decodes and validates; a bad message is
+rejected with one log line.  A good one becomes a :class:`Request` that runs
+now (in the pool), later (ETA or rate limit, on the timer) or never (revoked,
+expired).
+
+A request ends exactly once, in :meth:`Request._finish`: result stored,
+hooks called, message acked or rejected by the policy.  A hard time limit or
+a terminate ends it from outside its greenlet, so the pool slot is free at
+once even if the task's greenlet is slow to die.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+import traceback
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Any
+
+from kombu.exceptions import ContentDisallowed, DecodeError
+from kombu.message import Message
+
+from . import green
+from .exceptions import (
+    HardTimeLimit,
+    Retry,
+    SoftTimeLimitExceeded,
+    Terminated,
+    TimeLimitExceeded,
+)
+from .protocol import MalformedMessage, TaskMessage, decode_task_message, utcnow
+from .results import (
+    FAILURE,
+    RETRY,
+    REVOKED,
+    STARTED,
+    SUCCESS,
+    build_meta,
+    encode_meta,
+    exception_to_meta,
+)
+from .task import Context, Task, current_request
+
+if TYPE_CHECKING:
+    from .timer import Entry
+    from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+def celery_exception(name: str, *args: Any) -> dict[str, Any]:
+    """A stored exception that Celery clients rebuild into their own class."""
+    return {"exc_type": name, "exc_message": list(args), "exc_module": "celery.exceptions"}
+
+
+def backoff_countdown(factor: bool | float, retries: int, maximum: float, jitter: bool) -> float:
+    """Celery's exponential backoff: ``factor * 2**retries`` capped, optionally full jitter."""
+    base = 1.0 if factor is True else float(factor)
+    countdown = min(maximum, base * float(2**retries))
+    if jitter:
+        countdown = random.uniform(0, countdown)
+    return max(0.0, countdown)
+
+
+class Request:
+    """A validated task message bound to its task, run once by :meth:`execute`."""
+
+    __slots__ = (
+        "_hard_timer",
+        "acked",
+        "finished",
+        "job_id",
+        "message",
+        "msg",
+        "task",
+        "time_start",
+        "worker",
+    )
+
+    def __init__(self, msg: TaskMessage, message: Message, task: Task, worker: Worker) -> None:
+        self.msg = msg
+        self.message = message
+        self.task = task
+        self.worker = worker
+        self.job_id: int | None = None
+        self.time_start: float | None = None
+        self.finished = False
+        self.acked = False
+        self._hard_timer: Entry | None = None
+
+    def __repr__(self) -> str:
+        return f"<Request {self.msg.task}[{self.msg.id}]>"
+
+    @property
+    def id(self) -> str:
+        return self.msg.id
+
+    @property
+    def name(self) -> str:
+        return self.msg.task
+
+    def _option(self, name: str) -> Any:
+        value = getattr(self.task, name)
+        return getattr(self.worker.app.conf, "task_" + name) if value is None else value
+
+    @property
+    def acks_late(self) -> bool:
+        return bool(self._option("acks_late"))
+
+    @property
+    def time_limits(self) -> tuple[float | None, float | None]:
+        """(soft, hard): the message's own, else the task's, else the worker's."""
+        conf = self.worker.app.conf
+        soft = self.msg.soft_time_limit or self.task.soft_time_limit or conf.task_soft_time_limit
+        hard = self.msg.time_limit or self.task.time_limit or conf.task_time_limit
+        return soft, hard
+
+    def expired(self) -> bool:
+        return self.msg.expires is not None and self.msg.expires <= utcnow()
+
+    def describe(self) -> dict[str, Any]:
+        """The request as ``inspect active/reserved`` reports it."""
+        msg = self.msg
+        return {
+            "id": msg.id,
+            "name": msg.task,
+            "args": msg.args,
+            "kwargs": msg.kwargs,
+            "type": msg.task,
+            "hostname": self.worker.hostname,
+            "time_start": self.time_start,
+            "acknowledged": self.acked,
+            "delivery_info": dict(self.message.delivery_info or {}),
+            "worker_pid": os.getpid(),
+        }
+
+    # ------------------------------------------------------------ running
+
+    def execute(self) -> None:
+        """Run the task in the current (pool) greenlet, store the result, ack."""
+        worker = self.worker
+        worker.state.task_started(self)
+        try:
+            if self.id in worker.state.revoked:
+                self.revoke("revoked")
+                return
+            if self.expired():
+                self.revoke("expired")
+                return
+            if not self.acks_late:
+                self._ack()
+            if self._option("track_started"):
+                meta = {"pid": os.getpid(), "hostname": worker.hostname}
+                self._store(build_meta(self.id, STARTED, meta))
+            worker.hooks.emit("before_task", self)
+            soft, hard = self.time_limits
+            if hard:
+                self._hard_timer = worker.timer.call_after(hard, self.on_hard_time_limit, hard)
+            self._run(soft)
+        finally:
+            if self._hard_timer is not None:
+                self._hard_timer.cancel()
+            worker.state.task_finished(self)
+
+    def _context(self) -> Context:
+        msg = self.msg
+        return Context(
+            id=msg.id,
+            task=msg.task,
+            args=msg.args,
+            kwargs=msg.kwargs,
+            retries=msg.retries,
+            eta=msg.eta,
+            expires=msg.expires,
+            root_id=msg.root_id,
+            parent_id=msg.parent_id,
+            group=msg.group,
+            group_index=msg.group_index,
+            origin=msg.origin,
+            hostname=self.worker.hostname,
+            delivery_info=dict(self.message.delivery_info or {}),
+            headers=msg.headers,
+            embed=msg.embed,
+            timelimit=(msg.soft_time_limit, msg.time_limit),
+            called_directly=False,
+        )
+
+    def _run(self, soft: float | None) -> None:
+        msg = self.msg
+        token = current_request.set(self._context())
+        self.time_start = time.monotonic()
+        limit: AbstractContextManager[Any] = (
+            green.timeout(soft, SoftTimeLimitExceeded(f"soft time limit ({soft}s) exceeded"))
+            if soft
+            else nullcontext()
+        )
+        try:
+            with limit:
+                result = self.task(*msg.args, **msg.kwargs)
+        except Retry as retry:
+            self._retried(retry)
+        except (Terminated, HardTimeLimit):
+            pass  # already finished by terminate() / on_hard_time_limit()
+        except green.GreenletExit:
+            # Killed by a cold shutdown: hand an unacked message back to the broker.
+            if not self.finished:
+                self.finished = True
+                if not self.acked:
+                    self.worker.consumer.reject(self.message, requeue=True)
+            raise
+        except Exception as exc:
+            self._failed_or_autoretry(exc)
+        else:
+            self._succeeded(result)
+        finally:
+            current_request.reset(token)
+
+    def _elapsed(self) -> float:
+        return time.monotonic() - self.time_start if self.time_start is not None else 0.0
+
+    def _succeeded(self, result: Any) -> None:
+        elapsed = self._elapsed()
+        meta = build_meta(self.id, SUCCESS, result)
+        try:
+            encode_meta(meta)
+        except (TypeError, ValueError) as exc:  # logged by _failed, with the reason
+            self._failed(exc, None)
+            return
+        log.debug("Task %s[%s] succeeded in %.4fs: %.200r", self.name, self.id, elapsed, result)
+        self.worker.state.succeeded += 1
+        self.worker.hooks.emit("task_succeeded", self, result, elapsed)
+        self._finish(SUCCESS, meta, result, stored=not self._ignore_result())
+
+    def _failed_or_autoretry(self, exc: Exception) -> None:
+        task = self.task
+        if (
+            task.autoretry_for
+            and isinstance(exc, task.autoretry_for)
+            and not (task.dont_autoretry_for and isinstance(exc, task.dont_autoretry_for))
+        ):
+            options = dict(task.retry_kwargs)
+            if task.retry_backoff and "countdown" not in options:
+                options["countdown"] = backoff_countdown(
+                    task.retry_backoff, self.msg.retries, task.retry_backoff_max, task.retry_jitter
+                )
+            try:
+                task.retry(exc=exc, **options)
+            except Retry as retry:
+                self._retried(retry)
+                return
+            except Exception as final:  # max retries reached: exc itself, or MaxRetriesExceeded
+                self._failed(final, traceback.format_exc())
+                return
+        self._failed(exc, traceback.format_exc())
+
+    def _failed(self, exc: BaseException, tb: str | None) -> None:
+        log.error(
+            "Task %s[%s] raised unexpected: %r (after %.3fs)\n%s",
+            self.name,
+            self.id,
+            exc,
+            self._elapsed(),
+            tb or "",
+        )
+        self.worker.state.failed += 1
+        self.worker.hooks.emit("task_failed", self, exc, tb)
+        meta = build_meta(self.id, FAILURE, exception_to_meta(exc), tb)
+        self._finish(FAILURE, meta, exc, stored=self._store_errors())
+        self.worker.record_error(self.id, exc)  # after the store: join() raises on a final state
+
+    def _retried(self, retry: Retry) -> None:
+        log.info("Task %s[%s] retry: %s", self.name, self.id, retry)
+        self.worker.state.retried += 1
+        self.worker.hooks.emit("task_retried", self, retry.exc, retry.when)
+        reason = retry.exc if retry.exc is not None else retry
+        tb = "".join(traceback.format_exception(reason)) if retry.exc is not None else None
+        meta = build_meta(self.id, RETRY, exception_to_meta(reason), tb)
+        stored = self._store_errors()
+        if retry.send is not None:
+            if stored:  # first, or the next run's result could be overwritten by RETRY
+                self._store(meta)
+                stored = False
+            try:
+                retry.send()
+            except Exception as exc:
+                self._failed(exc, traceback.format_exc())
+                return
+        # The new message carries the task on; this one is done either way.
+        self._finish(RETRY, meta, reason, stored=stored, force_ack=True)
+
+    def on_hard_time_limit(self, hard: float) -> None:
+        """Timer callback: the task ran past its hard limit; end it and free its slot now."""
+        if self.finished:
+            return
+        log.error("Task %s[%s] hard time limit (%ss) exceeded: killed", self.name, self.id, hard)
+        exc = TimeLimitExceeded(hard)
+        self.worker.state.failed += 1
+        self.worker.hooks.emit("task_failed", self, exc, None)
+        meta = build_meta(
+            self.id, FAILURE, celery_exception("TimeLimitExceeded", hard), "TimeLimitExceeded"
+        )
+        self._finish(FAILURE, meta, exc, stored=self._store_errors())
+        self.worker.record_error(self.id, exc)
+        self._kill(HardTimeLimit())
+
+    def terminate(self) -> None:
+        """Revoke with ``terminate=True``: kill the running task now."""
+        if self.finished:
+            return
+        log.info("Task %s[%s] terminated", self.name, self.id)
+        self._revoked("terminated")
+        self._kill(Terminated())
+
+    def _kill(self, exc: BaseException) -> None:
+        if self.job_id is not None:
+            self.worker.pool.kill(self.job_id, exc, release=True)
+
+    def revoke(self, reason: str) -> None:
+        """Do not run: store REVOKED with ``reason`` and ack the message."""
+        log.info("Task %s[%s] revoked: %s", self.name, self.id, reason)
+        self._revoked(reason)
+
+    def _revoked(self, reason: str) -> None:
+        self.worker.state.revoked_count += 1
+        self.worker.hooks.emit("task_revoked", self, reason)
+        meta = build_meta(self.id, REVOKED, celery_exception("TaskRevokedError", reason))
+        self._finish(REVOKED, meta, reason, stored=True, force_ack=True)
+
+    # ------------------------------------------------------------ the end
+
+    def _ignore_result(self) -> bool:
+        if self.task.ignore_result is not None:
+            return self.task.ignore_result
+        return self.msg.ignore_result or self.worker.app.conf.task_ignore_result
+
+    def _store_errors(self) -> bool:
+        return not self._ignore_result() or self.worker.app.conf.task_store_errors_even_if_ignored
+
+    def _finish(
+        self,
+        state: str,
+        meta: dict[str, Any],
+        result: Any,
+        *,
+        stored: bool,
+        force_ack: bool = False,
+    ) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if stored:
+            self._store(meta)
+        self.worker.hooks.emit("after_task", self, state, result)
+        if (
+            state == SUCCESS
+            or force_ack
+            or not self.acks_late
+            or self._option("acks_on_failure_or_timeout")
+        ):
+            self._ack()
+        else:
+            self.acked = True
+            self.worker.consumer.reject(self.message, requeue=False)
+
+    def _ack(self) -> None:
+        if not self.acked:
+            self.acked = True
+            self.worker.consumer.ack(self.message)
+
+    def _store(self, meta: dict[str, Any]) -> None:
+        try:
+            self.worker.app.backend.store(self.id, meta)
+        except Exception as exc:
+            log.error("could not store the result of %s[%s]: %s", self.name, self.id, exc)
+
+
+class MessageHandler:
+    """The strategy: message -> validated :class:`Request` -> pool, timer or reject."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    def on_message(self, message: Message) -> None:
+        limit = self.worker.app.conf.worker_max_message_size
+        size = len(message.body or b"")
+        if limit and size > limit:
+            self._reject(message, f"body of {size} bytes is over worker_max_message_size ({limit})")
+            return
+        try:
+            body = message.decode()
+            msg = decode_task_message(body, message.headers, message.properties)
+        except (ContentDisallowed, DecodeError, MalformedMessage, json.JSONDecodeError) as exc:
+            self._reject(message, f"{type(exc).__name__}: {exc}")
+            return
+        except Exception as exc:  # a decoder failing in an unexpected way
+            self._reject(message, f"cannot decode: {type(exc).__name__}: {exc}")
+            return
+        worker = self.worker
+        task = worker.app.tasks.get(msg.task)
+        if task is None:
+            self._unknown_task(message, msg)
+            return
+        request = Request(msg, message, task, worker)
+        log.debug("Received task %s[%s]", msg.task, msg.id)
+        worker.state.task_received(request)
+        worker.hooks.emit("task_received", request)
+        if msg.id in worker.state.revoked or request.expired():
+            try:
+                request.revoke("revoked" if msg.id in worker.state.revoked else "expired")
+            finally:
+                worker.state.task_discarded(request)
+            return
+        if msg.eta is not None and msg.eta > utcnow():
+            worker.hold_until_eta(request)
+            return
+        worker.rate_limiter.submit(request)
+
+    def _reject(self, message: Message, reason: str) -> None:
+        headers = message.headers or {}
+        ident = headers.get("id") or message.properties.get("correlation_id") or "?"
+        log.error(
+            "Rejected malformed message %s (task %s, content type %s): %s",
+            ident,
+            headers.get("task", "?"),
+            message.content_type,
+            reason,
+        )
+        self.worker.state.rejected += 1
+        self.worker.hooks.emit("task_rejected", message, reason)
+        if isinstance(ident, str) and ident != "?":
+            # A client may be waiting on this id: tell it why instead of leaving it PENDING.
+            failure = {
+                "exc_type": "MalformedMessage",
+                "exc_message": [reason],
+                "exc_module": "greenworker.protocol",
+            }
+            try:
+                self.worker.app.backend.store(ident, build_meta(ident, FAILURE, failure))
+            except Exception as exc:
+                log.debug("could not store the rejection of %s: %s", ident, exc)
+        self.worker.consumer.reject(message, requeue=False)
+
+    def _unknown_task(self, message: Message, msg: TaskMessage) -> None:
+        reason = f"unregistered task {msg.task!r}"
+        log.error("Rejected message %s: %s (is the module imported by the worker?)", msg.id, reason)
+        self.worker.state.rejected += 1
+        self.worker.hooks.emit("task_rejected", message, reason)
+        meta = build_meta(msg.id, FAILURE, celery_exception("NotRegistered", repr(msg.task)))
+        try:
+            self.worker.app.backend.store(msg.id, meta)
+        except Exception as exc:
+            log.debug("could not store NotRegistered for %s: %s", msg.id, exc)
+        self.worker.consumer.reject(message, requeue=False)

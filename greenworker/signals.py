@@ -1,0 +1,119 @@
+"""Signals for a worker run by the CLI (an embedded worker never installs any).
+
+The handlers only record the signal and wake one supervisor greenlet, which
+does the work outside signal context:
+
+* ``SIGTERM``, ``SIGINT``: warm shutdown -- stop consuming, give unstarted
+  messages back, let running tasks finish (up to the shutdown timeout) while
+  heartbeats and remote control keep answering, flush the state store, close,
+  exit 0.  A second one turns it cold.
+* ``SIGQUIT``: cold shutdown -- kill running tasks (a message that acks late
+  goes back to the queue), close, exit 0 quickly.
+* ``SIGHUP``: warm shutdown, then the same command starts again in place.
+* ``SIGUSR1``: log every greenlet's stack, naming the task each one runs.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import greenlet as greenlet_module
+
+from . import green
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+log = logging.getLogger("greenworker.signals")
+
+
+class SignalSupervisor:
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.pending: list[int] = []
+        self.restart = False
+        self._wake = green.new_event()
+        self._stopping = False
+
+    def install(self) -> None:
+        for signum in (
+            signal.SIGTERM,
+            signal.SIGINT,
+            signal.SIGQUIT,
+            signal.SIGHUP,
+            signal.SIGUSR1,
+        ):
+            green.on_signal(signum, self._flag(signum))
+        green.spawn(self._supervise)
+
+    def _flag(self, signum: int) -> Callable[[], None]:
+        def handler() -> None:  # only records the signal: the supervisor acts on it
+            self.pending.append(signum)
+            self._wake.set()
+
+        return handler
+
+    def _supervise(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while self.pending:
+                self._act(self.pending.pop(0))
+
+    def _act(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGUSR1:
+            log.warning("%s: greenlet stacks follow\n%s", name, dump_stacks())
+            return
+        if signum == signal.SIGQUIT or (self._stopping and signum != signal.SIGHUP):
+            log.warning(
+                "%s: cold shutdown, killing %d running task(s)", name, self.worker.pool.active
+            )
+            self._stopping = True
+            green.spawn(self.worker.stop, 0)
+            return
+        if self._stopping:
+            return
+        self._stopping = True
+        self.restart = signum == signal.SIGHUP
+        log.info("%s: warm shutdown%s", name, " and restart" if self.restart else "")
+        self.worker.request_stop()
+
+
+def restart_in_place() -> None:
+    """Replace this process with the same command line (after a SIGHUP)."""
+    log.info("restarting: %s", " ".join(sys.orig_argv))
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os.execv(sys.executable, sys.orig_argv)
+
+
+def dump_stacks() -> str:
+    """Every live greenlet's stack, headed by the task it runs (if any)."""
+    from .request import Request
+
+    blocks = []
+    for obj in gc.get_objects():
+        if not isinstance(obj, greenlet_module.greenlet) or obj.dead:
+            continue
+        frame = obj.gr_frame
+        if frame is None:
+            continue
+        task = "no task"
+        probe = frame
+        while probe is not None:
+            candidate = probe.f_locals.get("self")
+            if isinstance(candidate, Request) and probe.f_code.co_name == "_run":
+                task = f"task {candidate.name}[{candidate.id}]"
+                break
+            probe = probe.f_back
+        stack = "".join(traceback.format_stack(frame))
+        blocks.append(f"--- greenlet {id(obj):#x} ({task})\n{stack}")
+    return "\n".join(blocks) or "(no greenlets)"

@@ -1,0 +1,27 @@
+"""Run pytest in a process monkeypatched by the given hub, before pytest imports anything.
+
+python tests/run_patched.py gevent|eventlet [pytest args...]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def main() -> int:
+    if len(sys.argv) < 2 or sys.argv[1] not in ("gevent", "eventlet"):
+        print("usage: run_patched.py gevent|eventlet [pytest args...]", file=sys.stderr)
+        return 2
+    hub = sys.argv[1]
+    from greenworker import green
+
+    green.patch(hub)
+    os.environ["GREENWORKER_TEST_HUB"] = hub
+    import pytest
+
+    return int(pytest.main(["-p", "no:cacheprovider", *sys.argv[2:]]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Settings layers, app loading, and the LMDB / memory result backends."""
+
+from __future__ import annotations
+
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+from greenworker import App
+from greenworker.app import load_app
+from greenworker.config import ConfigError, Settings
+from greenworker.exceptions import ImproperlyConfigured, TaskError, TimeoutError
+from greenworker.results import (
+    LMDBBackend,
+    backend_from_url,
+    build_meta,
+    exception_from_meta,
+    exception_to_meta,
+)
+
+
+def test_settings_defaults_follow_celery_names() -> None:
+    s = Settings()
+    assert s.task_default_queue == "celery"
+    assert s.accept_content == ["json"]
+    assert s.worker_prefetch_multiplier == 4
+    assert s.task_acks_late is True  # greenworker's at-least-once default
+
+
+def test_layers_dict_then_env_then_explicit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GREENWORKER_WORKER_CONCURRENCY", "250")
+    monkeypatch.setenv("GREENWORKER_TASK_ACKS_LATE", "false")
+    monkeypatch.setenv("GREENWORKER_ACCEPT_CONTENT", "json, msgpack")
+    monkeypatch.setenv("GREENWORKER_BROKER_TRANSPORT_OPTIONS", '{"visibility_timeout": 60}')
+    monkeypatch.setenv("GREENWORKER_RESULT_EXPIRES", "none")
+    app = App("x", config={"worker_concurrency": 10, "task_default_queue": "q1"})
+    assert app.conf.worker_concurrency == 250  # env beats the dict
+    assert app.conf.task_default_queue == "q1"
+    assert app.conf.task_acks_late is False
+    assert app.conf.accept_content == ["json", "msgpack"]
+    assert app.conf.broker_transport_options == {"visibility_timeout": 60}
+    assert app.conf.result_expires is None
+
+
+def test_bad_env_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GREENWORKER_WORKER_CONCURRENCY", "lots")
+    with pytest.raises(ConfigError, match="GREENWORKER_WORKER_CONCURRENCY"):
+        App("x")
+
+
+def test_config_from_module_object_and_strict_dict() -> None:
+    module = types.ModuleType("gw_test_settings")
+    module.broker_url = "memory://"  # type: ignore[attr-defined]
+    module.unrelated_name = 1  # type: ignore[attr-defined]
+    sys.modules[module.__name__] = module
+    try:
+        app = App("x")
+        app.config_from_object("gw_test_settings")
+        assert app.conf.broker_url == "memory://"
+    finally:
+        del sys.modules[module.__name__]
+    with pytest.raises(ConfigError, match="unknown setting"):
+        App("x", config={"brokr_url": "memory://"})
+    with pytest.raises(ConfigError, match="worker_concurrency must be int"):
+        App("x", config={"worker_concurrency": "ten"})
+    with pytest.raises(ConfigError, match="cannot import config module"):
+        App("x", config="no_such_settings_module")
+
+
+def test_embedded_default_paths(tmp_path: Path) -> None:
+    app = App("x", data_dir=str(tmp_path))
+    assert app.embedded and app.broker_url == "filesystem://localhost/"
+    assert app.result_backend_url == "lmdb://" + str(tmp_path / "results")
+    options = app.transport_options()
+    assert options["data_folder_in"] == str(tmp_path / "queues" / "messages")
+    other = App("y", broker="redis://127.0.0.1:6379/0")
+    assert not other.embedded and other.result_backend_url is None
+
+
+def test_load_app_forms() -> None:
+    assert load_app("tests.cliapp").main == "cliapp"
+    assert load_app("tests.cliapp:app").main == "cliapp"
+    with pytest.raises(ImproperlyConfigured):
+        load_app(":app")
+
+
+def test_unknown_backend_scheme_is_a_clear_error() -> None:
+    with pytest.raises(ImproperlyConfigured, match="unsupported result backend 'mongodb'"):
+        backend_from_url("mongodb://x", expires=None)
+
+
+def test_lmdb_backend_store_get_forget_and_purge(tmp_path: Path) -> None:
+    backend = LMDBBackend(str(tmp_path / "r"), expires=60)
+    backend.store("a", build_meta("a", "SUCCESS", [1, 2]))
+    old = build_meta("b", "SUCCESS", 1)
+    old["date_done"] = "2000-01-01T00:00:00+00:00"
+    backend.store("b", old)
+    meta = backend.get("a")
+    assert meta is not None and (meta["status"], meta["result"]) == ("SUCCESS", [1, 2])
+    assert backend.purge_expired() == 1
+    assert backend.get("b") is None and backend.get("a") is not None
+    backend.forget("a")
+    assert backend.get("a") is None
+    # the same directory opened again in this process shares one environment
+    again = LMDBBackend(str(tmp_path / "r"), expires=60)
+    again.store("c", build_meta("c", "SUCCESS", None))
+    assert backend.get("c") is not None
+
+
+def test_async_result_timeout_and_pending(tmp_path: Path) -> None:
+    app = App("x", data_dir=str(tmp_path))
+    result = app.AsyncResult("never-sent")
+    assert result.state == "PENDING" and not result.ready()
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        result.get(timeout=0.2)
+    assert time.monotonic() - started < 1.0
+
+
+def test_exception_round_trip() -> None:
+    class Custom(Exception):
+        pass
+
+    assert isinstance(exception_from_meta(exception_to_meta(KeyError("k"))), KeyError)
+    rebuilt = exception_from_meta(
+        {"exc_type": "Gone", "exc_message": ["x"], "exc_module": "not.imported.here"}
+    )
+    assert isinstance(rebuilt, TaskError) and type(rebuilt).__name__ == "Gone"
+    assert rebuilt.args == ("x",)
+    meta = exception_to_meta(Custom(object()))
+    assert meta["exc_message"][0].startswith("<object")  # made JSON-safe
+
+
+def test_lmdb_map_grows_instead_of_failing(tmp_path: Path) -> None:
+    from greenworker import lmdbenv
+
+    env = lmdbenv.open_env(str(tmp_path / "small"))
+    env.set_mapsize(64 * 1024)
+    backend = LMDBBackend(str(tmp_path / "small"), expires=None)
+    blob = "x" * 10_000
+    for i in range(50):  # ~500 KB into a 64 KB map
+        backend.store(f"id-{i}", build_meta(f"id-{i}", "SUCCESS", blob))
+    assert env.info()["map_size"] > 64 * 1024
+    meta = backend.get("id-49")
+    assert meta is not None and meta["result"] == blob

@@ -1,0 +1,188 @@
+"""Events seen by Celery's own receiver; heartbeats; gossip and mingle; control fuzzing."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from celery import Celery
+from kombu.messaging import Producer
+
+from greenworker import App, Task, green
+from greenworker.control import broadcast, mailbox
+
+
+@pytest.fixture(params=["redis", "amqp"])
+def broker(request: pytest.FixtureRequest, redis_url: str) -> str:
+    return redis_url if request.param == "redis" else str(request.getfixturevalue("amqp_url"))
+
+
+def _app(broker: str, redis_url: str, queue_name: str, **config: Any) -> App:
+    return App(
+        "events",
+        broker=broker,
+        backend=redis_url,
+        config={"task_default_queue": queue_name, **config},
+    )
+
+
+@pytest.fixture
+def cleanup(queue_name: str, redis_url: str) -> Iterator[list[App]]:
+    apps: list[App] = []
+    yield apps
+    for app in apps:
+        with app.connection() as conn:
+            app.queue(queue_name)(conn.default_channel).delete()
+        app.close()
+
+
+@pytest.mark.timeout(90)
+def test_celery_receiver_sees_worker_and_task_events(
+    broker: str, redis_url: str, queue_name: str, cleanup: list[App]
+) -> None:
+    app = _app(broker, redis_url, queue_name, worker_send_task_events=True, worker_heartbeat=0.3)
+    cleanup.append(app)
+
+    @app.task(name="ev.ok")
+    def ok(x: int) -> int:
+        return x
+
+    @app.task(name="ev.bad")
+    def bad() -> None:
+        raise ValueError("boom")
+
+    @app.task(name="ev.again", bind=True, max_retries=1)
+    def again(self: Task) -> None:
+        raise self.retry(countdown=0)
+
+    host = f"ev-{uuid.uuid4().hex[:6]}@test"
+    seen: list[dict[str, Any]] = []
+    client = Celery("watcher", broker=broker)
+    receiver_ready = green.new_event()
+
+    def watch() -> None:
+        with client.connection_for_read() as conn:
+            receiver = client.events.Receiver(
+                conn, handlers={"*": lambda event: seen.append(event)}
+            )
+            receiver_ready.set()
+            receiver.capture(limit=None, timeout=30, wakeup=False)
+
+    watcher = green.spawn(watch)
+    assert receiver_ready.wait(10)
+    green.sleep(0.5)  # the receiver's queue is bound once capture() consumes
+    worker = app.Worker(concurrency=4, hostname=host)
+    worker.start()
+    try:
+        ok.delay(1).get(timeout=10)
+        with pytest.raises(ValueError):
+            bad.delay().get(timeout=10)
+        with pytest.raises(Exception):  # noqa: B017 - MaxRetries/Retry, either way final
+            again.delay().get(timeout=10)
+        green.sleep(0.8)  # heartbeats every 0.3 s, events flushed every 0.2 s
+    finally:
+        worker.stop(timeout=5)
+    green.sleep(0.5)
+    watcher.kill()
+    client.close()
+    mine = [e for e in seen if e.get("hostname") == host]
+    types = {e["type"] for e in mine}
+    expected = {
+        "worker-online",
+        "worker-heartbeat",
+        "task-received",
+        "task-started",
+        "task-succeeded",
+        "task-failed",
+        "task-retried",
+        "worker-offline",
+    }
+    assert expected <= types, types
+    for event in mine:
+        assert {"hostname", "timestamp", "type", "clock", "utcoffset", "pid"} <= set(event)
+    beat = next(e for e in mine if e["type"] == "worker-heartbeat")
+    assert {"freq", "active", "processed", "loadavg", "sw_ident", "sw_ver", "sw_sys"} <= set(beat)
+    done = next(e for e in mine if e["type"] == "task-succeeded")
+    assert {"uuid", "result", "runtime"} <= set(done)
+    received = next(e for e in mine if e["type"] == "task-received")
+    assert {"uuid", "name", "args", "kwargs", "retries", "root_id"} <= set(received)
+    clocks = [e["clock"] for e in mine]
+    assert clocks == sorted(clocks)  # one Lamport clock, always forward
+
+
+@pytest.mark.timeout(60)
+def test_gossip_sees_the_other_and_mingle_merges_a_revoke(
+    broker: str, redis_url: str, queue_name: str, cleanup: list[App]
+) -> None:
+    app = _app(broker, redis_url, queue_name, worker_heartbeat=0.3)
+    cleanup.append(app)
+    first = app.Worker(hostname=f"first-{uuid.uuid4().hex[:6]}@test")
+    first.start()
+    assert first.control is not None and first.control.wait_ready(10)
+    first.revoke("revoked-before-second")
+    second = app.Worker(hostname=f"second-{uuid.uuid4().hex[:6]}@test")
+    second.start()
+    try:
+        assert "revoked-before-second" in second.state.revoked  # mingle
+        assert second.gossip is not None and first.gossip is not None
+        for _ in range(100):
+            if first.hostname in second.gossip.alive() and second.hostname in first.gossip.alive():
+                break
+            green.sleep(0.05)
+        assert first.hostname in second.gossip.alive()
+        assert second.hostname in first.gossip.alive()
+    finally:
+        second.stop(timeout=5)
+    for _ in range(100):  # worker-offline reaches the other one
+        if second.hostname not in first.gossip.alive():
+            break
+        green.sleep(0.05)
+    assert second.hostname not in first.gossip.alive()
+    first.stop(timeout=5)
+
+
+@pytest.mark.timeout(60)
+def test_fuzzed_control_messages_get_no_crash(
+    broker: str, redis_url: str, queue_name: str, cleanup: list[App]
+) -> None:
+    app = _app(broker, redis_url, queue_name)
+    cleanup.append(app)
+    host = f"fuzz-{uuid.uuid4().hex[:6]}@test"
+    worker = app.Worker(hostname=host)
+    worker.start()
+    assert worker.control is not None and worker.control.wait_ready(10)
+    try:
+        box = mailbox()
+        with app.connection() as conn:
+            exchange = box(conn).exchange
+            producer = Producer(conn)
+            for body in (
+                [1, 2],
+                "text",
+                {"method": 5},
+                {"method": "ping", "arguments": [1]},
+                {"method": "ping", "destination": "x"},
+                {"method": "ping", "reply_to": "nowhere"},
+                {"method": "no_such_command", "arguments": {}},
+                {"method": "revoke", "arguments": {"task_id": {"a": 1}}},
+            ):
+                producer.publish(
+                    body, exchange=exchange, routing_key="", serializer="json", declare=[exchange]
+                )
+            replies = broadcast(conn, "no_such_command", {}, destination=[host], timeout=3)
+            assert "error" in replies[0][host]
+            typed = broadcast(
+                conn,
+                "rate_limit",
+                {"task_name": 1, "rate_limit": []},
+                destination=[host],
+                timeout=3,
+            )
+            assert "error" in typed[0][host]
+            assert broadcast(conn, "ping", {}, destination=[host], timeout=3) == [
+                {host: {"ok": "pong"}}
+            ]
+    finally:
+        worker.stop(timeout=5)

@@ -1,0 +1,150 @@
+"""Signals and shutdown of a CLI worker: warm, cold, restart, stack dump, no task lost."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from greenworker import App
+
+from .conftest import start_cli
+
+
+def _wait_for(proc: subprocess.Popen[str], needle: str, timeout: float = 30) -> str:
+    assert proc.stdout is not None
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+    raise AssertionError(f"{needle!r} not seen in:\n{''.join(seen)}")
+
+
+@pytest.fixture
+def sig_env(redis_url: str, queue_name: str) -> Iterator[dict[str, str]]:
+    key = f"sigruns:{queue_name}"
+    env = {
+        "SIGAPP_BROKER": redis_url,
+        "SIGAPP_REDIS": redis_url,
+        "SIGAPP_QUEUE": queue_name,
+        "SIGAPP_KEY": key,
+    }
+    yield env
+    client = redis.Redis.from_url(redis_url)
+    client.delete(key, queue_name)
+
+
+def _client(env: dict[str, str]) -> App:
+    app = App(
+        "sigapp",
+        broker=env["SIGAPP_BROKER"],
+        backend=env["SIGAPP_REDIS"],
+        config={"task_default_queue": env["SIGAPP_QUEUE"]},
+    )
+    return app
+
+
+def _worker(hub: str, env: dict[str, str], *extra: str) -> subprocess.Popen[str]:
+    proc = start_cli(
+        "-A", "tests.sigapp", "-P", hub, "-l", "info", "--without-mingle", *extra, env=env
+    )
+    _wait_for(proc, "ready")
+    return proc
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_mid_load_loses_nothing_and_runs_nothing_twice(
+    hub: str, sig_env: dict[str, str]
+) -> None:
+    client = _client(sig_env)
+    total = 300
+    for n in range(total):
+        client.send_task("sig.work", (n, 0.05 + (n % 5) * 0.03))
+    proc = _worker(hub, sig_env, "-c", "40")
+    runs = redis.Redis.from_url(sig_env["SIGAPP_REDIS"])
+    while runs.hlen(sig_env["SIGAPP_KEY"]) < 60:  # mid-load
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    done_first = runs.hlen(sig_env["SIGAPP_KEY"])
+    assert 60 <= done_first < total
+    # the rest went back to the queue: a second worker finishes them
+    second = _worker(hub, sig_env, "-c", "40")
+    try:
+        while runs.hlen(sig_env["SIGAPP_KEY"]) < total:
+            time.sleep(0.05)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(30) == 0
+    counts = {int(k): int(v) for k, v in runs.hgetall(sig_env["SIGAPP_KEY"]).items()}
+    assert sorted(counts) == list(range(total))  # every task done
+    assert set(counts.values()) == {1}  # exactly once
+    print(
+        f"sent {total}, done before SIGTERM {done_first}, after restart {total - done_first}, "
+        "lost 0, duplicated 0"
+    )
+    client.close()
+
+
+@pytest.mark.timeout(60)
+def test_idle_warm_shutdown_is_quick(hub: str, sig_env: dict[str, str]) -> None:
+    proc = _worker(hub, sig_env)
+    time.sleep(0.5)  # idle
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+    elapsed = time.monotonic() - started
+    assert elapsed < 0.5, f"idle shutdown took {elapsed:.2f}s"
+
+
+@pytest.mark.timeout(60)
+def test_sigquit_is_cold_and_requeues_late_acks(hub: str, sig_env: dict[str, str]) -> None:
+    client = _client(sig_env)
+    proc = _worker(hub, sig_env)
+    result = client.send_task("sig.work", (7, 30.0))
+    time.sleep(0.5)  # it has started (the message is not in the queue any more)
+    assert redis.Redis.from_url(sig_env["SIGAPP_REDIS"]).llen(sig_env["SIGAPP_QUEUE"]) == 0
+    started = time.monotonic()
+    proc.send_signal(signal.SIGQUIT)
+    assert proc.wait(10) == 0
+    assert time.monotonic() - started < 3.0
+    runs = redis.Redis.from_url(sig_env["SIGAPP_REDIS"])
+    assert runs.hlen(sig_env["SIGAPP_KEY"]) == 0  # killed before the end
+    queued = runs.llen(sig_env["SIGAPP_QUEUE"])
+    assert queued == 1, "the killed task's message went back to the queue"
+    assert result.state == "PENDING"
+    client.close()
+
+
+@pytest.mark.timeout(60)
+def test_sigusr1_dumps_stacks_and_sighup_restarts(
+    hub: str, sig_env: dict[str, str], tmp_path: Path
+) -> None:
+    client = _client(sig_env)
+    proc = _worker(hub, sig_env)
+    try:
+        client.send_task("sig.work", (1, 2.0))
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGUSR1)
+        dump = _wait_for(proc, "sig.work[")
+        assert "greenlet stacks follow" in dump
+        pid = proc.pid
+        proc.send_signal(signal.SIGHUP)
+        _wait_for(proc, "restarting")
+        _wait_for(proc, "ready")  # the same process, started again
+        assert proc.pid == pid and proc.poll() is None
+        runs = redis.Redis.from_url(sig_env["SIGAPP_REDIS"])
+        assert runs.hget(sig_env["SIGAPP_KEY"], "1") == b"1"  # finished before the restart
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        client.close()
