@@ -74,6 +74,7 @@ class RemoteControl:
         self.mailbox = mailbox()
         self._greenlet: green.Greenlet | None = None
         self._stopping = False
+        self._handling = False
         self._ready = green.new_event()
 
     def start(self) -> None:
@@ -86,7 +87,9 @@ class RemoteControl:
     def stop(self) -> None:
         self._stopping = True
         if self._greenlet is not None:
-            if not self._greenlet.join(2.0):
+            # idle, the listener only waits in drain_events: end it now rather than
+            # after the drain interval; a command being handled is let finish
+            if not (self._handling and self._greenlet.join(2.0)):
                 self._greenlet.kill()
             self._greenlet = None
 
@@ -120,10 +123,13 @@ class RemoteControl:
                 if problem:
                     log.error("ignored malformed control message: %s", problem)
                     return
+                self._handling = True
                 try:
                     node.handle_message(body, message)
                 except Exception as exc:  # e.g. a reply that cannot be sent
                     log.error("control command %r failed: %s", body.get("method"), exc)
+                finally:
+                    self._handling = False
 
             node.listen(callback=on_message)
             self._ready.set()

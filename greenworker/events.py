@@ -273,8 +273,8 @@ class Gossip:
     def stop(self) -> None:
         self._stopping = True
         if self._greenlet is not None:
-            if not self._greenlet.join(2.0):
-                self._greenlet.kill()
+            # events are transient (no_ack): nothing is lost by not waiting for the drain
+            self._greenlet.kill()
             self._greenlet = None
 
     def _run(self) -> None:

@@ -9,6 +9,7 @@ monkeypatched itself (embedding).
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -418,7 +419,42 @@ def on_signal(signum: int, handler: Callable[[], None]) -> None:
     else:
         import signal
 
+        _wake_eventlet_hub_on_signals()
         signal.signal(signum, lambda _signum, _frame: spawn(handler))
+
+
+_signal_wakeup_fds: tuple[int, int] | None = None
+
+
+def _wake_eventlet_hub_on_signals() -> None:
+    """Make a signal wake eventlet's hub at once.
+
+    Python runs the handler when the hub's poll is interrupted, then resumes the
+    poll with its old timeout, so the greenlet it spawns would wait for the next
+    timer.  A wakeup pipe makes the poll return instead.
+    """
+    global _signal_wakeup_fds
+    if _signal_wakeup_fds is not None:
+        return
+    import signal
+
+    import eventlet.hubs
+
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    os.set_blocking(write_fd, False)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    _signal_wakeup_fds = (read_fd, write_fd)
+
+    def drain() -> None:
+        while True:
+            eventlet.hubs.trampoline(read_fd, read=True)
+            try:
+                os.read(read_fd, 4096)
+            except BlockingIOError:
+                pass
+
+    spawn(drain)
 
 
 # ------------------------------------------------------- real (unpatched) threads

@@ -105,6 +105,9 @@ def test_chord_with_a_failed_header_fails_the_body(app_worker: tuple[App, Worker
     app, worker = app_worker
     add, fail, tsum = app.tasks["canvas.add"], app.tasks["canvas.fail"], app.tasks["canvas.tsum"]
     body = chord([add.s(1, 1), fail.s()], tsum.s()).apply_async()
+    # Await the body's own result first: join()'s idle check can race a message
+    # that a remote broker has handed over but the consumer has not yet reserved.
+    assert body.get(timeout=10, propagate=False) is not None
     with pytest.raises(ValueError):
         worker.join()
     worker.join()
