@@ -23,6 +23,7 @@ from .results import AsyncResult, LMDBBackend, ResultBackend, backend_from_url
 from .task import Task
 
 if TYPE_CHECKING:
+    from .beat import PeriodicEntry
     from .worker import Worker
 
 EMBEDDED_BROKER = "filesystem://localhost/"
@@ -57,6 +58,9 @@ class App:
         self.tasks: dict[str, Task] = {}
         #: Middleware every worker of this app uses (see :mod:`greenworker.hooks`).
         self.middleware: list[Middleware] = []
+        #: Periodic tasks added in code (see :meth:`add_periodic_task`); beat also reads
+        #: the ``beat_schedule`` setting.
+        self.periodic_tasks: dict[str, PeriodicEntry] = {}
         self._backend: ResultBackend | None = None
         self._producer_lock: threading.Lock | None = None
         self._producer_conn: Connection | None = None
@@ -162,6 +166,36 @@ class App:
             return task
 
         return register(fn) if fn is not None else register
+
+    def add_periodic_task(
+        self,
+        schedule: Any,
+        task: Task | str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        name: str | None = None,
+        **options: Any,
+    ) -> PeriodicEntry:
+        """Run ``task`` on ``schedule`` (seconds, timedelta, :class:`~greenworker.beat.crontab`
+        or a crontab string) whenever beat runs for this app.  ``options`` go to
+        :meth:`send_task` (``queue``, ``expires``, ...)."""
+        from .beat import PeriodicEntry
+
+        task_name = task if isinstance(task, str) else task.name
+        entry_name = name or f"{task_name}{tuple(args)!r}"
+        entry = PeriodicEntry.from_setting(
+            entry_name,
+            {
+                "task": task_name,
+                "schedule": schedule,
+                "args": list(args),
+                "kwargs": dict(kwargs or {}),
+                "options": options,
+            },
+        )
+        self.periodic_tasks[entry_name] = entry
+        return entry
 
     def _default_name(self, fn: Callable[..., Any]) -> str:
         module = fn.__module__

@@ -97,6 +97,9 @@ def _json_arg(value: str | None, what: str, kind: type) -> Any:
     help="Grow the pool up to MAX when tasks wait, shrink to MIN when idle.",
 )
 @click.option("-E", "--task-events", is_flag=True, help="Send task events (for Flower).")
+@click.option(
+    "-B", "--beat", "embed_beat", is_flag=True, help="Also run beat (periodic tasks) here."
+)
 @click.option("--without-gossip", is_flag=True, help="Do not watch other workers' events.")
 @click.option("--without-mingle", is_flag=True, help="Do not sync with the cluster at startup.")
 @click.option("--without-heartbeat", is_flag=True, help="Send no worker-heartbeat events.")
@@ -139,6 +142,7 @@ def main(
     soft_shutdown_timeout: float | None,
     autoscale: str | None,
     task_events: bool,
+    embed_beat: bool,
     without_gossip: bool,
     without_mingle: bool,
     without_heartbeat: bool,
@@ -171,6 +175,7 @@ def main(
             prefetch_multiplier=prefetch_multiplier,
             autoscale=_autoscale_bounds(autoscale),
             task_events=task_events,
+            embed_beat=embed_beat,
             without_gossip=without_gossip,
             without_mingle=without_mingle,
             without_heartbeat=without_heartbeat,
@@ -191,6 +196,7 @@ def _run_worker(
     prefetch_multiplier: int | None,
     autoscale: tuple[int, int] | None,
     task_events: bool,
+    embed_beat: bool,
     without_gossip: bool,
     without_mingle: bool,
     without_heartbeat: bool,
@@ -223,6 +229,7 @@ def _run_worker(
             hostname=hostname,
             prefetch_multiplier=prefetch_multiplier,
             autoscale=autoscale,
+            beat=embed_beat,
         )
         _print_banner(app, worker)
         supervisor = SignalSupervisor(worker)
@@ -584,6 +591,49 @@ def control(
     except (IndexError, ValueError):
         raise CLIError(f"bad parameters for {name}: {' '.join(p) or '(none)'}") from None
     _remote(loader, name, arguments, destination, timeout, as_json)
+
+
+@main.command()
+@click.option(
+    "-s",
+    "--schedule",
+    "schedule_path",
+    type=click.Path(file_okay=False),
+    help="LMDB store of last-run times.  [default: beat_schedule_filename, or DATA_DIR/beat]",
+)
+@click.option(
+    "--max-interval",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Wake at least this often (s).  [default: beat_max_loop_interval, 300]",
+)
+@click.pass_obj
+def beat(loader: AppLoader, schedule_path: str | None, max_interval: float | None) -> None:
+    """Run beat alone: send the app's periodic tasks when they fall due (Ctrl-C to stop)."""
+    import signal
+
+    from .beat import beat_store_path, run_beat
+    from .exceptions import ImproperlyConfigured
+    from .store import StoreError
+
+    app = loader.load()
+    if schedule_path:
+        app.conf.beat_schedule_filename = schedule_path
+    if max_interval is not None:
+        app.conf.beat_max_loop_interval = max_interval
+    stop = green.new_event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        green.on_signal(signum, stop.set)
+    click.echo(
+        f"greenworker {__version__} beat · app {app.main} · schedule {beat_store_path(app)}",
+        err=True,
+    )
+    try:
+        sent = run_beat(app, stop)
+    except (StoreError, ImproperlyConfigured) as exc:
+        raise CLIError(str(exc)) from None
+    finally:
+        app.close()
+    logging.getLogger("greenworker.beat").info("beat stopped after sending %d task(s)", sent)
 
 
 @main.command()

@@ -94,6 +94,14 @@ class Settings:
     worker_shutdown_timeout: float = 30.0
     #: How often (s) the consumer loop wakes to check for shutdown.
     worker_drain_interval: float = 0.2
+    #: Timezone of crontab schedules (an IANA name such as "Europe/Paris").
+    timezone: str = "UTC"
+    #: Periodic tasks, as in Celery: {name: {"task", "schedule", "args", "kwargs", "options"}}.
+    beat_schedule: dict[str, Any] = field(default_factory=dict)
+    #: Beat's LMDB store of last-run times (a directory); None: DATA_DIR/beat.
+    beat_schedule_filename: str | None = None
+    #: Beat wakes at least this often (s), even when nothing is due.
+    beat_max_loop_interval: float = 300.0
     #: Seconds between polls of the filesystem transport on the embedded default.
     filesystem_polling_interval: float = 0.05
 

@@ -14,6 +14,7 @@ worker goes on.  ``worker_enable_remote_control`` turns the mailbox off and
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -471,4 +472,5 @@ def safe_settings(settings: dict[str, Any]) -> dict[str, Any]:
                 for k, v in value.items()
             }
         out[name] = value
-    return out
+    shown: dict[str, Any] = json.loads(json.dumps(out, default=str))  # schedules as text
+    return shown

@@ -22,6 +22,7 @@ from typing import Any
 from . import green
 from .app import App
 from .autoscale import Autoscaler, ScalingPolicy
+from .beat import Beat, beat_store_path
 from .canvas import CanvasMiddleware
 from .consumer import Consumer
 from .control import RemoteControl
@@ -52,6 +53,7 @@ class Worker:
         middleware: Sequence[Middleware] = (),
         autoscale: tuple[int, int] | None = None,
         autoscale_policy: ScalingPolicy | None = None,
+        beat: bool = False,
     ) -> None:
         self.app = app
         conf = app.conf
@@ -102,6 +104,10 @@ class Worker:
             if autoscale
             else None
         )
+        #: Embedded beat (``-B``): sends the app's periodic tasks from this process.
+        self.beat: Beat | None = None
+        self._beat_wanted = beat
+        self._beat_store: StateStore | None = None
         self._errors: deque[tuple[str, BaseException]] = deque(maxlen=100)
         self._progress = green.new_event()
         self._stopped = green.new_event()
@@ -126,6 +132,8 @@ class Worker:
         if self.store is not None:
             self.store.open()  # StoreLocked / StoreError: nothing else has started yet
             self._load_state(self.store)
+        if self._beat_wanted:
+            self._open_beat()
         self._started = True
         self._accepting = True
         self._stopped.clear()
@@ -148,6 +156,8 @@ class Worker:
         if self.gossip is not None:
             self.gossip.start()
         self.consumer.start()
+        if self.beat is not None:
+            self.beat.start()
         self._visibility = self.timer.call_repeatedly(
             self.consumer.visibility_refresh_interval(), self._refresh_visibility
         )
@@ -166,6 +176,28 @@ class Worker:
             ",".join(self.queues),
             green.hub_name(),
         )
+
+    def _open_beat(self) -> None:
+        """Beat's store: the worker's own when the paths agree, else its own (locked)."""
+        path = beat_store_path(self.app)
+        if self.store is not None and self.store.path == path:
+            store = self.store
+        else:
+            try:
+                store = self._beat_store = StateStore(path).open()
+            except BaseException:
+                if self.store is not None:
+                    self.store.close()
+                raise
+        self.beat = Beat(self.app, store, self.timer)
+        try:
+            self.beat.load_entries()  # a bad beat_schedule fails here, before anything runs
+        except BaseException:
+            for opened in (self._beat_store, self.store):
+                if opened is not None:
+                    opened.close()
+            self._beat_store = self.beat = None
+            raise
 
     def _fanout_possible(self) -> bool:
         # Remote control and events need fanout between processes: not on the
@@ -208,6 +240,8 @@ class Worker:
         self._stopping = True
         timeout = self.app.conf.worker_shutdown_timeout if timeout is None else timeout
         self._accepting = False
+        if self.beat is not None:
+            self.beat.stop()
         if self.autoscaler is not None:
             self.autoscaler.stop()
         self.consumer.stop_consuming()
@@ -230,6 +264,10 @@ class Worker:
         if self.store is not None:
             self.flush_state()
             self.store.close()
+        if self._beat_store is not None:
+            self._beat_store.close()
+            self._beat_store = None
+        self.beat = None
         self._started = False
         self._stopping = False
         self.hooks.emit("worker_stop", self)
