@@ -103,8 +103,8 @@ def _parse_field(spec: str | int | Iterable[int], low: int, high: int, what: str
             first, dash, last = body.partition("-")
             start = _value(first, names, what, part)
             end = _value(last, names, what, part) if dash else (high if step_text else start)
-        if what == "day_of_week":  # 7 is Sunday too
-            start, end = (0 if start == 7 and end == 7 else start), end
+        if what == "day_of_week" and start == end == 7:  # 7 is Sunday too
+            start = end = 0
         if not (low <= start <= high + (what == "day_of_week")) or not (
             low <= end <= high + (what == "day_of_week")
         ):

@@ -1,0 +1,301 @@
+"""Beat: crontab and interval schedules on a fake clock, restarts, the lock, and real time."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+import redis
+
+from greenworker import App
+from greenworker.beat import Beat, PeriodicEntry, crontab, every
+from greenworker.exceptions import ImproperlyConfigured
+from greenworker.store import StateStore, StoreLocked
+from greenworker.timer import Timer
+
+from .conftest import run_cli, start_cli
+
+BERLIN = ZoneInfo("Europe/Berlin")
+
+
+def _utc(*parts: int) -> datetime:
+    return datetime(*parts, tzinfo=UTC)  # type: ignore[misc]
+
+
+def _runs(schedule: crontab, start: datetime, count: int) -> list[datetime]:
+    out, moment = [], start
+    for _ in range(count):
+        moment = schedule.next_after(moment)
+        out.append(moment)
+    return out
+
+
+# ----------------------------------------------------------------- crontab
+
+
+def test_crontab_fields_parse_like_cron() -> None:
+    c = crontab.from_string("*/15 9-17 * * mon-fri")
+    assert c.minutes == [0, 15, 30, 45]
+    assert c.hours == list(range(9, 18))
+    assert c.days_of_week == frozenset({1, 2, 3, 4, 5})
+    assert crontab(day_of_week="sun,7").days_of_week == frozenset({0})
+    assert crontab(month_of_year="jan-mar/2").months == frozenset({1, 3})
+    assert crontab(minute=[5, 10]).minutes == [5, 10]
+    assert crontab(minute="5/20").minutes == [5, 25, 45]
+
+
+@pytest.mark.parametrize(
+    ("expression", "problem"),
+    [
+        ("* * * *", "5 fields"),
+        ("61 * * * *", "outside"),
+        ("*/0 * * * *", "bad step"),
+        ("5-1 * * * *", "backwards"),
+        ("x * * * *", "not a number"),
+        ("* * * * funday", "not a number"),
+        ("0 0 30 2 *", "never matches"),
+    ],
+)
+def test_crontab_rejects_bad_expressions(expression: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        crontab.from_string(expression).next_after(_utc(2026, 1, 1))
+
+
+def test_crontab_month_ends_and_leap_days() -> None:
+    # the 31st skips the months that have none
+    assert _runs(crontab.from_string("0 0 31 * *"), _utc(2026, 1, 31), 3) == [
+        _utc(2026, 3, 31),
+        _utc(2026, 5, 31),
+        _utc(2026, 7, 31),
+    ]
+    # Feb 29 only in leap years
+    assert crontab.from_string("30 12 29 2 *").next_after(_utc(2026, 3, 1)) == _utc(
+        2028, 2, 29, 12, 30
+    )
+    # across a year end
+    assert crontab.from_string("0 0 1 1 *").next_after(_utc(2026, 12, 31, 23, 59)) == _utc(
+        2027, 1, 1
+    )
+    # day of month and day of week must both match (Celery's rule): Friday the 13th
+    assert crontab(minute=0, hour=0, day_of_month=13, day_of_week="fri").next_after(
+        _utc(2026, 1, 1)
+    ) == _utc(2026, 2, 13)
+
+
+def test_crontab_dst_start_runs_a_missing_time_once_after_the_jump() -> None:
+    # Europe/Berlin, 2026-03-29: 02:00 CET jumps to 03:00 CEST; 02:30 does not exist
+    daily = crontab.from_string("30 2 * * *", tz="Europe/Berlin")
+    runs = _runs(daily, _utc(2026, 3, 27, 12), 3)
+    assert [r.astimezone(BERLIN).strftime("%d %H:%M %Z") for r in runs] == [
+        "28 02:30 CET",
+        "29 03:30 CEST",  # the missing 02:30 runs when the clock is past it, once
+        "30 02:30 CEST",
+    ]
+    every_half_hour = crontab.from_string("*/30 1-3 29 3 *", tz="Europe/Berlin")
+    runs = _runs(every_half_hour, _utc(2026, 3, 1), 5)
+    # 02:00 and 02:30 do not exist that night: they land on 03:00 and 03:30, run once each
+    assert [r.astimezone(BERLIN).strftime("%Y %H:%M") for r in runs] == [
+        "2026 01:00",
+        "2026 01:30",
+        "2026 03:00",
+        "2026 03:30",
+        "2027 01:00",
+    ]
+
+
+def test_crontab_dst_end_runs_a_repeated_time_once() -> None:
+    # Europe/Berlin, 2026-10-25: 03:00 CEST falls back to 02:00 CET; 02:30 happens twice
+    daily = crontab.from_string("30 2 * * *", tz="Europe/Berlin")
+    runs = _runs(daily, _utc(2026, 10, 24, 12), 2)
+    assert [r.astimezone(BERLIN).strftime("%d %H:%M %Z") for r in runs] == [
+        "25 02:30 CEST",  # the first 02:30 only
+        "26 02:30 CET",
+    ]
+    hourly = crontab.from_string("0 * * * *", tz="Europe/Berlin")
+    night = _runs(hourly, _utc(2026, 10, 24, 22, 30), 5)  # 00:30 CEST local onward
+    assert [r.astimezone(BERLIN).strftime("%H:%M %Z") for r in night] == [
+        "01:00 CEST",
+        "02:00 CEST",
+        "03:00 CET",  # 02:00 CET is the same wall time again: not run twice
+        "04:00 CET",
+        "05:00 CET",
+    ]
+
+
+def test_interval_schedule() -> None:
+    assert every(2).next_after(_utc(2026, 1, 1)) == _utc(2026, 1, 1, 0, 0, 2)
+    assert every(timedelta(minutes=1)).interval == timedelta(seconds=60)
+    with pytest.raises(ValueError, match="positive"):
+        every(0)
+
+
+# ----------------------------------------------------------------- beat on a fake clock
+
+
+class FakeClock:
+    def __init__(self, start: datetime) -> None:
+        self.now = start.timestamp()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def beat_app(tmp_path: Path, memory_app: App) -> Iterator[App]:
+    memory_app.conf.beat_schedule_filename = str(tmp_path / "beat")
+    yield memory_app
+
+
+def _sent(app: App) -> list[tuple[int, ...]]:
+    """(args) of every message beat put on the default queue, drained."""
+    out = []
+    with app.connection() as conn:
+        queue = app.queue()(conn.default_channel)
+        while (message := queue.get(no_ack=True)) is not None:
+            args, _kwargs, _embed = message.decode()
+            out.append(tuple(args))
+    return out
+
+
+def _beat(app: App, clock: FakeClock) -> tuple[Beat, StateStore]:
+    store = StateStore(app.conf.beat_schedule_filename or "").open()
+    beat = Beat(app, store, Timer(), clock=clock)
+    beat.load_entries()
+    return beat, store
+
+
+def test_beat_sends_when_due_and_a_restart_neither_skips_nor_doubles(beat_app: App) -> None:
+    beat_app.add_periodic_task(10.0, "x.every10", args=(10,), name="ten")
+    beat_app.add_periodic_task(crontab(minute=0), "x.hourly", args=(60,), name="hourly")
+    clock = FakeClock(_utc(2026, 6, 1, 12, 0, 30))
+    beat, store = _beat(beat_app, clock)
+    assert beat.tick() == pytest.approx(10.0)  # new entries start their clock now
+    assert _sent(beat_app) == []
+    clock.advance(10)
+    beat.tick()
+    assert _sent(beat_app) == [(10,)]
+    clock.advance(5)
+    assert beat.tick() == pytest.approx(5.0)
+    store.close()
+
+    # restart before the next run is due: nothing is sent twice
+    beat, store = _beat(beat_app, clock)
+    beat.tick()
+    assert _sent(beat_app) == []
+    clock.advance(5)
+    beat.tick()
+    assert _sent(beat_app) == [(10,)]  # on time, not skipped by the restart
+    store.close()
+
+    # down for an hour and a half: every entry that fell due runs once at start
+    clock.advance(5400)
+    beat, store = _beat(beat_app, clock)
+    beat.tick()
+    assert sorted(_sent(beat_app)) == [(10,), (60,)]
+    assert beat.tick() == pytest.approx(10.0)  # the interval's phase restarts from now
+    assert _sent(beat_app) == []
+    store.close()
+
+
+def test_beat_schedule_setting_and_its_errors(beat_app: App) -> None:
+    beat_app.conf.beat_schedule = {
+        "cron": {
+            "task": "x.y",
+            "schedule": "*/5 * * * *",
+            "kwargs": {"a": 1},
+            "options": {"queue": "other", "expires": 30},
+        },
+        "delta": {"task": "x.z", "schedule": timedelta(seconds=3)},
+    }
+    beat, store = _beat(beat_app, FakeClock(_utc(2026, 1, 1, 0, 1)))
+    assert set(beat.entries) == {"cron", "delta"}
+    assert beat.entries["cron"].options == {"queue": "other", "expires": 30}
+    store.close()
+    bad = [
+        {"schedule": 1},
+        {"task": "x", "schedule": "nope"},
+        {"task": "x", "schedule": 1, "args": "abc"},
+        {"task": "x", "schedule": 1, "options": {"exchange": "e"}},
+        {"task": "x", "schedule": 1, "color": "red"},
+    ]
+    for spec in bad:
+        with pytest.raises(ImproperlyConfigured, match=r"beat_schedule\['e'\]"):
+            PeriodicEntry.from_setting("e", spec)
+
+
+def test_one_beat_per_schedule_store(beat_app: App) -> None:
+    path = beat_app.conf.beat_schedule_filename or ""
+    first = StateStore(path).open()
+    try:
+        with pytest.raises(StoreLocked, match="in use by pid"):
+            StateStore(path).open()
+        worker = beat_app.Worker(beat=True)
+        with pytest.raises(StoreLocked, match=path):
+            worker.start()
+    finally:
+        first.close()
+
+
+# ----------------------------------------------------------------- real time
+
+
+def test_embedded_beat_fires_a_one_second_interval_five_times_in_five_seconds(
+    beat_app: App,
+) -> None:
+    fired: list[float] = []
+
+    @beat_app.task(name="beat.tick")
+    def tick() -> None:
+        fired.append(time.monotonic())
+
+    beat_app.add_periodic_task(1.0, tick)
+    worker = beat_app.Worker(concurrency=5, beat=True)
+    started = time.monotonic()
+    worker.start()
+    try:
+        deadline = started + 10
+        while len(fired) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        worker.stop(timeout=5)
+    elapsed = fired[4] - started
+    print(f"5 runs of a 1 s interval in {elapsed:.2f}s")
+    assert len(fired) == 5
+    assert 4.8 <= elapsed <= 6.0
+    gaps = [b - a for a, b in itertools.pairwise(fired)]
+    assert all(0.8 <= gap <= 1.2 for gap in gaps), gaps
+
+
+@pytest.mark.timeout(60)
+def test_cli_beat_sends_and_a_second_beat_is_refused(
+    hub: str, redis_url: str, queue_name: str, tmp_path: Path
+) -> None:
+    env = {"BEATAPP_BROKER": redis_url, "BEATAPP_QUEUE": queue_name}
+    schedule = str(tmp_path / "schedule")
+    proc = start_cli("-A", "tests.beatapp", "-P", hub, "beat", "-s", schedule, env=env)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        deadline = time.monotonic() + 20
+        while client.llen(queue_name) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert client.llen(queue_name) >= 2
+        second = run_cli("-A", "tests.beatapp", "-P", hub, "beat", "-s", schedule, env=env)
+        assert second.returncode == 2
+        assert "Error: the state store" in second.stderr
+        assert "in use by pid" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+        client.delete(queue_name)
+    assert proc.returncode == 0, out
+    assert "beat: sent tick (beatapp.tick)" in out
