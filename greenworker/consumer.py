@@ -49,6 +49,9 @@ class Consumer:
         self._kombu_consumer: KombuConsumer | None = None
         self.connection_generation = 0
         self.reconnects = 0
+        #: Called (in the consumer greenlet) after the connection was lost, before the
+        #: next attempt: the broker will redeliver what that connection held.
+        self.on_connection_lost: Callable[[], None] | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -68,7 +71,8 @@ class Consumer:
         """Stop taking new messages; the connection stays open for acks."""
         self._stopping = True
         if self._greenlet is not None:
-            if not self._greenlet.join(timeout):
+            # no connection: it only waits to reconnect, nothing is lost by ending it now
+            if self._connection is None or not self._greenlet.join(timeout):
                 self._greenlet.kill()
             self._greenlet = None
 
@@ -148,6 +152,8 @@ class Consumer:
                 self._ready.clear()
                 with self._write_lock:
                     self._release_connection()
+                if self.on_connection_lost is not None:
+                    self.on_connection_lost()
                 if self._stopping:
                     return
                 self.reconnects += 1
@@ -163,7 +169,7 @@ class Consumer:
 
     def _consume(self) -> None:
         conn = self.app.connection()
-        conn.connect()
+        conn.ensure_connection(max_retries=0)  # one attempt: the loop above paces retries
         self._connection = conn
         self.connection_generation += 1
         channel = conn.channel()

@@ -114,7 +114,7 @@ class RemoteControl:
     def _serve(self) -> None:
         conn: Connection = self.worker.app.connection()
         try:
-            conn.connect()
+            conn.ensure_connection(max_retries=0)  # one attempt: _run paces retries
             box = self.mailbox(conn)
             node = box.Node(self.worker.hostname, state=self.worker, handlers=self.handlers)
             node.channel = conn.channel()

@@ -129,6 +129,7 @@ class EventDispatcher:
             try:
                 if self._producer is None:
                     self._conn = self.worker.app.connection()
+                    self._conn.ensure_connection(max_retries=0)  # best effort: no retries
                     self._exchange = event_exchange(self._conn)
                     self._producer = Producer(self._conn)
                 assert self._exchange is not None
@@ -289,6 +290,7 @@ class Gossip:
 
     def _listen(self) -> None:
         with self.worker.app.connection() as conn:
+            conn.ensure_connection(max_retries=0)  # one attempt: _run paces retries
             queue = Queue(
                 f"celeryev.gossip.{uuid.uuid4()}",
                 exchange=event_exchange(conn),

@@ -92,6 +92,10 @@ class Worker:
         self.handler = MessageHandler(self)
         self.consumer = Consumer(app, self.queues, self.handler.on_message, self._prefetch_count)
         self.pool.on_resize(self.consumer.update_prefetch)
+        if app.broker_url.split("://", 1)[0] not in ("filesystem", "memory"):
+            # these brokers give back what a lost connection held; keeping our copies
+            # would run them twice
+            self.consumer.on_connection_lost = self._forget_unstarted
         self.autoscaler = (
             Autoscaler(
                 self,
@@ -314,7 +318,7 @@ class Worker:
     def _release_eta(self, request: Request) -> None:
         self._eta_held -= 1
         self.consumer.update_prefetch()
-        if request.id in self.state.reserved:
+        if self.state.reserved.get(request.id) is request:  # not dropped meanwhile
             self.rate_limiter.submit(request)
 
     def _refresh_visibility(self) -> None:
@@ -396,6 +400,24 @@ class Worker:
         """Change a task's time limits for the runs that start from now on."""
         task = self.app.tasks[task_name]
         task.soft_time_limit, task.time_limit = soft, hard
+
+    def _forget_unstarted(self) -> None:
+        """The connection is gone: the broker redelivers every message it held, so the
+        requests not started yet are dropped here (their acks could not be sent anyway)."""
+        dropped = 0
+        for request in list(self.state.reserved.values()):
+            self.rate_limiter.drop(request)
+            if request.job_id is not None:
+                self.pool.kill(request.job_id)
+            self.state.task_discarded(request)
+            dropped += 1
+        if dropped:
+            log.warning(
+                "connection lost: %d received task(s) not started are left to the broker "
+                "to deliver again; %d running task(s) carry on",
+                dropped,
+                self.pool.active,
+            )
 
     def _drop_unstarted(self) -> None:
         # Give received-but-unstarted messages back to the broker now (kombu's
