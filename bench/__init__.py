@@ -1,1 +1,1 @@
-"""Side-by-side benchmark of green workers (see docs/benchmarks.md)."""
+"""Side-by-side benchmark of green workers (see docs/benchmarks.rst)."""

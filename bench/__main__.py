@@ -1,220 +1,226 @@
-"""Run the noop throughput benchmark: greenworker vs Celery ``-P gevent``, side by side.
+"""Side by side: greenworker, Celery 5 (-P gevent), Dramatiq 2 (gevent), Huey 3 (greenlet).
 
-    python -m bench [--tasks 20000] [--concurrency 100] [--brokers redis,amqp]
-                    [--systems greenworker,celery] [--repeat 1]
+    python -m bench [--scenarios A,B,C,D,E,F] [--systems greenworker,celery,dramatiq,huey]
+                    [--brokers redis,amqp] [--repeat 3] [--quick]
+                    [--tasks 20000] [--concurrency 100,1000] [--timeout S]
 
-For each broker and system: purge the queue, pre-publish the tasks with the
-system's own client, start the worker, and time from the first to the last
-completion (a Redis counter the task INCRs).  Prints a markdown table and
-appends JSON lines to bench/results/results.jsonl.
+Scenarios (each on Redis and on RabbitMQ where the system supports it):
+
+A  20,000 noop at concurrency 100 and 1000: tasks/s (first to last completion), peak RSS
+B  5,000 io(50 ms) at concurrency 500: run time (ideal 0.5 s)
+C  publish-to-start latency while publishing 200 tasks/s for 10 s: p50 and p99
+D  broker ceiling: a bare kombu consumer draining 20,000 Celery messages: messages/s
+E  startup (start to first task done), idle CPU % over 5 s, idle shutdown (SIGTERM)
+F  10,000 io(1 s) at concurrency 10,000 in one process: run time, peak RSS
+
+Each system pre-publishes with its own client.  Runs are interleaved (each round runs
+every system for a scenario) and repeated; the tables show median (min-max).  Rows are
+appended to bench/results/results.jsonl; the tables are printed and written to
+docs/bench-latest.txt.  Worker logs go to bench/results/logs/.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
-import os
-import statistics
-import subprocess
+import shutil
+import signal
 import sys
 import time
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
-import redis
+from bench import report, systems
+from bench.proc import raise_nofile
+from bench.scenarios import QUICK, Runner, Sizes
+from bench.systems import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-BROKERS = {
-    "redis": "redis://127.0.0.1:6379/0",
-    "amqp": "amqp://guest:guest@127.0.0.1:5672//",
-}
-QUEUE = "bench"
-REDIS_URL = "redis://127.0.0.1:6379/0"
-COUNTER = "bench:done"
-
-
-def worker_command(system: str, concurrency: int) -> list[str]:
-    if system in ("greenworker", "greenworker-E"):
-        events = ["-E"] if system == "greenworker-E" else []  # -E: task events on
-        return [
-            sys.executable,
-            "-m",
-            "greenworker",
-            "-A",
-            "bench.tasks_gw",
-            "-P",
-            "gevent",
-            "-c",
-            str(concurrency),
-            "-Q",
-            QUEUE,
-            "-l",
-            "warning",
-            *events,
-        ]
-    if system == "celery":
-        return [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "bench.tasks_celery",
-            "worker",
-            "-P",
-            "gevent",
-            "-c",
-            str(concurrency),
-            "-Q",
-            QUEUE,
-            "-l",
-            "warning",
-            "--without-mingle",
-            "--without-gossip",
-            "--without-heartbeat",
-        ]
-    raise SystemExit(f"unknown system {system}")
+SCENARIOS = ("A", "B", "C", "D", "E", "F")
+RESULTS = ROOT / "bench" / "results"
+LATEST = ROOT / "docs" / "bench-latest.txt"
 
 
-def publish(system: str, broker: str, count: int) -> float:
-    """Pre-publish ``count`` tasks with the system's own client; return seconds taken."""
-    code = {
-        "greenworker": (
-            "from bench.tasks_gw import app\n"
-            "from greenworker import green\n"
-            "q = app.queue('bench')\n"
-            "from kombu.messaging import Producer\n"
-            "from greenworker.protocol import build_task_message\n"
-            "with app.connection() as conn:\n"
-            "    p = Producer(conn)\n"
-            "    for _ in range(N):\n"
-            "        body, headers, props = build_task_message('bench.noop', ignore_result=True)\n"
-            "        p.publish(body, exchange=q.exchange, routing_key=q.routing_key,\n"
-            "                  serializer='json', headers=headers, declare=[q], delivery_mode=2,\n"
-            "                  **props)\n"
-        ),
-        "celery": (
-            "from bench.tasks_celery import app\n"
-            "with app.producer_or_acquire() as producer:\n"
-            "    for _ in range(N):\n"
-            "        app.send_task('bench.noop', queue='bench', producer=producer)\n"
-        ),
-    }[system.removesuffix("-E")]
-    env = {**os.environ, "BENCH_BROKER": broker, "PYTHONPATH": str(ROOT)}
-    started = time.monotonic()
-    subprocess.run([sys.executable, "-c", f"N = {count}\n" + code], check=True, env=env, cwd=ROOT)
-    return time.monotonic() - started
+@dataclass
+class Case:
+    scenario: str
+    variant: str
+    system: str
+    broker: str
+    run: Callable[[], dict[str, Any]] | None  # None: unsupported, ``skip`` says why
+    skip: str | None = None
 
 
-def purge(broker: str) -> None:
-    from kombu import Connection
-
-    with Connection(broker) as conn:
-        channel = conn.default_channel
-        try:
-            channel.queue_purge(QUEUE)
-        except Exception:
-            pass
+def _csv(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
-def rss_kb(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def run_once(system: str, broker_name: str, count: int, concurrency: int) -> dict[str, Any]:
-    broker = BROKERS[broker_name]
-    r = redis.Redis.from_url(REDIS_URL)
-    purge(broker)
-    r.delete(COUNTER)
-    publish_s = publish(system, broker, count)
-    env = {**os.environ, "BENCH_BROKER": broker, "PYTHONPATH": str(ROOT)}
-    started = time.monotonic()
-    proc = subprocess.Popen(
-        worker_command(system, concurrency),
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    first = last = None
-    peak_rss = 0
-    deadline = started + 600
-    try:
-        while time.monotonic() < deadline:
-            done = int(r.get(COUNTER) or 0)
-            now = time.monotonic()
-            if done and first is None:
-                first = now
-            peak_rss = max(peak_rss, rss_kb(proc.pid))
-            if done >= count:
-                last = now
-                break
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"{system} exited early: {proc.stderr.read() if proc.stderr else ''}"
-                )
-            time.sleep(0.005)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    if first is None or last is None:
-        raise RuntimeError(f"{system} on {broker_name} did not finish")
-    elapsed = last - first
-    return {
-        "system": system,
-        "broker": broker_name,
-        "tasks": count,
-        "concurrency": concurrency,
-        "seconds": round(elapsed, 3),
-        "tasks_per_s": round(count / elapsed, 1) if elapsed else None,
-        "startup_to_first_s": round(first - started, 3),
-        "peak_rss_mb": round(peak_rss / 1024, 1),
-        "publish_s": round(publish_s, 2),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="default: all")
+    parser.add_argument("--systems", default=",".join(systems.SYSTEMS))
+    parser.add_argument("--brokers", default=",".join(systems.BROKERS))
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--quick", action="store_true", help="small counts: a smoke run")
+    parser.add_argument("--tasks", type=int, help="A's noop tasks and D's messages")
+    parser.add_argument(
+        "--concurrency",
+        help="A's concurrencies, comma-separated (the first one is used by C and E)",
+    )
+    parser.add_argument("--timeout", type=float, help="per-run timeout in seconds")
+    args = parser.parse_args(argv)
+    args.scenarios = [s.upper() for s in _csv(args.scenarios)]
+    args.systems = _csv(args.systems)
+    args.brokers = _csv(args.brokers)
+    for name, values, known in (
+        ("scenario", args.scenarios, SCENARIOS),
+        ("broker", args.brokers, tuple(systems.BROKERS)),
+        ("system", args.systems, (*systems.SYSTEMS, "greenworker-E")),
+    ):
+        for value in values:
+            if value not in known:
+                parser.error(f"unknown {name} {value!r} (known: {', '.join(known)})")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    return args
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--tasks", type=int, default=20000)
-    parser.add_argument("--concurrency", type=int, default=100)
-    parser.add_argument("--brokers", default="redis,amqp")
-    parser.add_argument("--systems", default="greenworker,celery")
-    parser.add_argument("--repeat", type=int, default=1)
-    args = parser.parse_args()
-    rows: list[dict[str, Any]] = []
-    out = ROOT / "bench" / "results"
-    out.mkdir(exist_ok=True)
-    for _ in range(args.repeat):
-        for broker in args.brokers.split(","):
-            for system in args.systems.split(","):  # interleaved: each round runs every system
-                row = run_once(system, broker, args.tasks, args.concurrency)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                with (out / "results.jsonl").open("a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-    print()
-    print("| broker | system | tasks | c | tasks/s median (range) | peak RSS MB |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for broker in args.brokers.split(","):
-        for system in args.systems.split(","):
-            mine = [r for r in rows if r["broker"] == broker and r["system"] == system]
-            rates = [r["tasks_per_s"] for r in mine]
-            rss = max(r["peak_rss_mb"] for r in mine)
-            print(
-                f"| {broker} | {system} | {args.tasks} | {args.concurrency} | "
-                f"{statistics.median(rates):.0f} ({min(rates):.0f}-{max(rates):.0f}) | {rss} |"
+def sizes_from(args: argparse.Namespace) -> Sizes:
+    sizes = QUICK if args.quick else Sizes()
+    if args.tasks:
+        sizes = dataclasses.replace(sizes, a_tasks=args.tasks, d_messages=args.tasks)
+    if args.concurrency:
+        levels = tuple(int(c) for c in _csv(args.concurrency))
+        sizes = dataclasses.replace(
+            sizes, a_concurrency=levels, c_concurrency=levels[0], d_prefetch=levels[0] * 4
+        )
+    return sizes
+
+
+def cases(scenario: str, args: argparse.Namespace, runner: Runner) -> list[Case]:
+    sizes = runner.sizes
+    found: list[Case] = []
+
+    def each(variant: str, run: Callable[[str, str], dict[str, Any]]) -> None:
+        for broker in args.brokers:
+            for system in args.systems:
+                why = systems.unsupported(system.removesuffix("-E"), broker)
+                bound = None if why else functools.partial(run, system, broker)
+                found.append(Case(scenario, variant, system, broker, bound, why))
+
+    if scenario == "A":
+        for c in sizes.a_concurrency:
+            each(f"c={c}", functools.partial(_run_a, runner, c))
+    elif scenario == "B":
+        each("", functools.partial(_run_io, runner, "B"))
+    elif scenario == "C":
+        each("", runner.run_c)
+    elif scenario == "D":
+        for broker in args.brokers:
+            found.append(
+                Case("D", "", "kombu-bare", broker, functools.partial(runner.run_d, broker))
             )
+    elif scenario == "E":
+        each("", functools.partial(_run_e, runner))
+    elif scenario == "F":
+        each("", functools.partial(_run_io, runner, "F"))
+    return found
+
+
+def _run_a(runner: Runner, concurrency: int, system: str, broker: str) -> dict[str, Any]:
+    return runner.run_a(system, broker, runner.sizes.a_tasks, concurrency)
+
+
+def _run_io(runner: Runner, scenario: str, system: str, broker: str) -> dict[str, Any]:
+    sizes = runner.sizes
+    if scenario == "B":
+        return runner.run_io("B", system, broker, sizes.b_tasks, sizes.b_concurrency, sizes.b_ms)
+    return runner.run_io("F", system, broker, sizes.f_tasks, sizes.f_concurrency, sizes.f_ms)
+
+
+def _run_e(runner: Runner, system: str, broker: str) -> dict[str, Any]:
+    return runner.run_e(system, broker, runner.sizes.c_concurrency)
+
+
+def notes(sizes: Sizes) -> Callable[[str], list[str]]:
+    def for_scenario(scenario: str) -> list[str]:
+        text = {
+            "B": f"Ideal: {sizes.b_tasks} / {sizes.b_concurrency} x {sizes.b_ms} ms.",
+            "C": f"Concurrency {sizes.c_concurrency}; {sizes.c_seconds:g} s of publishing.",
+            "D": "No worker: kombu alone, no_ack=False, an ack per message.",
+            "E": f"Concurrency {sizes.c_concurrency}; idle CPU over {sizes.e_idle:g} s.",
+            "F": "Target for greenworker at full size: <= 3 s and <= 250 MB.",
+        }.get(scenario)
+        return ["", text] if text else []
+
+    return for_scenario
+
+
+def _on_sigterm(_signum: int, _frame: Any) -> NoReturn:
+    raise SystemExit(143)  # run the finally blocks: the workers' groups are killed
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    raise_nofile()  # inherited by the slow server and the workers (which also raise it)
+    sizes = sizes_from(args)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    logs = RESULTS / "logs"
+    shutil.rmtree(logs, ignore_errors=True)  # the logs of this run only
+    runner = Runner(sizes, logs, timeout=args.timeout)
+    rows: list[dict[str, Any]] = []
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    try:
+        for scenario in args.scenarios:
+            todo = cases(scenario, args, runner)
+            for round_no in range(1, args.repeat + 1):
+                for case in todo:  # interleaved: each round runs every system
+                    if case.run is None:
+                        if round_no == 1:  # one row says why
+                            rows.append(record(case, {"status": case.skip}, 0, args, started))
+                        continue
+                    try:
+                        result = case.run()
+                    except Exception as exc:
+                        result = {"status": f"error: {type(exc).__name__}: {exc}"}
+                    rows.append(record(case, result, round_no, args, started))
+    except KeyboardInterrupt:
+        print("interrupted: reporting what finished", file=sys.stderr)
+    finally:
+        runner.stop_slow_server()
+    text = report.render(
+        rows, args.scenarios, report.machine_line(args.repeat, args.quick), notes(sizes)
+    )
+    print()
+    print(text, end="")
+    LATEST.write_text(text)
+
+
+def record(
+    case: Case, result: dict[str, Any], round_no: int, args: argparse.Namespace, started: str
+) -> dict[str, Any]:
+    row = {
+        "scenario": case.scenario,
+        "variant": case.variant,
+        "system": case.system,
+        "broker": case.broker,
+        "round": round_no,
+        "quick": args.quick,
+        "run": started,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **result,
+    }
+    print(json.dumps(row), flush=True)
+    with (RESULTS / "results.jsonl").open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    return row
 
 
 if __name__ == "__main__":

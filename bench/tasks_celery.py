@@ -1,18 +1,23 @@
-"""The benchmark contract for Celery: the same ``bench.noop`` task."""
+"""The benchmark contract for Celery (bodies in bench/contract.py): acks late, no results."""
 
 from __future__ import annotations
 
 import os
 
-import redis
 from celery import Celery
 
-app = Celery("bench", broker=os.environ.get("BENCH_BROKER", "redis://127.0.0.1:6379/0"))
-app.conf.update(task_ignore_result=True, worker_hijack_root_logger=False)
-counter = redis.Redis.from_url(os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/0"))
-COUNTER_KEY = os.environ.get("BENCH_COUNTER", "bench:done")
+from bench import contract
 
+QUEUE = "bench"
 
-@app.task(name="bench.noop")
-def noop() -> None:
-    counter.incr(COUNTER_KEY)
+app = Celery("bench", broker=os.environ.get("BENCH_BROKER", "redis://127.0.0.1:6379/1"))
+app.conf.update(
+    task_ignore_result=True,
+    task_acks_late=True,
+    worker_hijack_root_logger=False,
+    broker_connection_retry_on_startup=True,
+)
+
+noop = app.task(name="bench.noop")(contract.noop)
+io = app.task(name="bench.io")(contract.io)
+latency = app.task(name="bench.latency")(contract.latency)

@@ -1,22 +1,20 @@
-"""The benchmark contract for greenworker: ``noop`` INCRs a Redis counter via one shared client."""
+"""The benchmark contract for greenworker (bodies in bench/contract.py); defaults: acks late."""
 
 from __future__ import annotations
 
 import os
 
-import redis
-
+from bench import contract
 from greenworker import App
+
+QUEUE = "bench"
 
 app = App(
     "bench",
-    broker=os.environ.get("BENCH_BROKER", "redis://127.0.0.1:6379/0"),
+    broker=os.environ.get("BENCH_BROKER", "redis://127.0.0.1:6379/1"),
     config={"task_ignore_result": True},
 )
-counter = redis.Redis.from_url(os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/0"))
-COUNTER_KEY = os.environ.get("BENCH_COUNTER", "bench:done")
 
-
-@app.task(name="bench.noop")
-def noop() -> None:
-    counter.incr(COUNTER_KEY)
+noop = app.task(name="bench.noop")(contract.noop)
+io = app.task(name="bench.io")(contract.io)
+latency = app.task(name="bench.latency")(contract.latency)

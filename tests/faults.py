@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
-
-from greenworker import green
 
 
 def free_port() -> int:
@@ -76,66 +74,29 @@ class PrivateRedis:
 
 
 class TcpProxy:
-    """Forwards 127.0.0.1:<port> to a broker; :meth:`cut` drops every connection and
-    refuses new ones until :meth:`restore` (a broker restart, as the worker sees it)."""
+    """Forwards 127.0.0.1:<port> to a broker (``tests/tcpproxy.py``, its own process);
+    :meth:`cut` drops every connection and refuses new ones until :meth:`restore`."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
         self.port = free_port()
-        self._listener: socket.socket | None = None
-        self._sockets: set[socket.socket] = set()
-        self._acceptor: green.Greenlet | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
     def restore(self) -> None:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(128)
-        self._listener = listener
-        self._acceptor = green.spawn(self._accept, listener)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.tcpproxy", str(self.port), str(self.upstream_port)],
+            cwd=Path(__file__).resolve().parent.parent,
+            stdout=subprocess.DEVNULL,
+        )
+        wait_port(self.port)
 
     start = restore
 
     def cut(self) -> None:
-        if self._acceptor is not None:
-            self._acceptor.kill()
-            self._acceptor = None
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
-        for sock in list(self._sockets):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-        self._sockets.clear()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            except OSError:
-                client.close()
-                continue
-            self._sockets.update((client, upstream))
-            green.spawn(self._pump, client, upstream)
-            green.spawn(self._pump, upstream, client)
-
-    def _pump(self, source: socket.socket, target: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                target.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, target):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                sock.close()  # the other pump's recv ends with OSError
-                self._sockets.discard(sock)
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
 
 
 def log_tail(path: Path, lines: int = 40) -> str:
