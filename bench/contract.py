@@ -17,7 +17,7 @@ import time
 
 import redis
 
-REDIS_URL = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/1")
+REDIS_URL = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/0")
 COUNTER_KEY = os.environ.get("BENCH_COUNTER", "bench:done")
 LATENCY_KEY = os.environ.get("BENCH_LATENCY", "bench:latency")
 SLOW_HOST = "127.0.0.1"
@@ -26,6 +26,14 @@ SLOW_PORT = int(os.environ.get("BENCH_SLOW_PORT", "8765"))
 #: tasks finishing at once do not open 10,000 Redis connections (Redis' maxclients).
 REDIS_POOL_SIZE = int(os.environ.get("BENCH_REDIS_POOL", "100"))
 HTTP_TIMEOUT = 60.0
+
+
+def broker_pool_size() -> int:
+    """Redis connections a system's broker client may open: one per task running at once
+    (the harness passes the worker's concurrency), plus a margin for its own loops.  Acks
+    late from many greenlets at once fail with "Too many connections" on a smaller pool."""
+    return int(os.environ.get("BENCH_CONCURRENCY", "100")) + 20
+
 
 counter = redis.Redis(
     connection_pool=redis.BlockingConnectionPool.from_url(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -21,6 +22,8 @@ except ImportError:  # pragma: no cover - psutil is in bench/requirements.txt
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+#: A log line reporting a problem: the level of Python's logging, or a traceback.
+ERROR_LINE = re.compile(r"^.*(?:\bERROR\b|\bCRITICAL\b|^Traceback ).*$", re.MULTILINE)
 #: Process groups started and not yet reaped: killed at exit whatever happens.
 _LIVE_GROUPS: set[int] = set()
 
@@ -99,10 +102,10 @@ class Group:
             return False
 
     def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM the group, give it ``grace`` seconds, then SIGKILL what is left."""
+        """SIGTERM the main process (as a supervisor would: it stops its own children),
+        give it ``grace`` seconds, then SIGKILL the whole group."""
         if self.alive():
-            with contextlib.suppress(OSError):
-                os.killpg(self.pid, signal.SIGTERM)
+            self.signal_main(signal.SIGTERM)
             self.wait(grace)
         self.kill()
 
@@ -114,6 +117,21 @@ class Group:
         _LIVE_GROUPS.discard(self.pid)
         if not self._log.closed:
             self._log.close()
+
+    def log_size(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return 0
+
+    def log_errors(self, upto: int | None = None) -> int:
+        """Lines of the log (its first ``upto`` bytes) that report an error or a traceback."""
+        try:
+            with self.log_path.open("rb") as fh:
+                text = fh.read(upto if upto is not None else -1).decode(errors="replace")
+        except OSError:
+            return 0
+        return len(ERROR_LINE.findall(text))
 
     def log_tail(self, lines: int = 5) -> str:
         try:

@@ -95,13 +95,15 @@ def spread(values: Sequence[float], digits: int) -> str:
 
 def status_of(rows: Sequence[dict[str, Any]]) -> str:
     counts = Counter(str(row.get("status", "?")) for row in rows)
+    errors = sum(int(row.get("log_errors") or 0) for row in rows)
+    logged = f"; {errors} error line(s) in worker logs" if errors else ""
     if set(counts) == {"ok"}:
-        return "ok" if len(rows) == 1 else f"ok x{len(rows)}"
+        return ("ok" if len(rows) == 1 else f"ok x{len(rows)}") + logged
     parts = []
     for status, n in counts.items():
         short = status if len(status) <= 140 else status[:137] + "..."
         parts.append(short if n == 1 else f"{short} (x{n})")
-    return "; ".join(parts)
+    return "; ".join(parts) + logged
 
 
 def table(scenario: str, rows: Sequence[dict[str, Any]]) -> list[str]:

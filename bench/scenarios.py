@@ -156,7 +156,7 @@ class Runner:
         self._runs += 1
         return Group(
             systems.worker_command(system, concurrency),
-            env=systems.worker_env(BROKERS[broker], self.slow_port),
+            env=systems.worker_env(BROKERS[broker], self.slow_port, concurrency),
             cwd=ROOT,
             log_path=self.log_dir / f"{self._runs:04d}-{tag}-{system}-{broker}.log",
         )
@@ -217,8 +217,11 @@ class Runner:
             started = time.time()
             with self.start_worker(system, broker, concurrency, "A") as worker:
                 seen = self.watch(worker, tasks, started + self.timeout("A"))
+                measured = worker.log_size()
                 worker.stop()
+                log_errors = worker.log_errors(measured)
         row: dict[str, Any] = {
+            "log_errors": log_errors,
             "tasks": tasks,
             "concurrency": concurrency,
             "publish_s": round(publish_s, 2),
@@ -253,9 +256,12 @@ class Runner:
                     seen = self.watch(worker, tasks, started + timeout)
                 finally:
                     stats = self.server("/stats") or {}
+                    measured = worker.log_size()
                     worker.stop(grace=5)
+                log_errors = worker.log_errors(measured)
         first_request = stats.get("first_at")
         row: dict[str, Any] = {
+            "log_errors": log_errors,
             "tasks": tasks,
             "concurrency": concurrency,
             "ms": ms,
@@ -299,9 +305,12 @@ class Runner:
                     is_list=True,
                     sample_rss=False,
                 )
+                measured = worker.log_size()
                 worker.stop()
+                log_errors = worker.log_errors(measured)
             values = [float(v) * 1000 for v in self.redis.lrange(LATENCY_KEY, 0, -1)]
         row: dict[str, Any] = {
+            "log_errors": log_errors,
             "tasks": count,
             "rate": sizes.c_rate,
             "concurrency": sizes.c_concurrency,
@@ -380,6 +389,7 @@ class Runner:
                 cpu_after, window = worker.cpu_seconds(), time.monotonic() - at
                 row["idle_cpu_pct"] = round((cpu_after - cpu_before) / window * 100, 2)
                 row["idle_rss_mb"] = round(worker.rss_bytes() / MB, 1)
+                row["log_errors"] = worker.log_errors()
                 asked = time.monotonic()
                 worker.signal_main(signal.SIGTERM)
                 if worker.wait(timeout):

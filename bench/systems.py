@@ -23,8 +23,10 @@ BROKERS = {
 #: Redis for the counter and the latency list: the same database as the Redis broker
 #: (db 1, away from the test suite's db 0).
 REDIS_URL = BROKERS["redis"]
-COUNTER_KEY = "bench:done"
-LATENCY_KEY = "bench:latency"
+#: Keys of this harness run only: other workers importing bench.tasks_* (their defaults:
+#: db 0, ``bench:done``) cannot touch them.
+COUNTER_KEY = f"bench:{os.getpid()}:done"
+LATENCY_KEY = f"bench:{os.getpid()}:latency"
 SYSTEMS = ("greenworker", "celery", "dramatiq", "huey")
 #: Brokers each system cannot use, and why (the table says so).
 UNSUPPORTED = {("huey", "amqp"): "skipped: Huey has no RabbitMQ broker"}
@@ -108,9 +110,10 @@ def worker_command(system: str, concurrency: int) -> list[str]:
     raise ValueError(f"unknown system {system}")
 
 
-def worker_env(broker: str, slow_port: int) -> dict[str, str]:
+def worker_env(broker: str, slow_port: int, concurrency: int = 100) -> dict[str, str]:
     return {
         **os.environ,
+        "BENCH_CONCURRENCY": str(concurrency),
         "BENCH_BROKER": broker,
         "BENCH_REDIS": REDIS_URL,
         "BENCH_COUNTER": COUNTER_KEY,

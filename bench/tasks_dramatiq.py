@@ -11,6 +11,7 @@ import os
 from urllib.parse import urlsplit, urlunsplit
 
 import dramatiq
+import redis
 from dramatiq.broker import Broker
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.redis import RedisBroker
@@ -29,13 +30,15 @@ def pika_url(url: str) -> str:
 
 def make_broker(url: str) -> Broker:
     if url.startswith("redis://"):
-        return RedisBroker(url=url)
+        # worker threads ack on the broker's pool: one connection per thread at most
+        pool = redis.ConnectionPool.from_url(url, max_connections=contract.broker_pool_size())
+        return RedisBroker(connection_pool=pool)
     if url.startswith("amqp://"):
         return RabbitmqBroker(url=pika_url(url))
     raise ValueError(f"Dramatiq has no broker for {url}")
 
 
-broker = make_broker(os.environ.get("BENCH_BROKER", "redis://127.0.0.1:6379/1"))
+broker = make_broker(os.environ.get("BENCH_BROKER", "redis://127.0.0.1:6379/0"))
 dramatiq.set_broker(broker)
 
 noop = dramatiq.actor(contract.noop, actor_name="bench.noop", queue_name=QUEUE, max_retries=0)

@@ -37,6 +37,9 @@ class Settings:
     data_dir: str = ".greenworker"
     broker_transport_options: dict[str, Any] = field(default_factory=dict)
     broker_connection_timeout: float = 4.0
+    #: On Redis, consume with greenworker's native consumer (kombu's key layout, atomic
+    #: pops, batched acks); False uses kombu's Redis transport.
+    broker_native_redis: bool = True
     #: Seconds between reconnect attempts grow up to this.
     broker_connection_max_backoff: float = 10.0
     task_serializer: str = "json"

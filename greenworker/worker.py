@@ -30,6 +30,7 @@ from .events import EventDispatcher, Gossip, Heart, TaskEvents, mingle
 from .hooks import Hooks, Middleware
 from .pool import GreenPool
 from .ratelimit import RateLimiter
+from .redis_consumer import NativeRedisConsumer
 from .request import MessageHandler, Request
 from .state import RevokedSet, WorkerState
 from .store import StateStore
@@ -90,7 +91,12 @@ class Worker:
         self.store = StateStore(path) if path else None
         self._flushed_processed = -1
         self.handler = MessageHandler(self)
-        self.consumer = Consumer(app, self.queues, self.handler.on_message, self._prefetch_count)
+        consumer_class: type[Consumer] | type[NativeRedisConsumer] = Consumer
+        if conf.broker_native_redis and app.broker_url.split("://", 1)[0] in ("redis", "rediss"):
+            consumer_class = NativeRedisConsumer
+        self.consumer = consumer_class(
+            app, self.queues, self.handler.on_message, self._prefetch_count
+        )
         self.pool.on_resize(self.consumer.update_prefetch)
         if app.broker_url.split("://", 1)[0] not in ("filesystem", "memory"):
             # these brokers give back what a lost connection held; keeping our copies

@@ -1,0 +1,466 @@
+"""A native consumer for Redis that keeps kombu's exact key layout.
+
+kombu's Redis transport takes a message with ``BRPOP`` and then, in a second
+round trip, records it in the ``unacked`` hash and ``unacked_index`` sorted
+set; each ack is one more transaction, and each operation builds a new
+redis-py client.  That costs more than most task bodies, and a connection lost
+between the pop and the record loses the message.
+
+This consumer reads and writes the same keys, so Celery producers, Celery
+workers and kombu's visibility-timeout restore keep working on the same
+queues, but:
+
+* a Lua script pops up to N messages and records them in ``unacked`` and
+  ``unacked_index`` in one atomic step -- nothing is lost between the two;
+* acks are batched (one pipeline for every ack that arrives within a few
+  milliseconds);
+* when the queues are empty it waits with ``BLMOVE q q RIGHT RIGHT`` (which
+  blocks until the list has an element and leaves it where it was) instead of
+  polling.
+
+Messages are delivered as :class:`RedisMessage`, the part of kombu's
+``Message`` interface the worker uses.  ``broker_native_redis = False`` turns
+this off (kombu's transport is used instead).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import redis
+from kombu.serialization import loads as kombu_loads
+from kombu.serialization import prepare_accept_content
+from kombu.utils.url import maybe_sanitize_url
+
+from . import green
+
+if TYPE_CHECKING:
+    from .app import App
+
+log = logging.getLogger("greenworker.consumer")
+
+#: kombu's Redis defaults (``kombu.transport.redis``).
+UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
+PRIORITY_SEP = "\x06\x16"
+PRIORITY_STEPS = (0, 3, 6, 9)
+
+# KEYS: unacked, unacked_index, list...   ARGV: max messages, now
+# Returns a flat list: tag, raw payload, list name for each message ('' tag: malformed).
+_POP_SCRIPT = """
+local out = {}
+local limit = tonumber(ARGV[1])
+local taken = 0
+for i = 3, #KEYS do
+  while taken < limit do
+    local raw = redis.call('RPOP', KEYS[i])
+    if not raw then break end
+    taken = taken + 1
+    local ok, msg = pcall(cjson.decode, raw)
+    local tag = nil
+    local exchange, routing_key = '', ''
+    if ok and type(msg) == 'table' and type(msg['properties']) == 'table' then
+      tag = msg['properties']['delivery_tag']
+      local info = msg['properties']['delivery_info']
+      if type(info) == 'table' then
+        if type(info['exchange']) == 'string' then exchange = info['exchange'] end
+        if type(info['routing_key']) == 'string' then routing_key = info['routing_key'] end
+      end
+    end
+    if type(tag) == 'string' and tag ~= '' then
+      redis.call('HSET', KEYS[1], tag,
+        '[' .. raw .. ',' .. cjson.encode(exchange) .. ',' .. cjson.encode(routing_key) .. ']')
+      redis.call('ZADD', KEYS[2], ARGV[2], tag)
+    else
+      tag = ''
+    end
+    out[#out + 1] = tag
+    out[#out + 1] = raw
+    out[#out + 1] = KEYS[i]
+  end
+end
+return out
+"""
+
+
+class RedisMessage:
+    """One task message from Redis, with the kombu ``Message`` interface the worker uses."""
+
+    __slots__ = (
+        "_consumer",
+        "acknowledged",
+        "body",
+        "channel",
+        "content_encoding",
+        "content_type",
+        "delivery_info",
+        "delivery_tag",
+        "headers",
+        "payload",
+        "properties",
+        "source",
+    )
+
+    def __init__(self, consumer: NativeRedisConsumer, payload: dict[str, Any], source: str) -> None:
+        self._consumer = consumer
+        self.channel: Any = consumer  # what refresh_visibility matches messages on
+        self.payload = payload
+        self.source = source  # the list it came from (priority lists included)
+        properties = payload.get("properties")
+        self.properties: dict[str, Any] = properties if isinstance(properties, dict) else {}
+        headers = payload.get("headers")
+        self.headers: dict[str, Any] = headers if isinstance(headers, dict) else {}
+        info = self.properties.get("delivery_info")
+        self.delivery_info: dict[str, Any] = dict(info) if isinstance(info, dict) else {}
+        self.delivery_tag: str = str(self.properties.get("delivery_tag", ""))
+        self.content_type = str(payload.get("content-type") or "application/json")
+        self.content_encoding = str(payload.get("content-encoding") or "utf-8")
+        body = payload.get("body", "")
+        if self.properties.get("body_encoding") == "base64" and isinstance(body, str):
+            self.body: bytes = base64.b64decode(body)
+        elif isinstance(body, str):
+            self.body = body.encode(self.content_encoding)
+        else:
+            self.body = json.dumps(body).encode()
+        self.acknowledged = False
+
+    def decode(self) -> Any:
+        """The body, deserialised (only content types in ``accept_content``)."""
+        return kombu_loads(
+            self.body,
+            self.content_type,
+            self.content_encoding,
+            accept=self._consumer.accept,
+        )
+
+    def ack(self) -> None:
+        if not self.acknowledged:
+            self.acknowledged = True
+            self._consumer.ack_tag(self.delivery_tag)
+
+    def reject(self, requeue: bool = False) -> None:
+        if not self.acknowledged:
+            self.acknowledged = True
+            self._consumer.settle(self, requeue=requeue, leftmost=True)
+
+
+class NativeRedisConsumer:
+    """Consumes ``queues`` on Redis natively; same interface as :class:`~.consumer.Consumer`."""
+
+    ACK_BATCH = 256
+    POP_BATCH = 64
+
+    def __init__(
+        self,
+        app: App,
+        queues: Sequence[str],
+        on_message: Callable[[Any], None],
+        prefetch_count: Callable[[], int],
+    ) -> None:
+        self.app = app
+        self.queue_names = list(queues)
+        self._on_message = on_message
+        self._prefetch_count = prefetch_count
+        self.accept = prepare_accept_content(app.conf.accept_content)
+        options = app.conf.broker_transport_options
+        self.visibility_timeout = float(options.get("visibility_timeout", 3600))
+        self._client: redis.Redis | None = None
+        self._held: dict[str, RedisMessage] = {}  # popped, not yet acked/rejected
+        self._pending_acks: list[str] = []
+        self._ack_wake = green.new_event()
+        self._capacity = green.new_event()
+        self._ready = green.new_event()
+        self._stopping = False
+        self._greenlet: green.Greenlet | None = None
+        self._acker: green.Greenlet | None = None
+        self._pop: Any = None
+        self._last_restore = 0.0
+        self.connection_generation = 0
+        self.reconnects = 0
+        #: Never called: unlike kombu's transport, a lost connection loses no message here.
+        self.on_connection_lost: Callable[[], None] | None = None
+        self._applied_prefetch: int | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._stopping = False
+        self._greenlet = green.spawn(self._run)
+        self._acker = green.spawn(self._ack_loop)
+
+    def wait_ready(self, timeout: float | None) -> bool:
+        return self._ready.wait(timeout)
+
+    @property
+    def ready(self) -> bool:
+        """Connected and consuming."""
+        return self._ready.is_set()
+
+    def stop_consuming(self, timeout: float = 5.0) -> None:
+        """Stop taking new messages; acks and requeues keep working."""
+        self._stopping = True
+        self._capacity.set()
+        if self._greenlet is not None:
+            if not self._greenlet.join(timeout):
+                self._greenlet.kill()
+            self._greenlet = None
+
+    def close(self) -> None:
+        """Flush acks, give back every message still held (like kombu at channel close)."""
+        self._stopping = True
+        if not self._flush_acks():
+            log.warning("%d ack(s) not sent: redelivered later", len(self._pending_acks))
+        if self._acker is not None:
+            self._acker.kill()
+            self._acker = None
+        for message in list(self._held.values()):
+            if not message.acknowledged:
+                message.acknowledged = True
+                self.settle(message, requeue=True, leftmost=False)
+        self._held.clear()
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def add_queue(self, name: str) -> None:
+        if name not in self.queue_names:
+            self.queue_names.append(name)
+            log.info("consuming from %s", name)
+
+    def cancel_queue(self, name: str) -> None:
+        if name in self.queue_names:
+            self.queue_names.remove(name)
+            log.info("cancelled queue %s", name)
+
+    def update_prefetch(self) -> None:
+        self._capacity.set()
+
+    @property
+    def prefetch(self) -> int | None:
+        return self._applied_prefetch
+
+    # ------------------------------------------------------------ acks
+
+    def ack(self, message: Any) -> bool:
+        try:
+            message.ack()
+            return True
+        except Exception as exc:
+            log.warning("could not ack message %s: %s", message.delivery_tag, exc)
+            return False
+
+    def reject(self, message: Any, requeue: bool) -> bool:
+        try:
+            message.reject(requeue=requeue)
+            return True
+        except Exception as exc:
+            log.warning("could not reject message %s: %s", message.delivery_tag, exc)
+            return False
+
+    def ack_tag(self, tag: str) -> None:
+        self._held.pop(tag, None)
+        self._pending_acks.append(tag)
+        self._capacity.set()
+        if len(self._pending_acks) >= self.ACK_BATCH:
+            self._flush_acks()
+        else:
+            self._ack_wake.set()
+
+    def _ack_loop(self) -> None:
+        while True:
+            self._ack_wake.wait()
+            self._ack_wake.clear()
+            green.sleep(0.002)  # let the acks of tasks finishing together join one batch
+            if not self._flush_acks():
+                green.sleep(0.5)  # the broker is away: try again, the consumer reconnects
+                self._ack_wake.set()
+
+    def _flush_acks(self) -> bool:
+        """Send the pending acks in one pipeline; on failure keep them for the next try."""
+        if not self._pending_acks:
+            return True
+        tags, self._pending_acks = self._pending_acks, []
+        try:
+            pipe = self._connection().pipeline(transaction=False)
+            pipe.zrem(UNACKED_INDEX_KEY, *tags)
+            pipe.hdel(UNACKED_KEY, *tags)
+            pipe.execute()
+        except Exception as exc:
+            self._pending_acks[:0] = tags
+            log.warning("could not ack %d message(s) yet: %s", len(tags), exc)
+            return False
+        return True
+
+    def settle(self, message: RedisMessage, *, requeue: bool, leftmost: bool) -> None:
+        """Remove ``message`` from unacked; with ``requeue`` put it back on its list first."""
+        self._held.pop(message.delivery_tag, None)
+        self._capacity.set()
+        pipe = self._connection().pipeline(transaction=True)
+        if requeue:
+            payload = message.payload
+            try:
+                payload["headers"]["redelivered"] = True
+                payload["properties"]["delivery_info"]["redelivered"] = True
+            except (KeyError, TypeError):
+                pass
+            push = pipe.lpush if leftmost else pipe.rpush
+            push(message.source, json.dumps(payload))
+        pipe.zrem(UNACKED_INDEX_KEY, message.delivery_tag)
+        pipe.hdel(UNACKED_KEY, message.delivery_tag)
+        pipe.execute()
+
+    # ------------------------------------------------------------ visibility
+
+    def visibility_refresh_interval(self) -> float:
+        return max(0.25, self.visibility_timeout / 4)
+
+    def refresh_visibility(self, messages: Sequence[Any]) -> int:
+        tags = [m.delivery_tag for m in messages if m.channel is self and not m.acknowledged]
+        if not tags:
+            return 0
+        try:
+            self._connection().zadd(UNACKED_INDEX_KEY, dict.fromkeys(tags, time.time()), xx=True)
+        except Exception as exc:
+            log.warning("could not renew the visibility of %d message(s): %s", len(tags), exc)
+            return 0
+        return len(tags)
+
+    def _maybe_restore_visible(self) -> None:
+        """Put messages whose holder died back on their queues (what kombu's consumers do),
+        through kombu itself so the exchange bindings are resolved the same way."""
+        now = time.monotonic()
+        if now - self._last_restore < min(10.0, self.visibility_timeout / 2):
+            return
+        self._last_restore = now
+        try:
+            with self.app.connection() as conn:
+                conn.default_channel.qos.restore_visible(num=100, interval=1)
+        except Exception as exc:
+            log.debug("visibility restore sweep failed: %s", exc)
+
+    # ------------------------------------------------------------ the loop
+
+    def queue_sizes(self) -> dict[str, int]:
+        client = self._connection()
+        pipe = client.pipeline(transaction=False)
+        for name in self.queue_names:
+            for key in _priority_lists(name):
+                pipe.llen(key)
+        counts = iter(pipe.execute())
+        return {name: sum(next(counts) for _ in PRIORITY_STEPS) for name in self.queue_names}
+
+    def _connection(self) -> redis.Redis:
+        if self._client is None:
+            options = self.app.conf.broker_transport_options
+            self._client = redis.Redis.from_url(
+                self.app.broker_url,
+                socket_connect_timeout=self.app.conf.broker_connection_timeout,
+                socket_keepalive=True,
+                max_connections=int(options.get("max_connections", 50)),
+                health_check_interval=0,
+            )
+            self._pop = self._client.register_script(_POP_SCRIPT)
+        return self._client
+
+    def _run(self) -> None:
+        delay = 0.5
+        max_delay = self.app.conf.broker_connection_max_backoff
+        while not self._stopping:
+            try:
+                self._consume()
+                return
+            except green.GreenletExit:
+                raise
+            except Exception as exc:
+                # What this worker holds stays recorded in unacked on the server, so
+                # nothing is dropped here: acks and requeues resume on the new connection.
+                self._ready.clear()
+                if self._client is not None:
+                    self._client.close()
+                    self._client = None
+                if self._stopping:
+                    return
+                self.reconnects += 1
+                pause = delay * (0.5 + random.random() / 2)
+                log.warning(
+                    "broker connection error: %s: %s; reconnecting in %.1fs",
+                    type(exc).__name__,
+                    exc,
+                    pause,
+                )
+                green.sleep(pause)
+                delay = min(delay * 2, max_delay)
+
+    def _consume(self) -> None:
+        client = self._connection()
+        client.ping()
+        self.connection_generation += 1
+        log.info(
+            "consuming from %s on %s (native Redis consumer)",
+            ", ".join(self.queue_names),
+            maybe_sanitize_url(self.app.broker_url),
+        )
+        self._ready.set()
+        interval = self.app.conf.worker_drain_interval
+        while not self._stopping:
+            prefetch = max(self._prefetch_count(), 1)
+            self._applied_prefetch = prefetch
+            room = prefetch - len(self._held)
+            if room <= 0:
+                self._capacity.clear()
+                self._capacity.wait(interval)
+                continue
+            if self._deliver(client, min(room, self.POP_BATCH)):
+                continue
+            self._maybe_restore_visible()
+            self._wait_for_messages(client, interval)
+
+    def _deliver(self, client: redis.Redis, limit: int) -> int:
+        keys = [UNACKED_KEY, UNACKED_INDEX_KEY]
+        for name in list(self.queue_names):
+            keys.extend(_priority_lists(name))
+        reply = self._pop(keys=keys, args=[limit, time.time()], client=client)
+        count = 0
+        for i in range(0, len(reply), 3):
+            tag, raw, source = reply[i].decode(), reply[i + 1], reply[i + 2].decode()
+            try:
+                payload = json.loads(raw)
+                if not isinstance(payload, dict) or not tag:
+                    raise ValueError("not a kombu message envelope")
+                message = RedisMessage(self, payload, source)
+            except Exception as exc:
+                log.error(
+                    "Rejected malformed message on %s (not kombu's JSON envelope): %s",
+                    source,
+                    exc,
+                )
+                if tag:
+                    pipe = client.pipeline()
+                    pipe.zrem(UNACKED_INDEX_KEY, tag)
+                    pipe.hdel(UNACKED_KEY, tag)
+                    pipe.execute()
+                continue
+            self._held[tag] = message
+            count += 1
+            self._on_message(message)
+        return count
+
+    def _wait_for_messages(self, client: redis.Redis, interval: float) -> None:
+        """Block until the first queue has a message (leaving it there), or ``interval``."""
+        if len(self.queue_names) == 1:
+            name = self.queue_names[0]
+            # Redis takes fractional seconds here; redis-py's hint says int
+            client.blmove(name, name, interval, "RIGHT", "RIGHT")  # type: ignore[arg-type]
+        else:
+            green.sleep(min(interval, 0.05))
+
+
+def _priority_lists(queue: str) -> list[str]:
+    """The lists kombu keeps for one queue, highest priority first."""
+    return [f"{queue}{PRIORITY_SEP}{step}" if step else queue for step in PRIORITY_STEPS]

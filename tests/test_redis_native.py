@@ -1,0 +1,190 @@
+"""The native Redis consumer: kombu's key layout, atomic pops, batched acks, priorities."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from kombu.messaging import Producer
+
+from greenworker import App
+from greenworker.redis_consumer import UNACKED_INDEX_KEY, UNACKED_KEY, NativeRedisConsumer
+
+from .conftest import ROOT
+from .faults import env_with, log_tail
+
+
+@pytest.fixture
+def redis_app(redis_url: str, queue_name: str) -> Iterator[App]:
+    app = App(
+        "native",
+        broker=redis_url,
+        backend=redis_url,
+        config={"task_default_queue": queue_name, "worker_enable_mingle": False},
+    )
+    yield app
+    client = redis.Redis.from_url(redis_url)
+    client.delete(*[queue_name + suffix for suffix in ("", "\x06\x163", "\x06\x166", "\x06\x169")])
+    app.close()
+
+
+def test_messages_held_are_in_kombus_unacked_keys_until_acked(
+    redis_app: App, redis_url: str
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    gate = redis_app  # the task waits on a Redis key the test sets
+    key = f"gate:{redis_app.conf.task_default_queue}"
+
+    @redis_app.task(name="native.wait")
+    def wait() -> str:
+        while not client.exists(key):
+            time.sleep(0.01)
+        return "done"
+
+    worker = gate.Worker(concurrency=2)
+    assert isinstance(worker.consumer, NativeRedisConsumer)
+    worker.start()
+    try:
+        result = wait.delay()
+        deadline = time.monotonic() + 10
+        while not client.hexists(UNACKED_KEY, _tag_of(worker)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        tag = _tag_of(worker)
+        envelope, exchange, routing_key = json.loads(client.hget(UNACKED_KEY, tag) or b"null")
+        assert envelope["headers"]["id"] == result.id  # kombu's [message, exchange, rk]
+        assert envelope["properties"]["delivery_tag"] == tag
+        assert (exchange, routing_key) == (
+            redis_app.conf.task_default_queue,
+            redis_app.conf.task_default_queue,
+        )
+        assert client.zscore(UNACKED_INDEX_KEY, tag) is not None
+        client.set(key, 1)
+        assert result.get(timeout=10) == "done"
+        deadline = time.monotonic() + 5
+        while client.hexists(UNACKED_KEY, tag) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not client.hexists(UNACKED_KEY, tag)  # the batched ack went out
+        assert client.zscore(UNACKED_INDEX_KEY, tag) is None
+    finally:
+        client.delete(key)
+        worker.stop(timeout=5)
+
+
+def _tag_of(worker: object) -> str:
+    held = list(worker.consumer._held)  # type: ignore[attr-defined]
+    return held[0] if held else ""
+
+
+def test_priorities_malformed_envelopes_and_many_tasks(
+    redis_app: App, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    queue = redis_app.conf.task_default_queue
+    client = redis.Redis.from_url(redis_url)
+
+    @redis_app.task(name="native.echo")
+    def echo(n: int) -> int:
+        return n
+
+    client.lpush(queue, b"this is not json")
+    client.lpush(queue, json.dumps({"properties": {"delivery_tag": "x"}, "body": 5}))
+    # a high-priority message, published the way kombu does (its own list)
+    with redis_app.connection() as conn:
+        Producer(conn).publish(
+            [[7], {}, {}],
+            routing_key=queue,
+            exchange=redis_app.queue().exchange,
+            declare=[redis_app.queue()],
+            headers={"id": "prio-1", "task": "native.echo", "lang": "py", "argsrepr": ""},
+            serializer="json",
+            priority=9,
+        )
+    assert client.llen(f"{queue}\x06\x169") == 1
+    results = [echo.delay(n) for n in range(500)]
+    worker = redis_app.Worker(concurrency=50)
+    with caplog.at_level(logging.ERROR, logger="greenworker"):
+        worker.start()
+        try:
+            assert [r.get(timeout=30) for r in results] == list(range(500))
+            assert redis_app.AsyncResult("prio-1").get(timeout=10) == 7
+        finally:
+            worker.stop(timeout=5)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("not kombu's JSON envelope" in e for e in errors), errors
+    assert len([e for e in errors if "Rejected malformed" in e]) == 2, errors
+    assert client.llen(queue) == 0
+
+
+def test_kombus_redis_transport_is_still_there_when_asked_for(redis_app: App) -> None:
+    redis_app.conf.broker_native_redis = False
+
+    @redis_app.task(name="native.add")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    worker = redis_app.Worker(concurrency=5)
+    assert not isinstance(worker.consumer, NativeRedisConsumer)
+    worker.start()
+    try:
+        assert [add.delay(i, i).get(timeout=10) for i in range(20)] == [2 * i for i in range(20)]
+    finally:
+        worker.stop(timeout=5)
+
+
+@pytest.mark.timeout(120)
+def test_kill_9_mid_load_loses_nothing(
+    hub: str, redis_url: str, queue_name: str, tmp_path: Path
+) -> None:
+    """Every popped message is recorded in unacked in the same step: after a kill -9 the
+    visibility sweep gives back what the dead worker held, and a second worker runs it."""
+    runs = redis.Redis.from_url(redis_url)
+    key = f"nativeruns:{queue_name}"
+    total = 300
+    client = App("native", broker=redis_url, config={"task_default_queue": queue_name})
+    for n in range(total):
+        client.send_task("sig.work", (n, 0.05), ignore_result=True)
+    client.close()
+    env = env_with(
+        SIGAPP_BROKER=redis_url,
+        SIGAPP_REDIS=redis_url,
+        SIGAPP_QUEUE=queue_name,
+        SIGAPP_KEY=key,
+        GREENWORKER_BROKER_TRANSPORT_OPTIONS='{"visibility_timeout": 3}',
+    )
+    command = [sys.executable, "-m", "greenworker", "-A", "tests.sigapp", "-P", hub, "-c", "40"]
+    command += ["--without-mingle"]
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    try:
+        with logs[0].open("wb") as out:
+            first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=out)
+        deadline = time.monotonic() + 60
+        while runs.hlen(key) < 60 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        killed_at = runs.hlen(key)
+        with logs[1].open("wb") as out:
+            second = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=out)
+        try:
+            deadline = time.monotonic() + 60
+            while runs.hlen(key) < total and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(30) == 0, log_tail(logs[1])
+        counts = {int(k): int(v) for k, v in runs.hgetall(key).items()}
+        missing = sorted(set(range(total)) - set(counts))
+        print(
+            f"sent {total}, done before kill -9 {killed_at}, done {len(counts)}, "
+            f"lost {len(missing)}, run twice {sum(c - 1 for c in counts.values())}"
+        )
+        assert not missing, f"lost {missing[:20]}\n{log_tail(logs[1])}"
+    finally:
+        runs.delete(key)
