@@ -71,6 +71,8 @@ class Settings:
     worker_heartbeat: float = 2.0
     worker_enable_gossip: bool = True
     worker_enable_mingle: bool = True
+    #: Seconds mingle waits for the other workers' replies at startup (Celery: 1 s).
+    worker_mingle_timeout: float = 0.3
     #: Autoscaler: seconds between samples, and seconds without pressure before shrinking.
     worker_autoscale_interval: float = 1.0
     worker_autoscale_keepalive: float = 30.0

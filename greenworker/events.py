@@ -330,8 +330,10 @@ class Gossip:
                 }
 
 
-def mingle(worker: Worker, timeout: float = 1.0) -> int:
+def mingle(worker: Worker, timeout: float | None = None) -> int:
     """Ask the cluster for revoked ids and the clock; merge them.  Returns replies count."""
+    if timeout is None:
+        timeout = worker.app.conf.worker_mingle_timeout
     from .control import broadcast
 
     try:
