@@ -186,6 +186,8 @@ class NativeRedisConsumer:
         #: Never called: unlike kombu's transport, a lost connection loses no message here.
         self.on_connection_lost: Callable[[], None] | None = None
         self._applied_prefetch: int | None = None
+        #: True while a pop is on its way back from the server (see Worker.join).
+        self.receiving = False
 
     # ------------------------------------------------------------ lifecycle
 
@@ -425,7 +427,12 @@ class NativeRedisConsumer:
         keys = [UNACKED_KEY, UNACKED_INDEX_KEY]
         for name in list(self.queue_names):
             keys.extend(_priority_lists(name))
-        reply = self._pop(keys=keys, args=[limit, time.time()], client=client)
+        # popped on the server but not yet handed over: join() must not call this idle
+        self.receiving = True
+        try:
+            reply = self._pop(keys=keys, args=[limit, time.time()], client=client)
+        finally:
+            self.receiving = False
         count = 0
         for i in range(0, len(reply), 3):
             tag, raw, source = reply[i].decode(), reply[i + 1], reply[i + 2].decode()

@@ -457,10 +457,14 @@ class Worker:
             if fail_fast and self._errors:
                 _, exc = self._errors.popleft()
                 raise exc
-            idle = self.state.in_flight == 0 and self.pool.active == 0
+            idle = (
+                self.state.in_flight == 0
+                and self.pool.active == 0
+                and not getattr(self.consumer, "receiving", False)
+            )
             if idle and not any(self.consumer.queue_sizes().values()):
                 settled += 1
-                if settled >= 2:  # twice in a row: nothing was between fetch and hand-off
+                if settled >= 3:  # three times in a row: nothing was between fetch and hand-off
                     return
             else:
                 settled = 0
