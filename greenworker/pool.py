@@ -80,6 +80,19 @@ class GreenPool:
     def shrink(self, n: int = 1) -> None:
         self.resize(max(self._size - n, 1))
 
+    def cancel(self, job_id: int) -> bool:
+        """Drop a job that has not started (waiting, or spawned but not yet run);
+        False if it runs already (or is unknown): a running job is never touched here."""
+        for entry in self._waiting:
+            if entry[0] == job_id:
+                self._waiting.remove(entry)
+                self._maybe_idle()
+                return True
+        if job_id in self._not_started:
+            self._cancelled.add(job_id)
+            return True
+        return False
+
     def kill(
         self, job_id: int, exception: BaseException | None = None, *, release: bool = False
     ) -> bool:

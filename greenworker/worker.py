@@ -412,11 +412,8 @@ class Worker:
         requests not started yet are dropped here (their acks could not be sent anyway)."""
         dropped = 0
         for request in list(self.state.reserved.values()):
-            self.rate_limiter.drop(request)
-            if request.job_id is not None:
-                self.pool.kill(request.job_id)
-            self.state.task_discarded(request)
-            dropped += 1
+            if self._unreserve(request):
+                dropped += 1
         if dropped:
             log.warning(
                 "connection lost: %d received task(s) not started are left to the broker "
@@ -429,11 +426,19 @@ class Worker:
         # Give received-but-unstarted messages back to the broker now (kombu's
         # memory transport would drop them at close rather than requeue).
         for request in list(self.state.reserved.values()):
-            self.rate_limiter.drop(request)
-            if request.job_id is not None:
-                self.pool.kill(request.job_id)
-            self.state.task_discarded(request)
-            self.consumer.reject(request.message, requeue=True)
+            if self._unreserve(request):
+                self.consumer.reject(request.message, requeue=True)
+
+    def _unreserve(self, request: Request) -> bool:
+        """Take a request that has not started out of the worker; False if it started
+        meanwhile (the loop that calls this yields on broker writes)."""
+        if self.state.reserved.get(request.id) is not request:
+            return False
+        if request.job_id is not None and not self.pool.cancel(request.job_id):
+            return False  # its greenlet runs already: _execute hands it back itself
+        self.rate_limiter.drop(request)
+        self.state.task_discarded(request)
+        return True
 
     # ------------------------------------------------------------ harness
 
