@@ -17,7 +17,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import green
 from .app import App
@@ -30,12 +30,14 @@ from .events import EventDispatcher, Gossip, Heart, TaskEvents, mingle
 from .hooks import Hooks, Middleware
 from .pool import GreenPool
 from .ratelimit import RateLimiter
-from .redis_consumer import NativeRedisConsumer
 from .request import MessageHandler, Request
 from .state import RevokedSet, WorkerState
 from .store import StateStore
 from .timer import Timer
 from .watchdog import Watchdog
+
+if TYPE_CHECKING:
+    from .redis_consumer import NativeRedisConsumer
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,8 @@ class Worker:
         self.handler = MessageHandler(self)
         consumer_class: type[Consumer] | type[NativeRedisConsumer] = Consumer
         if conf.broker_native_redis and app.broker_url.split("://", 1)[0] in ("redis", "rediss"):
+            from .redis_consumer import NativeRedisConsumer  # needs redis-py: the redis extra
+
             consumer_class = NativeRedisConsumer
         self.consumer = consumer_class(
             app, self.queues, self.handler.on_message, self._prefetch_count
