@@ -125,6 +125,8 @@ class Worker:
         self._errors: deque[tuple[str, BaseException]] = deque(maxlen=100)
         self._progress = green.new_event()
         self._stopped = green.new_event()
+        #: Set once mingle has merged the other workers' revoked ids (or was skipped).
+        self.mingled = green.new_event()
         self._started = False
         self._stopping = False
         self._accepting = False
@@ -160,7 +162,11 @@ class Worker:
         self.hooks.emit("worker_start", self)
         local_only = self.app.broker_url.startswith("memory://")  # no other process to ask
         if self.control is not None and self.app.conf.worker_enable_mingle and not local_only:
-            mingle(self)  # before consuming: a revoke made elsewhere applies at once
+            # alongside the start, not before it: a revoke learned from the others applies
+            # to every task that starts after the replies (execute() checks at start)
+            green.spawn(self._mingle)
+        else:
+            self.mingled.set()
         if self.control is not None:
             self.control.start()
         if self.events is not None:
@@ -212,6 +218,12 @@ class Worker:
                     opened.close()
             self._beat_store = self.beat = None
             raise
+
+    def _mingle(self) -> None:
+        try:
+            mingle(self)
+        finally:
+            self.mingled.set()
 
     def _fanout_possible(self) -> bool:
         # Remote control and events need fanout between processes: not on the

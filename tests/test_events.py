@@ -125,6 +125,7 @@ def test_gossip_sees_the_other_and_mingle_merges_a_revoke(
     second = app.Worker(hostname=f"second-{uuid.uuid4().hex[:6]}@test")
     second.start()
     try:
+        assert second.mingled.wait(10)
         assert "revoked-before-second" in second.state.revoked  # mingle
         assert second.gossip is not None and first.gossip is not None
         for _ in range(100):
