@@ -49,6 +49,14 @@ class Consumer:
         self._kombu_consumer: KombuConsumer | None = None
         self.connection_generation = 0
         self.reconnects = 0
+        # AMQP ack batching: tags delivered on the current channel and not settled yet,
+        # and tags whose ack waits for the next flush (see _flush_acks)
+        self._batch_acks = False
+        self._ack_channel: Any = None
+        self._unsettled: set[int] = set()
+        self._acks_due: set[int] = set()
+        self._ack_wake = green.new_event()
+        self._acker: green.Greenlet | None = None
         #: Called (in the consumer greenlet) after the connection was lost, before the
         #: next attempt: the broker will redeliver what that connection held.
         self.on_connection_lost: Callable[[], None] | None = None
@@ -79,6 +87,10 @@ class Consumer:
     def close(self) -> None:
         """Close the connection; the broker requeues every unacked message."""
         self._stopping = True
+        self._flush_acks()
+        if self._acker is not None:
+            self._acker.kill()
+            self._acker = None
         with self._write_lock:
             self._release_connection()
 
@@ -122,6 +134,16 @@ class Consumer:
         return self._write(message, "requeue" if requeue else "reject")
 
     def _write(self, message: Message, action: str) -> bool:
+        if self._batch_acks and message.channel is self._ack_channel:
+            tag = message.delivery_tag
+            if action == "ack" and tag in self._unsettled:
+                # batched: one basic_ack(multiple=True) covers every contiguous ack
+                self._unsettled.discard(tag)
+                self._acks_due.add(tag)
+                message._state = "ACK"  # kombu's own marker: message.acknowledged is True
+                self._ack_wake.set()
+                return True
+            self._unsettled.discard(tag)
         with self._write_lock:
             if message.acknowledged:
                 return True
@@ -136,6 +158,41 @@ class Consumer:
             except Exception as exc:  # the connection it came on is gone: redelivered later
                 log.warning("could not %s message %s: %s", action, _tag(message), exc)
                 return False
+
+    # ------------------------------------------------------------ batched acks (AMQP)
+
+    def _receive(self, message: Message) -> None:
+        if self._batch_acks:
+            self._unsettled.add(message.delivery_tag)
+        self._on_message(message)
+
+    def _ack_loop(self) -> None:
+        while True:
+            self._ack_wake.wait()
+            self._ack_wake.clear()
+            green.sleep(0.002)  # the acks of tasks that end together go in one frame
+            self._flush_acks()
+
+    def _flush_acks(self) -> None:
+        """Ack every due tag below the lowest unsettled one with one ``multiple`` ack
+        (nothing still held is covered), and the others one by one."""
+        if not self._acks_due:
+            return
+        channel = self._ack_channel
+        due, self._acks_due = self._acks_due, set()
+        low = min(self._unsettled) if self._unsettled else None
+        below = [t for t in due if low is None or t < low]
+        above = [t for t in due if low is not None and t > low]
+        with self._write_lock:
+            if channel is None or channel is not self._ack_channel:
+                return  # that channel is gone: the broker redelivers its messages
+            try:
+                if below:
+                    channel.basic_ack(max(below), multiple=True)
+                for tag in above:
+                    channel.basic_ack(tag)
+            except Exception as exc:  # the connection it came on is gone: redelivered later
+                log.warning("could not ack %d message(s): %s", len(due), exc)
 
     # ------------------------------------------------------------ the loop
 
@@ -173,11 +230,17 @@ class Consumer:
         self._connection = conn
         self.connection_generation += 1
         channel = conn.channel()
+        self._batch_acks = conn.transport.driver_type == "amqp"
+        self._ack_channel = channel
+        self._unsettled = set()
+        self._acks_due = set()
+        if self._batch_acks and (self._acker is None or self._acker.dead):
+            self._acker = green.spawn(self._ack_loop)
         queues = [self.app.queue(name) for name in self.queue_names]
         consumer = KombuConsumer(
             channel,
             queues=queues,
-            on_message=self._on_message,
+            on_message=self._receive,
             accept=self.app.conf.accept_content,
             no_ack=False,
         )
@@ -217,6 +280,9 @@ class Consumer:
             self._applied_prefetch = count
 
     def _release_connection(self) -> None:
+        self._ack_channel = None  # acks still due for it are void: the broker requeues
+        self._acks_due = set()
+        self._unsettled = set()
         conn, self._connection = self._connection, None
         self._kombu_consumer = None
         self._applied_prefetch = None

@@ -104,6 +104,11 @@ class EventDispatcher:
             **fields,
         }
 
+    @property
+    def collecting(self) -> bool:
+        """Task events are wanted now (``-E`` or ``enable_events``)."""
+        return bool(self.enabled and self.task_events)
+
     def task(self, type_: str, **fields: Any) -> None:
         """Queue a task event (cheap: the timer publishes the batch)."""
         if self.enabled and self.task_events:
@@ -161,6 +166,8 @@ class TaskEvents(Middleware):
         self.events = dispatcher
 
     def task_received(self, request: Request) -> None:
+        if not self.events.collecting:  # task events off: build nothing
+            return
         msg = request.msg
         self.events.task(
             "task-received",
@@ -176,22 +183,32 @@ class TaskEvents(Middleware):
         )
 
     def before_task(self, request: Request) -> None:
+        if not self.events.collecting:  # task events off: build nothing
+            return
         self.events.task("task-started", uuid=request.id, pid=os.getpid())
 
     def task_succeeded(self, request: Request, result: Any, runtime: float) -> None:
+        if not self.events.collecting:  # task events off: build nothing
+            return
         self.events.task(
             "task-succeeded", uuid=request.id, result=_safe_repr(result), runtime=runtime
         )
 
     def task_failed(self, request: Request, exc: BaseException, traceback: str | None) -> None:
+        if not self.events.collecting:  # task events off: build nothing
+            return
         self.events.task(
             "task-failed", uuid=request.id, exception=_safe_repr(exc), traceback=traceback
         )
 
     def task_retried(self, request: Request, exc: BaseException | None, when: Any) -> None:
+        if not self.events.collecting:  # task events off: build nothing
+            return
         self.events.task("task-retried", uuid=request.id, exception=_safe_repr(exc), traceback=None)
 
     def task_revoked(self, request: Request, reason: str) -> None:
+        if not self.events.collecting:  # task events off: build nothing
+            return
         self.events.task(
             "task-revoked",
             uuid=request.id,
@@ -201,6 +218,8 @@ class TaskEvents(Middleware):
         )
 
     def task_rejected(self, message: Message, reason: str) -> None:
+        if not self.events.collecting:  # task events off: build nothing
+            return
         task_id = (message.headers or {}).get("id")
         if isinstance(task_id, str):
             self.events.task("task-rejected", uuid=task_id, requeue=False)

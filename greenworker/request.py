@@ -225,16 +225,20 @@ class Request:
 
     def _succeeded(self, result: Any) -> None:
         elapsed = self._elapsed()
-        meta = build_meta(self.id, SUCCESS, result)
-        try:
-            encode_meta(meta)
-        except (TypeError, ValueError) as exc:  # logged by _failed, with the reason
-            self._failed(exc, None)
-            return
-        log.debug("Task %s[%s] succeeded in %.4fs: %.200r", self.name, self.id, elapsed, result)
+        stored = not self._ignore_result()
+        meta: dict[str, Any] = {}
+        if stored:  # an ignored result is neither built nor encoded
+            meta = build_meta(self.id, SUCCESS, result)
+            try:
+                encode_meta(meta)
+            except (TypeError, ValueError) as exc:  # logged by _failed, with the reason
+                self._failed(exc, None)
+                return
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("Task %s[%s] succeeded in %.4fs: %.200r", self.name, self.id, elapsed, result)
         self.worker.state.succeeded += 1
         self.worker.hooks.emit("task_succeeded", self, result, elapsed)
-        self._finish(SUCCESS, meta, result, stored=not self._ignore_result())
+        self._finish(SUCCESS, meta, result, stored=stored)
 
     def _failed_or_autoretry(self, exc: Exception) -> None:
         task = self.task
