@@ -24,7 +24,48 @@ from .app import App
 log = logging.getLogger(__name__)
 
 
-class Consumer:
+class Reconnecting:
+    """The consumer loop: consume until stopped; after a lost connection, log it once,
+    back off (doubling, with jitter, up to ``broker_connection_max_backoff``) and retry."""
+
+    app: App
+    reconnects: int
+    _stopping: bool
+    _ready: green.Event
+
+    def _consume(self) -> None:
+        raise NotImplementedError
+
+    def _connection_lost(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        delay = 0.5
+        max_delay = self.app.conf.broker_connection_max_backoff
+        while not self._stopping:
+            try:
+                self._consume()
+                return
+            except green.GreenletExit:
+                raise
+            except Exception as exc:
+                self._ready.clear()
+                self._connection_lost()
+                if self._stopping:
+                    return
+                self.reconnects += 1
+                pause = delay * (0.5 + random.random() / 2)
+                log.warning(
+                    "broker connection error: %s: %s; reconnecting in %.1fs",
+                    type(exc).__name__,
+                    exc,
+                    pause,
+                )
+                green.sleep(pause)
+                delay = min(delay * 2, max_delay)
+
+
+class Consumer(Reconnecting):
     """Consumes task messages from ``queues`` and hands each to ``on_message``."""
 
     def __init__(
@@ -196,33 +237,11 @@ class Consumer:
 
     # ------------------------------------------------------------ the loop
 
-    def _run(self) -> None:
-        delay = 0.5
-        max_delay = self.app.conf.broker_connection_max_backoff
-        while not self._stopping:
-            try:
-                self._consume()
-                return
-            except green.GreenletExit:
-                raise
-            except Exception as exc:
-                self._ready.clear()
-                with self._write_lock:
-                    self._release_connection()
-                if self.on_connection_lost is not None:
-                    self.on_connection_lost()
-                if self._stopping:
-                    return
-                self.reconnects += 1
-                pause = delay * (0.5 + random.random() / 2)
-                log.warning(
-                    "broker connection error: %s: %s; reconnecting in %.1fs",
-                    type(exc).__name__,
-                    exc,
-                    pause,
-                )
-                green.sleep(pause)
-                delay = min(delay * 2, max_delay)
+    def _connection_lost(self) -> None:
+        with self._write_lock:
+            self._release_connection()
+        if self.on_connection_lost is not None:
+            self.on_connection_lost()
 
     def _consume(self) -> None:
         conn = self.app.connection()

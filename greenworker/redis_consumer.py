@@ -28,7 +28,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import random
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -39,6 +38,7 @@ from kombu.serialization import prepare_accept_content
 from kombu.utils.url import maybe_sanitize_url
 
 from . import green
+from .consumer import Reconnecting
 
 if TYPE_CHECKING:
     from .app import App
@@ -150,7 +150,7 @@ class RedisMessage:
             self._consumer.settle(self, requeue=requeue, leftmost=True)
 
 
-class NativeRedisConsumer:
+class NativeRedisConsumer(Reconnecting):
     """Consumes ``queues`` on Redis natively; same interface as :class:`~.consumer.Consumer`."""
 
     ACK_BATCH = 256
@@ -370,34 +370,12 @@ class NativeRedisConsumer:
             self._pop = self._client.register_script(_POP_SCRIPT)
         return self._client
 
-    def _run(self) -> None:
-        delay = 0.5
-        max_delay = self.app.conf.broker_connection_max_backoff
-        while not self._stopping:
-            try:
-                self._consume()
-                return
-            except green.GreenletExit:
-                raise
-            except Exception as exc:
-                # What this worker holds stays recorded in unacked on the server, so
-                # nothing is dropped here: acks and requeues resume on the new connection.
-                self._ready.clear()
-                if self._client is not None:
-                    self._client.close()
-                    self._client = None
-                if self._stopping:
-                    return
-                self.reconnects += 1
-                pause = delay * (0.5 + random.random() / 2)
-                log.warning(
-                    "broker connection error: %s: %s; reconnecting in %.1fs",
-                    type(exc).__name__,
-                    exc,
-                    pause,
-                )
-                green.sleep(pause)
-                delay = min(delay * 2, max_delay)
+    def _connection_lost(self) -> None:
+        # What this worker holds stays recorded in unacked on the server, so nothing is
+        # dropped here: acks and requeues resume on the new connection.
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
     def _consume(self) -> None:
         client = self._connection()
