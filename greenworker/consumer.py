@@ -39,6 +39,15 @@ class Reconnecting:
     def _connection_lost(self) -> None:
         raise NotImplementedError
 
+    def wait_ready(self, timeout: float | None) -> bool:
+        """Wait until the consumer is consuming (connected, queues declared)."""
+        return self._ready.wait(timeout)
+
+    @property
+    def ready(self) -> bool:
+        """Connected and consuming."""
+        return self._ready.is_set()
+
     def _run(self) -> None:
         delay = 0.5
         max_delay = self.app.conf.broker_connection_max_backoff
@@ -107,14 +116,6 @@ class Consumer(Reconnecting):
     def start(self) -> None:
         self._stopping = False
         self._greenlet = green.spawn(self._run)
-
-    def wait_ready(self, timeout: float | None) -> bool:
-        """Wait until the consumer is consuming (connected, queues declared)."""
-        return self._ready.wait(timeout)
-
-    @property
-    def ready(self) -> bool:
-        return self._ready.is_set()
 
     def stop_consuming(self, timeout: float = 5.0) -> None:
         """Stop taking new messages; the connection stays open for acks."""

@@ -196,14 +196,6 @@ class NativeRedisConsumer(Reconnecting):
         self._greenlet = green.spawn(self._run)
         self._acker = green.spawn(self._ack_loop)
 
-    def wait_ready(self, timeout: float | None) -> bool:
-        return self._ready.wait(timeout)
-
-    @property
-    def ready(self) -> bool:
-        """Connected and consuming."""
-        return self._ready.is_set()
-
     def stop_consuming(self, timeout: float = 5.0) -> None:
         """Stop taking new messages; acks and requeues keep working."""
         self._stopping = True
