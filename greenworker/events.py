@@ -238,6 +238,7 @@ class Heart:
         self.events = dispatcher
         self.interval = interval
         self._timer: Entry | None = None
+        self._stopped = False
 
     def _fields(self) -> dict[str, Any]:
         return {
@@ -248,8 +249,16 @@ class Heart:
         }
 
     def start(self) -> None:
+        """Send worker-online and start beating, in the background (returns at once)."""
+        self._stopped = False
+        green.spawn(self._go_online)
+
+    def _go_online(self) -> None:
+        if self._stopped:
+            return
         self.events.send_now("worker-online", **self._fields())
-        self._timer = self.worker.timer.call_repeatedly(self.interval, self.beat)
+        if not self._stopped:  # a stop may have come while worker-online was sent
+            self._timer = self.worker.timer.call_repeatedly(self.interval, self.beat)
 
     def beat(self) -> None:
         self.events.send_now(
@@ -261,6 +270,7 @@ class Heart:
         )
 
     def stop(self) -> None:
+        self._stopped = True
         if self._timer is not None:
             self._timer.cancel()
         self.events.send_now("worker-offline", **self._fields())

@@ -167,15 +167,15 @@ class Worker:
             green.spawn(self._mingle)
         else:
             self.mingled.set()
+        self.consumer.start()  # first: the other connections are made while it consumes
         if self.control is not None:
             self.control.start()
         if self.events is not None:
             self.events.start()
         if self.heart is not None:
-            self.heart.start()
+            self.heart.start()  # worker-online goes out in the background
         if self.gossip is not None:
             self.gossip.start()
-        self.consumer.start()
         if self.beat is not None:
             self.beat.start()
         self._visibility = self.timer.call_repeatedly(
