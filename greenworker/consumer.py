@@ -25,19 +25,57 @@ log = logging.getLogger(__name__)
 
 
 class Reconnecting:
-    """The consumer loop: consume until stopped; after a lost connection, log it once,
-    back off (doubling, with jitter, up to ``broker_connection_max_backoff``) and retry."""
+    """What both consumers share: their state, the consumer loop (consume until
+    stopped; after a lost connection log it once, back off -- doubling, with jitter,
+    up to ``broker_connection_max_backoff`` -- and retry), and the batched-ack loop."""
 
-    app: App
-    reconnects: int
-    _stopping: bool
-    _ready: green.Event
+    def __init__(
+        self,
+        app: App,
+        queues: Sequence[str],
+        on_message: Callable[[Any], None],
+        prefetch_count: Callable[[], int],
+    ) -> None:
+        self.app = app
+        self.queue_names = list(queues)
+        self._on_message = on_message
+        self._prefetch_count = prefetch_count
+        self._ready = green.new_event()
+        self._stopping = False
+        self._applied_prefetch: int | None = None
+        self._greenlet: green.Greenlet | None = None
+        self._ack_wake = green.new_event()
+        self._acker: green.Greenlet | None = None
+        self.connection_generation = 0
+        self.reconnects = 0
+        #: Called (in the consumer greenlet) after the connection was lost, before the
+        #: next attempt, where the broker redelivers what that connection held.
+        self.on_connection_lost: Callable[[], None] | None = None
+        #: True while messages taken from the broker are not yet handed over (join()).
+        self.receiving = False
 
     def _consume(self) -> None:
         raise NotImplementedError
 
     def _connection_lost(self) -> None:
         raise NotImplementedError
+
+    def _flush_acks(self) -> bool:
+        """Send the acks due; False if they must be tried again later."""
+        raise NotImplementedError
+
+    @property
+    def prefetch(self) -> int | None:
+        return self._applied_prefetch
+
+    def _ack_loop(self) -> None:
+        while True:
+            self._ack_wake.wait()
+            self._ack_wake.clear()
+            green.sleep(0.002)  # the acks of tasks that end together go in one batch
+            if not self._flush_acks():
+                green.sleep(0.5)  # the broker is away: try again, the consumer reconnects
+                self._ack_wake.set()
 
     def wait_ready(self, timeout: float | None) -> bool:
         """Wait until the consumer is consuming (connected, queues declared)."""
@@ -84,32 +122,18 @@ class Consumer(Reconnecting):
         on_message: Callable[[Message], None],
         prefetch_count: Callable[[], int],
     ) -> None:
-        self.app = app
-        self.queue_names = list(queues)
-        self._on_message = on_message
-        self._prefetch_count = prefetch_count
+        super().__init__(app, queues, on_message, prefetch_count)
         self._write_lock = green.new_semaphore(1)
-        self._ready = green.new_event()
-        self._stopping = False
         self._qos_dirty = False
         self._queue_changes: list[tuple[str, str]] = []
-        self._applied_prefetch: int | None = None
-        self._greenlet: green.Greenlet | None = None
         self._connection: Connection | None = None
         self._kombu_consumer: KombuConsumer | None = None
-        self.connection_generation = 0
-        self.reconnects = 0
         # AMQP ack batching: tags delivered on the current channel and not settled yet,
         # and tags whose ack waits for the next flush (see _flush_acks)
         self._batch_acks = False
         self._ack_channel: Any = None
         self._unsettled: set[int] = set()
         self._acks_due: set[int] = set()
-        self._ack_wake = green.new_event()
-        self._acker: green.Greenlet | None = None
-        #: Called (in the consumer greenlet) after the connection was lost, before the
-        #: next attempt: the broker will redeliver what that connection held.
-        self.on_connection_lost: Callable[[], None] | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -163,10 +187,6 @@ class Consumer(Reconnecting):
         """Ask the consumer greenlet to apply the current prefetch count."""
         self._qos_dirty = True
 
-    @property
-    def prefetch(self) -> int | None:
-        return self._applied_prefetch
-
     # ------------------------------------------------------------ broker writes
 
     def ack(self, message: Message) -> bool:
@@ -208,18 +228,12 @@ class Consumer(Reconnecting):
             self._unsettled.add(message.delivery_tag)
         self._on_message(message)
 
-    def _ack_loop(self) -> None:
-        while True:
-            self._ack_wake.wait()
-            self._ack_wake.clear()
-            green.sleep(0.002)  # the acks of tasks that end together go in one frame
-            self._flush_acks()
-
-    def _flush_acks(self) -> None:
+    def _flush_acks(self) -> bool:
         """Ack every due tag below the lowest unsettled one with one ``multiple`` ack
-        (nothing still held is covered), and the others one by one."""
+        (nothing still held is covered), and the others one by one.  Never retried:
+        acks for a channel that is gone are void (the broker redelivers)."""
         if not self._acks_due:
-            return
+            return True
         channel = self._ack_channel
         due, self._acks_due = self._acks_due, set()
         low = min(self._unsettled) if self._unsettled else None
@@ -227,7 +241,7 @@ class Consumer(Reconnecting):
         above = [t for t in due if low is not None and t > low]
         with self._write_lock:
             if channel is None or channel is not self._ack_channel:
-                return  # that channel is gone: the broker redelivers its messages
+                return True  # that channel is gone: the broker redelivers its messages
             try:
                 if below:
                     channel.basic_ack(max(below), multiple=True)
@@ -235,6 +249,7 @@ class Consumer(Reconnecting):
                     channel.basic_ack(tag)
             except Exception as exc:  # the connection it came on is gone: redelivered later
                 log.warning("could not ack %d message(s): %s", len(due), exc)
+        return True
 
     # ------------------------------------------------------------ the loop
 

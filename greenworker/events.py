@@ -111,7 +111,7 @@ class EventDispatcher:
 
     def task(self, type_: str, **fields: Any) -> None:
         """Queue a task event (cheap: the timer publishes the batch)."""
-        if self.enabled and self.task_events:
+        if self.collecting:
             self._buffer.append(self.event(type_, **fields))
             if len(self._buffer) >= self._limit:
                 green.spawn(self.flush)

@@ -101,16 +101,10 @@ class GreenPool:
         With ``release`` the slot is freed at once, without waiting for the
         greenlet to unwind (a hard time limit must not wait on a slow victim).
         """
-        for entry in self._waiting:
-            if entry[0] == job_id:
-                self._waiting.remove(entry)
-                self._maybe_idle()
-                return True
+        if self.cancel(job_id):
+            return True
         if job_id not in self._running:
             return False
-        if job_id in self._not_started:
-            self._cancelled.add(job_id)
-            return True
         greenlet = self._running[job_id]
         if greenlet is not None:
             greenlet.kill(exception)

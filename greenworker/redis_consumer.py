@@ -163,31 +163,16 @@ class NativeRedisConsumer(Reconnecting):
         on_message: Callable[[Any], None],
         prefetch_count: Callable[[], int],
     ) -> None:
-        self.app = app
-        self.queue_names = list(queues)
-        self._on_message = on_message
-        self._prefetch_count = prefetch_count
+        super().__init__(app, queues, on_message, prefetch_count)
         self.accept = prepare_accept_content(app.conf.accept_content)
         options = app.conf.broker_transport_options
         self.visibility_timeout = float(options.get("visibility_timeout", 3600))
         self._client: redis.Redis | None = None
         self._held: dict[str, RedisMessage] = {}  # popped, not yet acked/rejected
         self._pending_acks: list[str] = []
-        self._ack_wake = green.new_event()
         self._capacity = green.new_event()
-        self._ready = green.new_event()
-        self._stopping = False
-        self._greenlet: green.Greenlet | None = None
-        self._acker: green.Greenlet | None = None
         self._pop: Any = None
         self._last_restore = 0.0
-        self.connection_generation = 0
-        self.reconnects = 0
-        #: Never called: unlike kombu's transport, a lost connection loses no message here.
-        self.on_connection_lost: Callable[[], None] | None = None
-        self._applied_prefetch: int | None = None
-        #: True while a pop is on its way back from the server (see Worker.join).
-        self.receiving = False
 
     # ------------------------------------------------------------ lifecycle
 
@@ -235,10 +220,6 @@ class NativeRedisConsumer(Reconnecting):
     def update_prefetch(self) -> None:
         self._capacity.set()
 
-    @property
-    def prefetch(self) -> int | None:
-        return self._applied_prefetch
-
     # ------------------------------------------------------------ acks
 
     def ack(self, message: Any) -> bool:
@@ -265,15 +246,6 @@ class NativeRedisConsumer(Reconnecting):
             self._flush_acks()
         else:
             self._ack_wake.set()
-
-    def _ack_loop(self) -> None:
-        while True:
-            self._ack_wake.wait()
-            self._ack_wake.clear()
-            green.sleep(0.002)  # let the acks of tasks finishing together join one batch
-            if not self._flush_acks():
-                green.sleep(0.5)  # the broker is away: try again, the consumer reconnects
-                self._ack_wake.set()
 
     def _flush_acks(self) -> bool:
         """Send the pending acks in one pipeline; on failure keep them for the next try."""

@@ -60,6 +60,7 @@ class Worker:
     ) -> None:
         self.app = app
         conf = app.conf
+        self.broker_scheme = app.broker_url.split("://", 1)[0]
         # with autoscaling the pool starts at its minimum and grows under load
         self.concurrency = concurrency or (autoscale[1] if autoscale else conf.worker_concurrency)
         self.queues = list(queues or [conf.task_default_queue])
@@ -71,7 +72,9 @@ class Worker:
         )
         self.state = WorkerState()
         self.state.revoked = RevokedSet(conf.worker_revokes_max, conf.worker_revoke_expires)
-        fanout = self._fanout_possible()
+        # Remote control and events need fanout between processes: not on the
+        # filesystem transport of the embedded default.
+        fanout = self.broker_scheme != "filesystem"
         self.events = EventDispatcher(self) if fanout else None
         builtin: list[Middleware] = [CanvasMiddleware(app)]
         if self.events is not None:
@@ -94,7 +97,7 @@ class Worker:
         self._flushed_processed = -1
         self.handler = MessageHandler(self)
         consumer_class: type[Consumer] | type[NativeRedisConsumer] = Consumer
-        if conf.broker_native_redis and app.broker_url.split("://", 1)[0] in ("redis", "rediss"):
+        if conf.broker_native_redis and self.broker_scheme in ("redis", "rediss"):
             from .redis_consumer import NativeRedisConsumer  # needs redis-py: the redis extra
 
             consumer_class = NativeRedisConsumer
@@ -102,7 +105,7 @@ class Worker:
             app, self.queues, self.handler.on_message, self._prefetch_count
         )
         self.pool.on_resize(self.consumer.update_prefetch)
-        if app.broker_url.split("://", 1)[0] not in ("filesystem", "memory"):
+        if self.broker_scheme not in ("filesystem", "memory"):
             # these brokers give back what a lost connection held; keeping our copies
             # would run them twice
             self.consumer.on_connection_lost = self._forget_unstarted
@@ -160,7 +163,7 @@ class Worker:
         if self.autoscaler is not None:
             self.autoscaler.start()
         self.hooks.emit("worker_start", self)
-        local_only = self.app.broker_url.startswith("memory://")  # no other process to ask
+        local_only = self.broker_scheme == "memory"  # no other process to ask
         if self.control is not None and self.app.conf.worker_enable_mingle and not local_only:
             # alongside the start, not before it: a revoke learned from the others applies
             # to every task that starts after the replies (execute() checks at start)
@@ -198,37 +201,29 @@ class Worker:
         )
 
     def _open_beat(self) -> None:
-        """Beat's store: the worker's own when the paths agree, else its own (locked)."""
+        """Beat's store: the worker's own when the paths agree, else its own (locked).
+        A locked store or a bad beat_schedule fails here, before anything runs."""
         path = beat_store_path(self.app)
-        if self.store is not None and self.store.path == path:
-            store = self.store
-        else:
-            try:
-                store = self._beat_store = StateStore(path).open()
-            except BaseException:
-                if self.store is not None:
-                    self.store.close()
-                raise
-        self.beat = Beat(self.app, store, self.timer)
         try:
-            self.beat.load_entries()  # a bad beat_schedule fails here, before anything runs
+            if self.store is not None and self.store.path == path:
+                store = self.store
+            else:
+                store = self._beat_store = StateStore(path).open()
+            beat = Beat(self.app, store, self.timer)
+            beat.load_entries()
         except BaseException:
             for opened in (self._beat_store, self.store):
                 if opened is not None:
                     opened.close()
-            self._beat_store = self.beat = None
+            self._beat_store = None
             raise
+        self.beat = beat
 
     def _mingle(self) -> None:
         try:
             mingle(self)
         finally:
             self.mingled.set()
-
-    def _fanout_possible(self) -> bool:
-        # Remote control and events need fanout between processes: not on the
-        # filesystem transport of the embedded default.
-        return self.app.broker_url.split("://", 1)[0] != "filesystem"
 
     def _startup_notes(self) -> list[str]:
         """What this broker/backend combination cannot do, said once at startup."""
@@ -237,8 +232,7 @@ class Worker:
         notes = []
         if isinstance(self.app.backend, DisabledBackend):
             notes.append("no result_backend: results, STARTED states and chords are not stored")
-        scheme = self.app.broker_url.split("://", 1)[0]
-        if scheme == "filesystem":
+        if self.broker_scheme == "filesystem":
             notes.append(
                 "embedded default (filesystem transport): messages this worker holds are "
                 "lost if it is killed -9; a warm shutdown returns them. Use Redis or "
@@ -479,9 +473,7 @@ class Worker:
                 _, exc = self._errors.popleft()
                 raise exc
             idle = (
-                self.state.in_flight == 0
-                and self.pool.active == 0
-                and not getattr(self.consumer, "receiving", False)
+                self.state.in_flight == 0 and self.pool.active == 0 and not self.consumer.receiving
             )
             if idle and not any(self.consumer.queue_sizes().values()):
                 settled += 1
