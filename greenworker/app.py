@@ -125,7 +125,7 @@ class App:
         elif self.broker_url.startswith(("redis://", "rediss://")):
             # kombu turns this into the BRPOP timeout (1 s by default), which bounds
             # how long closing the connection waits for the outstanding BRPOP.
-            options.setdefault("polling_interval", self.conf.worker_drain_interval)
+            options.setdefault("polling_interval", 0.2)
         return options
 
     def connection(self) -> Connection:

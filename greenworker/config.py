@@ -97,8 +97,8 @@ class Settings:
     worker_hostname: str | None = None
     #: Seconds a warm shutdown waits for running tasks before killing them.
     worker_shutdown_timeout: float = 30.0
-    #: How often (s) the consumer loop wakes to check for shutdown.
-    worker_drain_interval: float = 0.2
+    #: Longest idle wait (s) of the consumers and listeners before they look again.
+    worker_drain_interval: float = 1.0
     #: Timezone of crontab schedules (an IANA name such as "Europe/Paris").
     timezone: str = "UTC"
     #: Periodic tasks, as in Celery: {name: {"task", "schedule", "args", "kwargs", "options"}}.

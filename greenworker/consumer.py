@@ -23,6 +23,10 @@ from .app import App
 
 log = logging.getLogger(__name__)
 
+#: How often (s) a consumer on a polling kombu transport (memory, filesystem, kombu's own
+#: Redis transport) wakes to look for a stop, queue or prefetch change.
+POLLING_WAKE = 0.2
+
 
 class Reconnecting:
     """What both consumers share: their state, the consumer loop (consume until
@@ -125,6 +129,8 @@ class Consumer(Reconnecting):
         super().__init__(app, queues, on_message, prefetch_count)
         self._write_lock = green.new_semaphore(1)
         self._qos_dirty = False
+        self._delivering = False
+        self._qos_global = False
         self._queue_changes: list[tuple[str, str]] = []
         self._connection: Connection | None = None
         self._kombu_consumer: KombuConsumer | None = None
@@ -145,10 +151,28 @@ class Consumer(Reconnecting):
         """Stop taking new messages; the connection stays open for acks."""
         self._stopping = True
         if self._greenlet is not None:
+            if self._batch_acks:
+                self._cancel_on_broker()
             # no connection: it only waits to reconnect, nothing is lost by ending it now
             if self._connection is None or not self._greenlet.join(timeout):
                 self._greenlet.kill()
             self._greenlet = None
+
+    def _cancel_on_broker(self) -> None:
+        """AMQP: send basic.cancel for our consumers without waiting for the reply.  The
+        consumer greenlet reads the cancel-ok, which wakes it from its drain wait at once;
+        deliveries that were already on the way arrive before it and are handled as usual."""
+        from amqp import spec  # kombu's own AMQP client, there whenever the driver is amqp
+
+        channel = self._ack_channel
+        if channel is None:
+            return
+        with self._write_lock:
+            for tag in list(channel.callbacks):  # this channel carries only our consumers
+                try:
+                    channel.send_method(spec.Basic.Cancel, "sb", (tag, False))
+                except Exception as exc:  # the connection is going: the loop ends anyway
+                    log.debug("cancelling consumer %s failed: %s", tag, exc)
 
     def close(self) -> None:
         """Close the connection; the broker requeues every unacked message."""
@@ -184,8 +208,31 @@ class Consumer(Reconnecting):
             log.info("%s queue %s", "consuming from" if action == "add" else "cancelled", name)
 
     def update_prefetch(self) -> None:
-        """Ask the consumer greenlet to apply the current prefetch count."""
+        """Apply the current prefetch count: on AMQP at once when asked from outside a
+        delivery (the pool grew), else when the consumer greenlet next wakes."""
         self._qos_dirty = True
+        if self._batch_acks and not self._delivering:
+            self._send_qos()
+
+    def _send_qos(self) -> None:
+        """basic.qos without waiting for qos-ok: the consumer greenlet, the only reader,
+        takes the reply (py-amqp ignores a reply nobody waits for).  With a full prefetch
+        window the broker sends nothing until the count grows, so waiting for the next
+        drain wake-up would hold up a pool that just grew."""
+        from amqp import spec  # kombu's own AMQP client, there whenever the driver is amqp
+
+        channel = self._ack_channel
+        count = _prefetch_limit(self._prefetch_count())
+        if channel is None or count == self._applied_prefetch:
+            return
+        with self._write_lock:
+            try:
+                channel.send_method(spec.Basic.Qos, "lBb", (0, count, self._qos_global))
+            except Exception as exc:  # the connection is going: the new one applies it
+                log.debug("setting the prefetch count failed: %s", exc)
+                return
+        self._applied_prefetch = count
+        self._qos_dirty = False
 
     # ------------------------------------------------------------ broker writes
 
@@ -226,7 +273,11 @@ class Consumer(Reconnecting):
     def _receive(self, message: Message) -> None:
         if self._batch_acks:
             self._unsettled.add(message.delivery_tag)
-        self._on_message(message)
+        self._delivering = True  # a prefetch change asked from here waits for the loop
+        try:
+            self._on_message(message)
+        finally:
+            self._delivering = False
 
     def _flush_acks(self) -> bool:
         """Ack every due tag below the lowest unsettled one with one ``multiple`` ack
@@ -266,6 +317,9 @@ class Consumer(Reconnecting):
         self.connection_generation += 1
         channel = conn.channel()
         self._batch_acks = conn.transport.driver_type == "amqp"
+        # RabbitMQ applies a per-consumer (global=False) count only to consumers started
+        # after it; per channel, as Celery does there, a change takes effect at once
+        self._qos_global = not conn.qos_semantics_matches_spec
         self._ack_channel = channel
         self._unsettled = set()
         self._acks_due = set()
@@ -289,6 +343,8 @@ class Consumer(Reconnecting):
         )
         self._ready.set()
         interval = self.app.conf.worker_drain_interval
+        if not self._batch_acks:
+            interval = min(interval, POLLING_WAKE)  # polling transports: stop cannot wake it
         self._queue_changes.clear()  # a fresh consumer already has the current queues
         while not self._stopping:
             if self._qos_dirty:
@@ -308,10 +364,10 @@ class Consumer(Reconnecting):
 
     def _apply_qos(self, consumer: KombuConsumer) -> None:
         self._qos_dirty = False
-        count = max(self._prefetch_count(), 1)
+        count = _prefetch_limit(self._prefetch_count())
         if count != self._applied_prefetch:
             with self._write_lock:
-                consumer.qos(prefetch_count=count)
+                consumer.qos(prefetch_count=count, apply_global=self._qos_global)
             self._applied_prefetch = count
 
     def _release_connection(self) -> None:
@@ -376,3 +432,8 @@ class Consumer(Reconnecting):
 
 def _tag(message: Message) -> Any:
     return (message.headers or {}).get("id") or message.delivery_tag
+
+
+def _prefetch_limit(count: int) -> int:
+    """AMQP's prefetch count is an unsigned short."""
+    return min(max(count, 1), 65535)

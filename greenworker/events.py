@@ -60,7 +60,8 @@ def utcoffset() -> float:
 
 
 class EventDispatcher:
-    """Buffers events and publishes them from a timer, on its own connection."""
+    """Buffers task events and publishes each batch from a one-shot timer, on its own
+    connection; worker events go out at once."""
 
     def __init__(self, worker: Worker, *, flush_interval: float = 0.2, limit: int = 500) -> None:
         self.worker = worker
@@ -75,15 +76,24 @@ class EventDispatcher:
         self._producer: Producer | None = None
         self._exchange: Exchange | None = None
         self._lock = green.new_semaphore(1)
-        self._timer: Entry | None = None
+        self._timer: Entry | None = None  # the pending flush of the buffered batch
+        self._started = False
         self.sent = 0
 
     def start(self) -> None:
-        self._timer = self.worker.timer.call_repeatedly(self._flush_interval, self.flush)
+        self._started = True
+        if self._buffer and self._timer is None:
+            self._timer = self.worker.timer.call_after(self._flush_interval, self._flush_later)
+
+    def _flush_later(self) -> None:
+        self._timer = None
+        self.flush()
 
     def stop(self) -> None:
+        self._started = False
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None
         self.flush()
         with self._lock:
             if self._conn is not None:
@@ -115,6 +125,9 @@ class EventDispatcher:
             self._buffer.append(self.event(type_, **fields))
             if len(self._buffer) >= self._limit:
                 green.spawn(self.flush)
+            elif self._timer is None and self._started:
+                # one timer per batch, not a repeating one: an idle worker never wakes
+                self._timer = self.worker.timer.call_after(self._flush_interval, self._flush_later)
 
     def send_now(self, type_: str, **fields: Any) -> None:
         """Publish one event at once (worker events)."""

@@ -173,6 +173,7 @@ class NativeRedisConsumer(Reconnecting):
         self._capacity = green.new_event()
         self._pop: Any = None
         self._last_restore = 0.0
+        self._waiting = False  # in BLMOVE: nothing popped, safe to end at once
 
     # ------------------------------------------------------------ lifecycle
 
@@ -186,7 +187,10 @@ class NativeRedisConsumer(Reconnecting):
         self._stopping = True
         self._capacity.set()
         if self._greenlet is not None:
-            if not self._greenlet.join(timeout):
+            # waiting in BLMOVE, it holds nothing unrecorded (the move leaves the message
+            # where it was, and redis-py drops a connection cut mid-reply): end it now
+            # rather than after up to a drain interval
+            if self._waiting or not self._greenlet.join(timeout):
                 self._greenlet.kill()
             self._greenlet = None
 
@@ -402,12 +406,16 @@ class NativeRedisConsumer(Reconnecting):
 
     def _wait_for_messages(self, client: redis.Redis, interval: float) -> None:
         """Block until the first queue has a message (leaving it there), or ``interval``."""
-        if len(self.queue_names) == 1:
-            name = self.queue_names[0]
-            # Redis takes fractional seconds here; redis-py's hint says int
-            client.blmove(name, name, interval, "RIGHT", "RIGHT")  # type: ignore[arg-type]
-        else:
-            green.sleep(min(interval, 0.05))
+        self._waiting = True
+        try:
+            if len(self.queue_names) == 1:
+                name = self.queue_names[0]
+                # Redis takes fractional seconds here; redis-py's hint says int
+                client.blmove(name, name, interval, "RIGHT", "RIGHT")  # type: ignore[arg-type]
+            else:
+                green.sleep(min(interval, 0.05))
+        finally:
+            self._waiting = False
 
 
 def _priority_lists(queue: str) -> list[str]:

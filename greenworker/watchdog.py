@@ -1,9 +1,11 @@
 """Blocked-hub watchdog: finds the task that keeps the hub from running the others.
 
 A task that never yields (a CPU loop, an unpatched ``time.sleep``, a long C
-call) stops every other task, the consumer and the timers.  A greenlet on the
-hub stamps the time every ``threshold / 4``; a real OS thread (it runs while
-the hub cannot) checks the stamp.  When it is older than ``threshold`` the
+call) stops every other task, the consumer and the timers.  While tasks run, a
+timer on the hub stamps the time every ``threshold / 4``; a real OS thread (it
+runs while the hub cannot) checks the stamp.  With no task running the stamps
+pause (an idle worker does not wake for them) and the next task submitted
+resumes them.  When it is older than ``threshold`` the
 hub is blocked: the thread logs which task runs (found from the hub thread's
 current Python frames), counts it, and, if the block outlasts that task's
 hard time limit, applies the policy:
@@ -60,6 +62,7 @@ class Watchdog:
         self._stamp = time.monotonic()
         self._running = False
         self._ticker: Entry | None = None
+        self.paused = False  # no task running: no stamps
         self._hub_thread = 0
 
     def start(self) -> None:
@@ -75,15 +78,31 @@ class Watchdog:
         self._running = False
         if self._ticker is not None:
             self._ticker.cancel()
+            self._ticker = None
+
+    def task_submitted(self) -> None:
+        """Resume the stamps if they were paused (called on the hub for every task)."""
+        if self.paused and self._running:
+            self.paused = False
+            self._stamp = time.monotonic()
+            self._ticker = self.worker.timer.call_repeatedly(self.threshold / 4, self._tick)
 
     def _tick(self) -> None:
         self._stamp = time.monotonic()
+        if self.worker.pool.active == 0 and self.worker.pool.waiting == 0:
+            self.paused = True  # nothing can block the hub for a task: stop waking
+            if self._ticker is not None:
+                self._ticker.cancel()
+                self._ticker = None
 
     def _watch(self) -> None:
         episode_stamp = None  # the hub's stamp when the current block began
         reported_past_limit = False
         while self._running:
-            green.real_sleep(self.threshold / 4)
+            green.real_sleep(self.threshold / (1 if self.paused else 4))
+            if self.paused:
+                episode_stamp = None
+                continue
             stamp = self._stamp
             blocked_for = time.monotonic() - stamp
             if blocked_for < self.threshold:

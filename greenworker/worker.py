@@ -312,6 +312,8 @@ class Worker:
         return self.pool.size * max(self.prefetch_multiplier, 1) + self._eta_held
 
     def _submit(self, request: Request) -> None:
+        if self.watchdog.paused:
+            self.watchdog.task_submitted()
         request.job_id = self.pool.submit(self._execute, request)
 
     def _execute(self, request: Request) -> None:

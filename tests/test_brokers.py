@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from greenworker import App, Task
+from greenworker import App, Task, green
 
 
 def _app(broker: str, backend: str, queue: str) -> App:
@@ -81,3 +81,35 @@ def test_failure_stored_in_celery_layout(broker_app: App, redis_url: str) -> Non
     assert meta["result"] == {"exc_type": "KeyError", "exc_message": [5], "exc_module": "builtins"}
     assert meta["task_id"] == result.id and "KeyError" in meta["traceback"]
     assert set(meta) >= {"status", "result", "traceback", "children", "date_done", "task_id"}
+
+
+def test_grown_pool_gets_messages_at_once_with_a_full_prefetch_window(broker_app: App) -> None:
+    """With every prefetched message running, the broker sends no more until the prefetch
+    count grows: the new count must reach it at once, not at the consumer's next wake-up
+    (worker_drain_interval, 1 s)."""
+    gate = green.new_event()
+    started: list[int] = []
+    five, ten = green.new_event(), green.new_event()
+
+    @broker_app.task
+    def hold(n: int) -> None:
+        started.append(n)
+        if len(started) == 5:
+            five.set()
+        if len(started) == 10:
+            ten.set()
+        gate.wait(10)
+
+    worker = broker_app.Worker(concurrency=5, prefetch_multiplier=1)
+    worker.start()
+    try:
+        for n in range(10):
+            hold.delay(n)
+        assert five.wait(10)
+        worker.pool.grow(5)
+        assert ten.wait(0.5), f"{len(started)} started 0.5 s after the pool grew"
+        gate.set()
+        worker.join(timeout=10)
+    finally:
+        gate.set()
+        worker.stop(timeout=5)
