@@ -21,29 +21,12 @@ TASKS = ("noop", "io", "latency")
 
 
 def greenworker_sender() -> tuple[Sender, Callable[[], None]]:
-    from kombu.messaging import Producer
-
     from bench.tasks_gw import QUEUE, app
-    from greenworker.protocol import build_task_message
-
-    queue = app.queue(QUEUE)
-    conn = app.connection()
-    producer = Producer(conn)
 
     def send(task: str, args: tuple[Any, ...]) -> None:
-        body, headers, props = build_task_message(f"bench.{task}", args, ignore_result=True)
-        producer.publish(
-            body,
-            exchange=queue.exchange,
-            routing_key=queue.routing_key,
-            serializer="json",
-            headers=headers,
-            declare=[queue],
-            delivery_mode=2,
-            **props,
-        )
+        app.send_task(f"bench.{task}", args, queue=QUEUE, ignore_result=True)
 
-    return send, conn.release
+    return send, app.close
 
 
 def celery_sender() -> tuple[Sender, Callable[[], None]]:

@@ -15,7 +15,7 @@ from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
 from kombu.messaging import Producer
 
-from .config import Settings
+from .config import REDIS_LAYOUT_OPTIONS, Settings
 from .exceptions import ImproperlyConfigured
 from .hooks import Middleware
 from .protocol import build_task_message
@@ -24,6 +24,7 @@ from .task import Task
 
 if TYPE_CHECKING:
     from .beat import PeriodicEntry
+    from .redis_consumer import NativeRedisPublisher
     from .worker import Worker
 
 EMBEDDED_BROKER = "filesystem://localhost/"
@@ -65,6 +66,10 @@ class App:
         self._producer_lock: threading.Lock | None = None
         self._producer_conn: Connection | None = None
         self._producer: Producer | None = None
+        self._native_publisher: NativeRedisPublisher | None = None
+        #: queues declared through kombu by this client: the native path sends to them
+        self._native_queues: set[str] = set()
+        self._send_queues: dict[tuple[str, str], Queue] = {}
 
     def __repr__(self) -> str:
         return f"<greenworker.App {self.main}>"
@@ -258,8 +263,16 @@ class App:
             ignore_result=ignore_result,
             embed=embed,
         )
-        self.publish(body, headers, properties, self.queue(queue))
+        self.publish(body, headers, properties, self._send_queue(queue))
         return AsyncResult(headers["id"], self)
+
+    def _send_queue(self, name: str | None) -> Queue:
+        """:meth:`queue`, kept per name for sending (unbound: publish never binds it)."""
+        key = (name or self.conf.task_default_queue, self.conf.task_default_exchange_type)
+        queue = self._send_queues.get(key)
+        if queue is None:
+            queue = self._send_queues[key] = self.queue(key[0])
+        return queue
 
     def publish(
         self,
@@ -268,7 +281,18 @@ class App:
         properties: dict[str, Any],
         queue: Queue,
     ) -> None:
-        """Publish one task message on the app's shared producer connection."""
+        """Publish one task message on the app's shared producer connection (on Redis,
+        after a queue's first message, in one round trip through the native path)."""
+        exchange = queue.exchange
+        if (
+            queue.name in self._native_queues
+            and exchange.type == "direct"
+            and exchange.name
+            and "priority" not in properties
+        ):
+            native = self._native()
+            if native.send(body, headers, properties, exchange.name, queue.routing_key, queue.name):
+                return
         if self._producer_lock is None:
             self._producer_lock = threading.Lock()
         with self._producer_lock:
@@ -287,6 +311,25 @@ class App:
                 retry_policy={"max_retries": 3, "interval_start": 0.1, "interval_step": 0.5},
                 **properties,
             )
+        if self.native_redis:
+            self._native_queues.add(queue.name)
+
+    @property
+    def native_redis(self) -> bool:
+        """Redis, with greenworker's native consumer and publisher on (the default)."""
+        if not self.conf.broker_native_redis:
+            return False
+        if not self.broker_url.startswith(("redis://", "rediss://")):
+            return False
+        options = self.conf.broker_transport_options
+        return not any(name in options for name in REDIS_LAYOUT_OPTIONS)
+
+    def _native(self) -> NativeRedisPublisher:
+        if self._native_publisher is None:
+            from .redis_consumer import NativeRedisPublisher  # needs redis-py
+
+            self._native_publisher = NativeRedisPublisher(self)
+        return self._native_publisher
 
     # ------------------------------------------------------------ results
 
@@ -322,6 +365,10 @@ class App:
             self._producer_conn.release()
         self._producer_conn = None
         self._producer = None
+        if self._native_publisher is not None:
+            self._native_publisher.close()
+        self._native_publisher = None
+        self._native_queues.clear()
         if self._backend is not None:
             self._backend.close()
         self._backend = None

@@ -37,8 +37,9 @@ class Settings:
     data_dir: str = ".greenworker"
     broker_transport_options: dict[str, Any] = field(default_factory=dict)
     broker_connection_timeout: float = 4.0
-    #: On Redis, consume with greenworker's native consumer (kombu's key layout, atomic
-    #: pops, batched acks); False uses kombu's Redis transport.
+    #: On Redis, consume and publish with greenworker's native paths (kombu's key layout,
+    #: atomic pops, batched acks, one round trip per publish); False uses kombu's Redis
+    #: transport.  A transport option in REDIS_LAYOUT_OPTIONS turns them off too.
     broker_native_redis: bool = True
     #: Seconds between reconnect attempts grow up to this.
     broker_connection_max_backoff: float = 10.0
@@ -201,3 +202,15 @@ def _parse_env(name: str, raw: str) -> Any:
     except ValueError as exc:
         raise ConfigError(f"environment variable {ENV_PREFIX}{name.upper()}: {exc}") from exc
     return raw
+
+
+#: Transport options that change kombu's Redis key layout: with any of them set, kombu's
+#: own transport is used (greenworker's native Redis paths know only the default layout).
+REDIS_LAYOUT_OPTIONS = (
+    "global_keyprefix",
+    "sep",
+    "priority_steps",
+    "unacked_key",
+    "unacked_index_key",
+    "unacked_mutex_key",
+)

@@ -1,4 +1,4 @@
-"""A native consumer for Redis that keeps kombu's exact key layout.
+"""A native consumer (and publisher) for Redis that keep kombu's exact key layout.
 
 kombu's Redis transport takes a message with ``BRPOP`` and then, in a second
 round trip, records it in the ``unacked`` hash and ``unacked_index`` sorted
@@ -19,8 +19,16 @@ queues, but:
   polling.
 
 Messages are delivered as :class:`RedisMessage`, the part of kombu's
-``Message`` interface the worker uses.  ``broker_native_redis = False`` turns
-this off (kombu's transport is used instead).
+``Message`` interface the worker uses.
+
+:class:`NativeRedisPublisher` sends a task message in one round trip where
+kombu takes two (its exchange lookup, then the push, each on a new redis-py
+client): a Lua script reads the exchange's bindings and pushes kombu's exact
+envelope to every queue bound with the routing key.
+
+``broker_native_redis = False`` turns both off (kombu's transport is used
+instead); so does a transport option that changes kombu's key layout
+(:data:`greenworker.config.REDIS_LAYOUT_OPTIONS`).
 """
 
 from __future__ import annotations
@@ -29,10 +37,12 @@ import base64
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import redis
+from kombu.serialization import dumps as kombu_dumps
 from kombu.serialization import loads as kombu_loads
 from kombu.serialization import prepare_accept_content
 from kombu.utils.url import maybe_sanitize_url
@@ -50,6 +60,8 @@ UNACKED_KEY = "unacked"
 UNACKED_INDEX_KEY = "unacked_index"
 PRIORITY_SEP = "\x06\x16"
 PRIORITY_STEPS = (0, 3, 6, 9)
+BINDING_KEY = "_kombu.binding.{}"  # a set of "routing_key<sep>pattern<sep>queue"
+# (kombu's separator between those fields is the same as its priority separator)
 
 # KEYS: unacked, unacked_index, list...   ARGV: max messages, now
 # Returns a flat list: tag, raw payload, list name for each message ('' tag: malformed).
@@ -86,6 +98,30 @@ for i = 3, #KEYS do
   end
 end
 return out
+"""
+
+# KEYS: the exchange's binding set   ARGV: routing key, envelope
+# kombu's direct-exchange lookup (every queue bound with this routing key, once each),
+# then its push; returns how many queues got the message.
+_PUBLISH_SCRIPT = """
+local sep = '\\6\\22'
+local seen = {}
+local sent = 0
+for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local first = string.find(member, sep, 1, true)
+  if first and string.sub(member, 1, first - 1) == ARGV[1] then
+    local second = string.find(member, sep, first + 2, true)
+    if second then
+      local queue = string.sub(member, second + 2)
+      if not seen[queue] then
+        seen[queue] = true
+        redis.call('LPUSH', queue, ARGV[2])
+        sent = sent + 1
+      end
+    end
+  end
+end
+return sent
 """
 
 
@@ -364,12 +400,18 @@ class NativeRedisConsumer(Reconnecting):
                 self._capacity.clear()
                 self._capacity.wait(interval)
                 continue
-            if self._deliver(client, min(room, self.POP_BATCH)):
-                continue
+            asked = min(room, self.POP_BATCH)
+            if self._deliver(client, asked) == asked:
+                continue  # maybe more: pop again at once
+            # the lists ran dry in that pop: let the tasks just handed over start before
+            # the wait (no second, empty pop first); BLMOVE returns at once if one came
+            green.sleep(0)
             self._maybe_restore_visible()
             self._wait_for_messages(client, interval)
 
     def _deliver(self, client: redis.Redis, limit: int) -> int:
+        """Pop up to ``limit`` messages and hand each over; return how many were popped
+        (malformed ones included)."""
         keys = [UNACKED_KEY, UNACKED_INDEX_KEY]
         for name in list(self.queue_names):
             keys.extend(_priority_lists(name))
@@ -379,7 +421,6 @@ class NativeRedisConsumer(Reconnecting):
             reply = self._pop(keys=keys, args=[limit, time.time()], client=client)
         finally:
             self.receiving = False
-        count = 0
         for i in range(0, len(reply), 3):
             tag, raw, source = reply[i].decode(), reply[i + 1], reply[i + 2].decode()
             try:
@@ -400,9 +441,8 @@ class NativeRedisConsumer(Reconnecting):
                     pipe.execute()
                 continue
             self._held[tag] = message
-            count += 1
             self._on_message(message)
-        return count
+        return len(reply) // 3
 
     def _wait_for_messages(self, client: redis.Redis, interval: float) -> None:
         """Block until the first queue has a message (leaving it there), or ``interval``."""
@@ -421,3 +461,70 @@ class NativeRedisConsumer(Reconnecting):
 def _priority_lists(queue: str) -> list[str]:
     """The lists kombu keeps for one queue, highest priority first."""
     return [f"{queue}{PRIORITY_SEP}{step}" if step else queue for step in PRIORITY_STEPS]
+
+
+class NativeRedisPublisher:
+    """Publishes task messages to Redis exactly as kombu's transport would, in one round
+    trip.  Handles direct exchanges without a priority; :meth:`send` says when a message
+    must take kombu's path instead."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self._client: redis.Redis | None = None
+        self._script: Any = None
+
+    def send(
+        self,
+        body: Any,
+        headers: dict[str, Any],
+        properties: dict[str, Any],
+        exchange: str,
+        routing_key: str,
+        queue: str,
+    ) -> bool:
+        """Push the message to every queue bound to ``exchange`` with ``routing_key``; if
+        nothing is bound (the bindings were deleted), bind ``queue`` first, in kombu's
+        format.  False if the connection failed: the caller publishes through kombu, which
+        retries."""
+        conf = self.app.conf
+        content_type, content_encoding, data = kombu_dumps(body, serializer=conf.task_serializer)
+        raw = data.encode(content_encoding) if isinstance(data, str) else data
+        envelope = {
+            "body": base64.b64encode(raw).decode("ascii"),
+            "content-encoding": content_encoding,
+            "content-type": content_type,
+            "headers": headers,
+            "properties": {
+                **properties,
+                "delivery_mode": conf.task_default_delivery_mode,
+                "delivery_info": {"exchange": exchange, "routing_key": routing_key},
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": str(uuid.uuid4()),
+            },
+        }
+        if self._client is None:
+            self._client = redis.Redis.from_url(
+                self.app.broker_url,
+                socket_connect_timeout=conf.broker_connection_timeout,
+                socket_keepalive=True,
+                health_check_interval=0,
+            )
+            self._script = self._client.register_script(_PUBLISH_SCRIPT)
+        binding_key = BINDING_KEY.format(exchange)
+        payload = json.dumps(envelope)
+        try:
+            if not self._script(keys=[binding_key], args=[routing_key, payload]):
+                # kombu would drop this message (its in-process state says "declared")
+                self._client.sadd(binding_key, PRIORITY_SEP.join([routing_key, "", queue]))
+                self._script(keys=[binding_key], args=[routing_key, payload])
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.debug("native publish failed, kombu's path retries: %s", exc)
+            self.close()
+            return False
+        return True
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None

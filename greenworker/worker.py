@@ -97,7 +97,7 @@ class Worker:
         self._flushed_processed = -1
         self.handler = MessageHandler(self)
         consumer_class: type[Consumer] | type[NativeRedisConsumer] = Consumer
-        if conf.broker_native_redis and self.broker_scheme in ("redis", "rediss"):
+        if app.native_redis:
             from .redis_consumer import NativeRedisConsumer  # needs redis-py: the redis extra
 
             consumer_class = NativeRedisConsumer

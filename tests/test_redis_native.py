@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import signal
@@ -188,3 +189,47 @@ def test_kill_9_mid_load_loses_nothing(
         assert not missing, f"lost {missing[:20]}\n{log_tail(logs[1])}"
     finally:
         runs.delete(key)
+
+
+def test_native_publish_sends_kombus_envelope_and_survives_lost_bindings(
+    redis_app: App, redis_url: str
+) -> None:
+    """After a queue's first message (sent and declared through kombu), the client pushes
+    kombu's exact envelope itself in one round trip; if the exchange's bindings vanish it
+    declares them again through kombu and nothing is lost."""
+    client = redis.Redis.from_url(redis_url)
+    queue = redis_app.conf.task_default_queue
+    assert redis_app.native_redis
+    redis_app.send_task("native.add", (1, 2))  # kombu: declares the queue
+    assert queue in redis_app._native_queues
+    redis_app.send_task("native.add", (3, 4))  # native
+    assert redis_app._native_publisher is not None
+    native, by_kombu = (json.loads(raw) for raw in client.lrange(queue, 0, -1))
+
+    def shape(envelope: dict[str, object]) -> dict[str, object]:
+        props = dict(envelope["properties"])  # type: ignore[call-overload]
+        headers = dict(envelope["headers"])  # type: ignore[call-overload]
+        for varying in ("delivery_tag", "correlation_id"):
+            props.pop(varying)
+        for varying in ("id", "root_id", "argsrepr"):
+            headers.pop(varying)
+        return {**envelope, "properties": props, "headers": headers, "body": None}
+
+    assert shape(native) == shape(by_kombu)
+    assert json.loads(base64.b64decode(native["body"]))[0] == [3, 4]
+
+    client.delete(f"_kombu.binding.{queue}")
+    redis_app.send_task("native.add", (5, 6))  # nothing bound: bound again, as kombu binds
+    assert client.exists(f"_kombu.binding.{queue}")
+    redis_app.send_task("native.add", (7, 8))
+    bodies = [
+        json.loads(base64.b64decode(json.loads(raw)["body"]))[0]
+        for raw in client.lrange(queue, 0, -1)
+    ]
+    assert sorted(bodies) == [[1, 2], [3, 4], [5, 6], [7, 8]]
+
+
+def test_a_key_layout_option_turns_the_native_paths_off(redis_url: str) -> None:
+    app = App("layout", broker=redis_url, config={"broker_transport_options": {"sep": ":"}})
+    assert not app.native_redis
+    assert not isinstance(app.Worker(concurrency=1).consumer, NativeRedisConsumer)
