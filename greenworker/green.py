@@ -336,8 +336,11 @@ def patch(hub: HubName = "gevent") -> HubName:
         raise HubError(f"the process is already monkeypatched by {current}, cannot use {hub}")
     if current is None:
         if hub == "gevent":
+            import gevent
             from gevent import monkey
 
+            if not os.environ.get("GEVENT_RESOLVER"):  # the user's choice wins
+                gevent.config.resolver = "greenworker.gevent_resolver.NumericFirstResolver"
             monkey.patch_all()
         else:
             try:
