@@ -363,14 +363,7 @@ class NativeRedisConsumer(Reconnecting):
 
     def _connection(self) -> redis.Redis:
         if self._client is None:
-            options = self.app.conf.broker_transport_options
-            self._client = redis.Redis.from_url(
-                self.app.broker_url,
-                socket_connect_timeout=self.app.conf.broker_connection_timeout,
-                socket_keepalive=True,
-                max_connections=int(options.get("max_connections", 50)),
-                health_check_interval=0,
-            )
+            self._client = broker_client(self.app)
             self._pop = self._client.register_script(_POP_SCRIPT)
         return self._client
 
@@ -458,6 +451,17 @@ class NativeRedisConsumer(Reconnecting):
             self._waiting = False
 
 
+def broker_client(app: App) -> redis.Redis:
+    """A redis-py client for the broker URL, with the app's connect timeout and pool size."""
+    return redis.Redis.from_url(
+        app.broker_url,
+        socket_connect_timeout=app.conf.broker_connection_timeout,
+        socket_keepalive=True,
+        max_connections=int(app.conf.broker_transport_options.get("max_connections", 50)),
+        health_check_interval=0,
+    )
+
+
 def _priority_lists(queue: str) -> list[str]:
     """The lists kombu keeps for one queue, highest priority first."""
     return [f"{queue}{PRIORITY_SEP}{step}" if step else queue for step in PRIORITY_STEPS]
@@ -504,12 +508,7 @@ class NativeRedisPublisher:
             },
         }
         if self._client is None:
-            self._client = redis.Redis.from_url(
-                self.app.broker_url,
-                socket_connect_timeout=conf.broker_connection_timeout,
-                socket_keepalive=True,
-                health_check_interval=0,
-            )
+            self._client = broker_client(self.app)
             self._script = self._client.register_script(_PUBLISH_SCRIPT)
         binding_key = BINDING_KEY.format(exchange)
         payload = json.dumps(envelope)
