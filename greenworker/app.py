@@ -15,7 +15,7 @@ from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
 from kombu.messaging import Producer
 
-from .config import REDIS_LAYOUT_OPTIONS, Settings
+from .config import POLLING_WAKE, REDIS_LAYOUT_OPTIONS, Settings
 from .exceptions import ImproperlyConfigured
 from .hooks import Middleware
 from .protocol import build_task_message
@@ -130,7 +130,7 @@ class App:
         elif self.broker_url.startswith(("redis://", "rediss://")):
             # kombu turns this into the BRPOP timeout (1 s by default), which bounds
             # how long closing the connection waits for the outstanding BRPOP.
-            options.setdefault("polling_interval", 0.2)
+            options.setdefault("polling_interval", POLLING_WAKE)
         return options
 
     def connection(self) -> Connection:

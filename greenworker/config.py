@@ -204,6 +204,11 @@ def _parse_env(name: str, raw: str) -> Any:
     return raw
 
 
+#: How often (s) a consumer on a polling kombu transport (memory, filesystem, kombu's own
+#: Redis transport, where it is the BRPOP timeout) wakes to look for a stop, queue or
+#: prefetch change: a stop cannot wake those.
+POLLING_WAKE = 0.2
+
 #: Transport options that change kombu's Redis key layout: with any of them set, kombu's
 #: own transport is used (greenworker's native Redis paths know only the default layout).
 REDIS_LAYOUT_OPTIONS = (

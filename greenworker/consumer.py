@@ -20,12 +20,9 @@ from kombu.messaging import Consumer as KombuConsumer
 
 from . import green
 from .app import App
+from .config import POLLING_WAKE
 
 log = logging.getLogger(__name__)
-
-#: How often (s) a consumer on a polling kombu transport (memory, filesystem, kombu's own
-#: Redis transport) wakes to look for a stop, queue or prefetch change.
-POLLING_WAKE = 0.2
 
 
 class Reconnecting:
@@ -159,20 +156,32 @@ class Consumer(Reconnecting):
             self._greenlet = None
 
     def _cancel_on_broker(self) -> None:
-        """AMQP: send basic.cancel for our consumers without waiting for the reply.  The
-        consumer greenlet reads the cancel-ok, which wakes it from its drain wait at once;
-        deliveries that were already on the way arrive before it and are handled as usual."""
+        """AMQP: basic.cancel for our consumers.  The consumer greenlet reads the
+        cancel-ok, which wakes it from its drain wait at once; deliveries that were
+        already on the way arrive before it and are handled as usual."""
+        channel = self._ack_channel
+        if channel is None:
+            return
+        for tag in list(channel.callbacks):  # this channel carries only our consumers
+            self._send_without_waiting("Cancel", "sb", (tag, False))
+
+    def _send_without_waiting(self, method: str, argsig: str, args: tuple[Any, ...]) -> bool:
+        """AMQP: send a ``basic.<method>`` on the consuming channel and leave its reply to
+        the consumer greenlet, the channel's only reader (py-amqp ignores a reply nobody
+        waits for).  False if it could not be sent: the connection is going, and the
+        consumer loop ends or reconnects anyway."""
         from amqp import spec  # kombu's own AMQP client, there whenever the driver is amqp
 
         channel = self._ack_channel
         if channel is None:
-            return
+            return False
         with self._write_lock:
-            for tag in list(channel.callbacks):  # this channel carries only our consumers
-                try:
-                    channel.send_method(spec.Basic.Cancel, "sb", (tag, False))
-                except Exception as exc:  # the connection is going: the loop ends anyway
-                    log.debug("cancelling consumer %s failed: %s", tag, exc)
+            try:
+                channel.send_method(getattr(spec.Basic, method), argsig, args)
+                return True
+            except Exception as exc:
+                log.debug("basic.%s %s failed: %s", method.lower(), args, exc)
+                return False
 
     def close(self) -> None:
         """Close the connection; the broker requeues every unacked message."""
@@ -212,27 +221,7 @@ class Consumer(Reconnecting):
         delivery (the pool grew), else when the consumer greenlet next wakes."""
         self._qos_dirty = True
         if self._batch_acks and not self._delivering:
-            self._send_qos()
-
-    def _send_qos(self) -> None:
-        """basic.qos without waiting for qos-ok: the consumer greenlet, the only reader,
-        takes the reply (py-amqp ignores a reply nobody waits for).  With a full prefetch
-        window the broker sends nothing until the count grows, so waiting for the next
-        drain wake-up would hold up a pool that just grew."""
-        from amqp import spec  # kombu's own AMQP client, there whenever the driver is amqp
-
-        channel = self._ack_channel
-        count = _prefetch_limit(self._prefetch_count())
-        if channel is None or count == self._applied_prefetch:
-            return
-        with self._write_lock:
-            try:
-                channel.send_method(spec.Basic.Qos, "lBb", (0, count, self._qos_global))
-            except Exception as exc:  # the connection is going: the new one applies it
-                log.debug("setting the prefetch count failed: %s", exc)
-                return
-        self._applied_prefetch = count
-        self._qos_dirty = False
+            self._apply_qos()
 
     # ------------------------------------------------------------ broker writes
 
@@ -362,13 +351,24 @@ class Consumer(Reconnecting):
                 log.debug("cancelling the consumer failed: %s", exc)
         self._kombu_consumer = None
 
-    def _apply_qos(self, consumer: KombuConsumer) -> None:
+    def _apply_qos(self, consumer: KombuConsumer | None = None) -> None:
+        """Set the prefetch count if it changed.  On AMQP basic.qos goes out without
+        waiting for qos-ok, so it also works from outside the consumer greenlet: with a
+        full prefetch window the broker sends nothing until the count grows, and waiting
+        for the next drain wake-up would hold up a pool that just grew."""
         self._qos_dirty = False
         count = _prefetch_limit(self._prefetch_count())
-        if count != self._applied_prefetch:
+        if count == self._applied_prefetch:
+            return
+        if self._batch_acks:
+            if not self._send_without_waiting("Qos", "lBb", (0, count, self._qos_global)):
+                return
+        elif consumer is not None:
             with self._write_lock:
                 consumer.qos(prefetch_count=count, apply_global=self._qos_global)
-            self._applied_prefetch = count
+        else:
+            return
+        self._applied_prefetch = count
 
     def _release_connection(self) -> None:
         self._ack_channel = None  # acks still due for it are void: the broker requeues
