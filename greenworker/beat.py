@@ -13,21 +13,27 @@ restart neither skips nor doubles a due run.  The rules:
 * One beat per schedule store: a second gets :class:`~greenworker.store.StoreLocked`.
 
 Crontab times are wall-clock times in the schedule's timezone (the
-``timezone`` setting, UTC by default).  A time that does not exist (the
-hour skipped when DST starts) runs when the clock jumps past it; a time that
-happens twice (when DST ends) runs once, the first time.
+``timezone`` setting, UTC by default); croniter computes them (see
+:class:`crontab` for what that means around DST).
+
+One entry whose schedule fails (a user's own schedule class that raises) is
+logged once and left out until beat restarts; the other entries keep their
+times.
 """
 
 from __future__ import annotations
 
+import calendar
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import CroniterBadDateError, croniter
 
 from . import green
 from .exceptions import ImproperlyConfigured
@@ -130,6 +136,13 @@ class crontab:
     that ``minute`` does too.  When both ``day_of_month`` and ``day_of_week``
     are restricted, a day must match both (Celery's rule; classic cron would
     take either).  ``tz`` overrides the app's ``timezone``.
+
+    The next date is computed by croniter (``day_or=False``: Celery's rule);
+    this class parses greenworker's (Celery's) arguments and hands croniter
+    the expanded fields.  Around DST it follows croniter: a wall time skipped
+    when the clock jumps forward runs at the first minute that exists after
+    the jump (02:30 runs at 03:00), and a wall time that happens twice when
+    the clock falls back runs each time it happens.
     """
 
     def __init__(
@@ -151,6 +164,24 @@ class crontab:
         self.months = _parse_field(month_of_year, 1, 12, "month")
         self.days_of_week = _parse_field(day_of_week, 0, 6, "day_of_week")
         self.tz: ZoneInfo | None = _zone(tz) if tz else None
+        # checked here, not left to croniter's 50-year search, so that the mistake
+        # shows when the schedule is built
+        if not any(
+            day <= _LONGEST_MONTH[month] for month in self.months for day in self.days_of_month
+        ):
+            raise ValueError(f"{self!r} never matches a real date")
+        # croniter gets "*" or a plain comma list: every value already expanded and checked
+        self._expression = " ".join(
+            "*" if len(values) == size else ",".join(map(str, sorted(values)))
+            for values, size in (
+                (self.minutes, 60),
+                (self.hours, 24),
+                (self.days_of_month, 31),
+                (self.months, 12),
+                (self.days_of_week, 7),
+            )
+        )
+        self._cron = croniter(self._expression, datetime.now(UTC), day_or=False)
 
     @classmethod
     def from_string(cls, expression: str, tz: str | None = None) -> crontab:
@@ -172,32 +203,21 @@ class crontab:
 
     __str__ = __repr__
 
-    def _day_matches(self, day: date) -> bool:
-        return (
-            day.month in self.months
-            and day.day in self.days_of_month
-            and (day.isoweekday() % 7) in self.days_of_week
-        )
-
     def next_after(self, moment: datetime) -> datetime:
-        tz = self.tz or ZoneInfo("UTC")
-        local = moment.astimezone(tz)
-        day = local.date()
-        for _ in range(366 * 8):  # 8 years covers every valid combination (Feb 29 on a Monday)
-            if self._day_matches(day):
-                best: datetime | None = None
-                for hour in self.hours:
-                    for minute in self.minutes:
-                        # fold=0: a repeated wall time means its first occurrence, and a
-                        # missing one maps past the gap (zoneinfo's reading of it)
-                        wall = datetime(day.year, day.month, day.day, hour, minute, tzinfo=tz)
-                        instant = wall.astimezone(UTC)
-                        if instant > moment and (best is None or instant < best):
-                            best = instant
-                if best is not None:
-                    return best
-            day += timedelta(days=1)
-        raise ValueError(f"{self!r} never matches a real date")
+        """The first matching minute strictly after ``moment``, in UTC."""
+        local = moment.astimezone(self.tz or UTC)
+        try:
+            found = self._cron.get_next(datetime, start_time=local)
+        except CroniterBadDateError:
+            # every day/month pair exists, so only a weekday never seen on it within
+            # croniter's 50 years is left; the calendar has none
+            raise ValueError(f"{self!r} found no date within 50 years") from None
+        assert isinstance(found, datetime)
+        return found.astimezone(UTC)
+
+
+#: Days in each month of a leap year: a day of month that exists in some year.
+_LONGEST_MONTH = {month: calendar.monthrange(2024, month)[1] for month in range(1, 13)}
 
 
 def _zone(name: str) -> ZoneInfo:
@@ -302,6 +322,8 @@ class Beat:
             app.conf.beat_max_loop_interval if max_interval is None else max_interval
         )
         self.entries: dict[str, PeriodicEntry] = {}
+        #: Entries left out because their schedule raised: name -> the error.
+        self.failed: dict[str, str] = {}
         self.sent = 0
         self._last_run: dict[str, datetime] = {}
         self._pending: Entry | None = None
@@ -319,6 +341,7 @@ class Beat:
             if isinstance(entry.schedule, crontab):
                 entry.schedule.with_default_tz(zone)
         self.entries = entries
+        self.failed = {}
         table = self.store.table(TABLE)
         self._last_run = {}
         for name, stamp in table.items():
@@ -361,16 +384,24 @@ class Beat:
         table = self.store.table(TABLE)
         next_due: datetime | None = None
         for entry in self.entries.values():
+            if entry.name in self.failed:
+                continue
             last = self._last_run.get(entry.name)
             if last is None:  # new entry: its clock starts now
                 last = self._remember(table, entry, now)
-            due = entry.schedule.next_after(last)
+            due = self._next_run(entry, last)
+            if due is None:
+                continue
             if due <= now:
                 if self._send(entry):
                     # catching up after downtime: run once, and restart the phase from now
-                    following = entry.schedule.next_after(due)
+                    following = self._next_run(entry, due)
+                    if following is None:
+                        continue
                     due = self._remember(table, entry, due if following > now else now)
-                    due = entry.schedule.next_after(due)
+                    due = self._next_run(entry, due)
+                    if due is None:
+                        continue
                 else:  # not sent (broker down): still due, try again shortly
                     due = now + timedelta(seconds=SEND_RETRY)
             if next_due is None or due < next_due:
@@ -378,6 +409,23 @@ class Beat:
         if next_due is None:
             return self.max_interval
         return max(0.0, min((next_due - now).total_seconds(), self.max_interval))
+
+    def _next_run(self, entry: PeriodicEntry, after: datetime) -> datetime | None:
+        """The entry's next run after ``after``; None (logged once, entry left out from
+        now on) when its schedule fails, so that one entry cannot stop the others."""
+        try:
+            return entry.schedule.next_after(after)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            self.failed[entry.name] = reason
+            log.error(
+                "beat: %s (%s) left out until beat restarts: its schedule %s failed: %s",
+                entry.name,
+                entry.task,
+                entry.schedule,
+                reason,
+            )
+            return None
 
     def _remember(self, table: Any, entry: PeriodicEntry, moment: datetime) -> datetime:
         self._last_run[entry.name] = moment

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import logging
+import random
 import signal
 import time
 from collections.abc import Iterator
@@ -12,6 +14,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import redis
+from croniter import CroniterBadDateError, croniter
 
 from greenworker import App
 from greenworker.beat import Beat, PeriodicEntry, crontab, every
@@ -94,12 +97,12 @@ def test_crontab_dst_start_runs_a_missing_time_once_after_the_jump() -> None:
     runs = _runs(daily, _utc(2026, 3, 27, 12), 3)
     assert [r.astimezone(BERLIN).strftime("%d %H:%M %Z") for r in runs] == [
         "28 02:30 CET",
-        "29 03:30 CEST",  # the missing 02:30 runs when the clock is past it, once
+        "29 03:00 CEST",  # croniter's reading: the first minute that exists after the gap
         "30 02:30 CEST",
     ]
     every_half_hour = crontab.from_string("*/30 1-3 29 3 *", tz="Europe/Berlin")
     runs = _runs(every_half_hour, _utc(2026, 3, 1), 5)
-    # 02:00 and 02:30 do not exist that night: they land on 03:00 and 03:30, run once each
+    # 02:00 and 02:30 do not exist that night: both land on 03:00, which runs once
     assert [r.astimezone(BERLIN).strftime("%Y %H:%M") for r in runs] == [
         "2026 01:00",
         "2026 01:30",
@@ -109,12 +112,13 @@ def test_crontab_dst_start_runs_a_missing_time_once_after_the_jump() -> None:
     ]
 
 
-def test_crontab_dst_end_runs_a_repeated_time_once() -> None:
+def test_crontab_dst_end_runs_a_repeated_time_each_time_it_happens() -> None:
     # Europe/Berlin, 2026-10-25: 03:00 CEST falls back to 02:00 CET; 02:30 happens twice
     daily = crontab.from_string("30 2 * * *", tz="Europe/Berlin")
-    runs = _runs(daily, _utc(2026, 10, 24, 12), 2)
+    runs = _runs(daily, _utc(2026, 10, 24, 12), 3)
     assert [r.astimezone(BERLIN).strftime("%d %H:%M %Z") for r in runs] == [
-        "25 02:30 CEST",  # the first 02:30 only
+        "25 02:30 CEST",
+        "25 02:30 CET",  # croniter's reading: the same wall time again, an hour later
         "26 02:30 CET",
     ]
     hourly = crontab.from_string("0 * * * *", tz="Europe/Berlin")
@@ -122,10 +126,133 @@ def test_crontab_dst_end_runs_a_repeated_time_once() -> None:
     assert [r.astimezone(BERLIN).strftime("%H:%M %Z") for r in night] == [
         "01:00 CEST",
         "02:00 CEST",
-        "03:00 CET",  # 02:00 CET is the same wall time again: not run twice
+        "02:00 CET",  # hourly stays hourly through the repeated hour
+        "03:00 CET",
         "04:00 CET",
-        "05:00 CET",
     ]
+
+
+def test_crontab_finds_a_date_decades_away() -> None:
+    # Feb 29 on a Monday: 2044 after 2016, then 2072 (it used to fail after 8 years)
+    leap_monday = crontab(minute=0, hour=0, day_of_month=29, month_of_year=2, day_of_week="mon")
+    assert _runs(leap_monday, _utc(2026, 1, 1), 2) == [_utc(2044, 2, 29), _utc(2072, 2, 29)]
+    # across 2100, which is no leap year: Wednesday Feb 29 goes from 2096 to 2108
+    leap_wednesday = crontab.from_string("0 0 29 2 wed")
+    assert leap_wednesday.next_after(_utc(2096, 3, 1)) == _utc(2108, 2, 29)
+
+
+#: Zones with the awkward cases: DST both ways, half-hour DST (Lord Howe), "negative"
+#: DST (Dublin), a two-hour shift (Troll), transitions at midnight (Santiago), a
+#: skipped day (Apia, 2011), odd offsets (St John's, Chatham, Kathmandu), no DST.
+RANDOM_ZONES = (
+    "UTC",
+    "Europe/Berlin",
+    "America/New_York",
+    "Australia/Lord_Howe",
+    "Europe/Dublin",
+    "Antarctica/Troll",
+    "America/Santiago",
+    "Pacific/Apia",
+    "America/St_Johns",
+    "Pacific/Chatham",
+    "Asia/Kathmandu",
+    "Asia/Tokyo",
+)
+
+
+def _transitions(zone: ZoneInfo, first_year: int, last_year: int) -> list[datetime]:
+    """UTC instants (to the minute) where ``zone`` changes its UTC offset."""
+    found = []
+    day = _utc(first_year, 1, 1, 12)
+    offset = day.astimezone(zone).utcoffset()
+    while day.year <= last_year:
+        following = day + timedelta(days=1)
+        if following.astimezone(zone).utcoffset() != offset:
+            low, high = day, following  # bisect to the minute
+            while high - low > timedelta(minutes=1):
+                middle = low + (high - low) / 2
+                if middle.astimezone(zone).utcoffset() == offset:
+                    low = middle
+                else:
+                    high = middle
+            found.append(high.replace(second=0, microsecond=0))
+            offset = following.astimezone(zone).utcoffset()
+        day = following
+    return found
+
+
+def _random_field(rng: random.Random, low: int, high: int, names: list[str]) -> str:
+    def one() -> str:
+        kind = rng.choice(("star", "step", "value", "range", "range_step", "from_step", "name"))
+        a, b = sorted(rng.sample(range(low, high + 1), 2))
+        step = str(rng.randint(1, max(1, (high - low) // 2)))
+        if kind == "star":
+            return "*"
+        if kind == "step":
+            return "*/" + step
+        if kind == "value":
+            return str(a)
+        if kind == "range":
+            return f"{a}-{b}"
+        if kind == "range_step":
+            return f"{a}-{b}/{step}"
+        if kind == "from_step":
+            return f"{a}/{step}"
+        if names:  # a name, or a range of names
+            i, j = sorted(rng.sample(range(len(names)), 2))
+            return names[i] if rng.random() < 0.5 else f"{names[i]}-{names[j]}"
+        return str(b)
+
+    return ",".join(one() for _ in range(rng.choice((1, 1, 1, 2, 3))))
+
+
+def test_crontab_agrees_with_croniter_on_random_schedules_zones_and_dst() -> None:
+    """Thousands of random expressions, zones and start moments (a third of them next
+    to a DST transition), three runs each: our crontab gives exactly croniter's times."""
+    rng = random.Random(1313)
+    months = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
+    weekdays = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
+    transitions = {name: _transitions(ZoneInfo(name), 2010, 2030) for name in RANDOM_ZONES}
+    cases = mismatches = 0
+    failures: list[str] = []
+    started = time.monotonic()
+    for _ in range(3000):
+        zone_name = rng.choice(RANDOM_ZONES)
+        zone = ZoneInfo(zone_name)
+        expression = " ".join(
+            (
+                _random_field(rng, 0, 59, []),
+                _random_field(rng, 0, 23, []),
+                # mostly every day of month, so that dom-and-dow schedules stay possible
+                "*" if rng.random() < 0.6 else _random_field(rng, 1, 31, []),
+                "*" if rng.random() < 0.5 else _random_field(rng, 1, 12, months),
+                "*" if rng.random() < 0.5 else _random_field(rng, 0, 7, weekdays),
+            )
+        )
+        if transitions[zone_name] and rng.random() < 0.35:
+            near = rng.choice(transitions[zone_name])
+            start = near + timedelta(seconds=rng.randint(-3 * 3600, 3 * 3600))
+        else:
+            start = _utc(2010, 1, 1) + timedelta(seconds=rng.randint(0, 20 * 365 * 86400))
+        ours: list[datetime | str] = []
+        theirs: list[datetime | str] = []
+        try:
+            ours.extend(_runs(crontab.from_string(expression, tz=zone_name), start, 3))
+        except ValueError:
+            ours.append("no date")
+        try:
+            iterator = croniter(expression, start.astimezone(zone), day_or=False)
+            theirs.extend(iterator.get_next(datetime).astimezone(UTC) for _ in range(3))
+        except CroniterBadDateError:
+            theirs.append("no date")
+        cases += 1
+        if ours != theirs:
+            mismatches += 1
+            failures.append(f"{expression!r} {zone_name} from {start}: {ours} != {theirs}")
+    elapsed = time.monotonic() - started
+    print(f"{cases} random crontabs vs croniter: {mismatches} mismatches in {elapsed:.1f}s")
+    assert failures == []
+    assert elapsed < 30
 
 
 def test_interval_schedule() -> None:
@@ -204,6 +331,47 @@ def test_beat_sends_when_due_and_a_restart_neither_skips_nor_doubles(beat_app: A
     assert beat.tick() == pytest.approx(10.0)  # the interval's phase restarts from now
     assert _sent(beat_app) == []
     store.close()
+
+
+class BrokenSchedule:
+    """A user's own schedule class with a bug."""
+
+    def next_after(self, moment: datetime) -> datetime:
+        raise ZeroDivisionError("division by zero")
+
+    def __str__(self) -> str:
+        return "<broken>"
+
+
+def test_one_failing_entry_is_logged_once_and_the_others_keep_their_times(
+    beat_app: App, caplog: pytest.LogCaptureFixture
+) -> None:
+    beat_app.add_periodic_task(BrokenSchedule(), "x.broken", name="broken")
+    # next due in 2044: it used to fail every tick, and stop every other entry with it
+    beat_app.add_periodic_task(
+        crontab(minute=0, hour=0, day_of_month=29, month_of_year=2, day_of_week="mon"),
+        "x.leap",
+        name="leap-monday",
+    )
+    beat_app.add_periodic_task(10.0, "x.every10", args=(10,), name="ten")
+    clock = FakeClock(_utc(2026, 6, 1, 12))
+    beat, store = _beat(beat_app, clock)
+    try:
+        with caplog.at_level(logging.ERROR, logger="greenworker.beat"):
+            for _ in range(3):
+                assert beat.tick() == pytest.approx(10.0)
+                clock.advance(10)
+            beat.tick()
+        assert _sent(beat_app) == [(10,), (10,), (10,)]
+    finally:
+        store.close()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [
+        "beat: broken (x.broken) left out until beat restarts: its schedule <broken> "
+        "failed: ZeroDivisionError: division by zero"
+    ]
+    assert not any(r.exc_info for r in caplog.records)  # a user's mistake: no traceback
+    assert set(beat.failed) == {"broken"}
 
 
 def test_beat_schedule_setting_and_its_errors(beat_app: App) -> None:
