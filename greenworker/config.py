@@ -2,14 +2,23 @@
 
 Layers, later ones win: defaults, then a module / object / dict given to
 :meth:`Settings.update` (or ``App(config=...)``), then ``GREENWORKER_<NAME>``
-environment variables, then command-line options.
+environment variables (and Celery's own ``CELERY_BROKER_URL`` and
+``CELERY_RESULT_BACKEND``), then command-line options.
+
+No name a user wrote is dropped without a word: a Celery setting greenworker
+does not implement is logged as a warning (once per name and load), a
+near-miss of a greenworker setting is a :class:`ConfigError` with a "did you
+mean", and so is any other unknown key of a dict.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
+import inspect
 import json
+import logging
 import os
 import types
 import typing
@@ -18,6 +27,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ENV_PREFIX = "GREENWORKER_"
+
+#: Celery's environment variables for settings greenworker has, read after ours.
+CELERY_ENV = {"broker_url": "CELERY_BROKER_URL", "result_backend": "CELERY_RESULT_BACKEND"}
+
+#: Celery's environment variables for settings greenworker does not have: warned about.
+CELERY_ENV_UNUSED = ("CELERY_BROKER_READ_URL", "CELERY_BROKER_WRITE_URL")
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -112,36 +129,57 @@ class Settings:
     filesystem_polling_interval: float = 0.05
 
     def update(self, source: Mapping[str, Any] | object | str | None = None, **kw: Any) -> None:
-        """Apply settings from a mapping (strict names), or a module / object / module path
-        (lowercase attributes whose names are settings; others are ignored)."""
+        """Apply settings from a mapping or keywords, or a module / object / module path.
+
+        Every name is a greenworker setting (applied), a Celery setting greenworker
+        does not use (a warning naming it), or a mistake: a near-miss of a setting
+        raises :class:`ConfigError` with a "did you mean", as does any other unknown
+        key of a mapping.  On a module or object, names starting with ``_``, imports,
+        classes and functions are not settings, nor are other names that are not
+        all lower case (a module's own constants); other unknown lower-case
+        attributes are warned about.  Nothing is applied when anything is wrong.
+        """
         if isinstance(source, str):
             try:
                 source = importlib.import_module(source)
             except ImportError as exc:
                 raise ConfigError(f"cannot import config module {source!r}: {exc}") from exc
-        if source is None:
-            items: dict[str, Any] = {}
-        elif isinstance(source, Mapping):
-            items = dict(source)
-            unknown = sorted(set(items) - _FIELD_NAMES)
-            if unknown:
-                raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
-        else:
-            items = {n: getattr(source, n) for n in _FIELD_NAMES if hasattr(source, n)}
-        unknown_kw = sorted(set(kw) - _FIELD_NAMES)
-        if unknown_kw:
-            raise ConfigError(f"unknown setting(s): {', '.join(unknown_kw)}")
-        items.update(kw)
-        for name, value in items.items():
-            setattr(self, name, _check(name, value))
+        known: dict[str, Any] = {}
+        problems: list[str] = []
+        unused: dict[str, str] = {}
+        if isinstance(source, Mapping):
+            _sort(source, True, known, problems, unused)
+        elif source is not None:
+            _sort(_attributes(source), False, known, problems, unused)
+        _sort(kw, True, known, problems, unused)
+        if problems:
+            raise ConfigError(f"unknown setting(s): {', '.join(problems)}")
+        checked = {name: _check(name, value) for name, value in known.items()}
+        for name, value in checked.items():
+            setattr(self, name, value)
+        for why in unused.values():
+            log.warning("%s; ignored", why)
 
     def update_from_env(self, environ: Mapping[str, str] | None = None) -> None:
-        """Apply ``GREENWORKER_<SETTING>`` environment variables."""
+        """Apply ``GREENWORKER_<SETTING>`` environment variables, and Celery's
+        ``CELERY_BROKER_URL`` / ``CELERY_RESULT_BACKEND`` where ours are unset."""
         env = os.environ if environ is None else environ
         for name in _FIELD_NAMES:
-            raw = env.get(ENV_PREFIX + name.upper())
+            variable = ENV_PREFIX + name.upper()
+            raw = env.get(variable)
+            if raw is None and name in CELERY_ENV:
+                variable = CELERY_ENV[name]
+                raw = env.get(variable)
             if raw is not None:
-                setattr(self, name, _parse_env(name, raw))
+                setattr(self, name, _parse_env(name, raw, variable))
+        for variable in CELERY_ENV_UNUSED:
+            if variable in env:
+                log.warning(
+                    "environment variable %s is not used by greenworker, which has one "
+                    "broker URL (broker_url: GREENWORKER_BROKER_URL or CELERY_BROKER_URL); "
+                    "ignored",
+                    variable,
+                )
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -149,6 +187,147 @@ class Settings:
 
 _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(Settings))
 _HINTS = typing.get_type_hints(Settings)
+
+
+# Every setting name Celery 5 knows (its configuration reference).
+_CELERY_NAMES = """
+    accept_content arangodb_backend_settings azureblockblob_base_path
+    azureblockblob_connection_timeout azureblockblob_container_name
+    azureblockblob_read_timeout azureblockblob_retry_increment_base
+    azureblockblob_retry_initial_backoff_sec azureblockblob_retry_max_attempts
+    beat_cron_starting_deadline beat_enable_remote_control beat_max_loop_interval
+    beat_remote_control_max_tick_age beat_schedule beat_schedule_filename beat_scheduler
+    beat_sync_every broker_channel_error_retry broker_connection_max_retries
+    broker_connection_retry broker_connection_retry_on_startup broker_connection_timeout
+    broker_failover_strategy broker_heartbeat broker_heartbeat_checkrate broker_host
+    broker_login_method broker_native_delayed_delivery_queue_type broker_password
+    broker_pool_acquire_timeout broker_pool_limit broker_port broker_read_url broker_transport
+    broker_transport_options broker_url broker_use_ssl broker_user broker_vhost
+    broker_write_url cache_backend cache_backend_options cassandra_auth_kwargs
+    cassandra_auth_provider cassandra_bundle_path cassandra_entry_ttl cassandra_keyspace
+    cassandra_options cassandra_port cassandra_read_consistency cassandra_servers
+    cassandra_table cassandra_write_consistency control_exchange control_queue_durable
+    control_queue_exclusive control_queue_expires control_queue_ttl
+    cosmosdbsql_collection_name cosmosdbsql_consistency_level cosmosdbsql_database_name
+    cosmosdbsql_max_retry_attempts cosmosdbsql_max_retry_wait_time couchbase_backend_settings
+    database_create_tables_at_setup database_engine_callback database_engine_options
+    database_short_lived_sessions database_table_names database_table_schemas database_url
+    elasticsearch_max_retries elasticsearch_retry_on_timeout elasticsearch_save_meta_as_text
+    elasticsearch_timeout enable_utc event_exchange event_queue_durable event_queue_exclusive
+    event_queue_expires event_queue_prefix event_queue_ttl event_serializer gcs_base_path
+    gcs_bucket gcs_project gcs_ttl imports include mongodb_backend_settings
+    redis_backend_use_ssl redis_db redis_host redis_max_connections redis_password redis_port
+    redis_retry_on_timeout redis_socket_connect_timeout redis_socket_keepalive
+    redis_socket_timeout redis_username result_accept_content result_backend
+    result_backend_always_retry result_backend_base_sleep_between_retries_ms
+    result_backend_max_retries result_backend_max_sleep_between_retries_ms
+    result_backend_transport_options result_cache_max result_chord_expires
+    result_chord_join_timeout result_chord_retry_interval result_compression result_exchange
+    result_exchange_type result_expires result_extended result_failure_expires
+    result_persistent result_serializer s3_access_key_id s3_base_path s3_bucket
+    s3_endpoint_url s3_region s3_secret_access_key security_cert_store security_certificate
+    security_digest security_key security_key_password task_acks_late task_acks_on_failure
+    task_acks_on_failure_or_timeout task_acks_on_timeout task_allow_error_cb_on_chord_header
+    task_always_eager task_annotations task_compression
+    task_create_missing_queue_exchange_type task_create_missing_queue_type
+    task_create_missing_queues task_default_delivery_mode task_default_exchange
+    task_default_exchange_type task_default_priority task_default_queue
+    task_default_queue_type task_default_rate_limit task_default_routing_key
+    task_eager_propagates task_ignore_result task_inherit_parent_priority task_protocol
+    task_publish_retry task_publish_retry_policy task_queue_max_priority task_queues
+    task_reject_on_worker_lost task_remote_tracebacks task_repr_maxlevels
+    task_retry_on_worker_lost task_routes task_send_sent_event task_serializer
+    task_soft_time_limit task_store_eager_result task_store_errors_even_if_ignored
+    task_time_limit task_track_started timezone worker_agent worker_autoscaler
+    worker_cancel_long_running_tasks_on_connection_loss worker_concurrency worker_consumer
+    worker_deduplicate_successful_tasks worker_detect_quorum_queues worker_direct
+    worker_disable_prefetch worker_disable_rate_limits worker_enable_prefetch_count_reduction
+    worker_enable_remote_control worker_enable_soft_shutdown_on_idle worker_eta_task_limit
+    worker_hijack_root_logger worker_log_color worker_log_datefmt worker_log_format
+    worker_lost_wait worker_max_memory_per_child worker_max_tasks_per_child worker_pool
+    worker_pool_putlocks worker_pool_restarts worker_pool_start_method
+    worker_prefetch_multiplier worker_proc_alive_timeout worker_redirect_stdouts
+    worker_redirect_stdouts_level worker_send_task_events worker_soft_shutdown_timeout
+    worker_state_db worker_task_log_datefmt worker_task_log_format worker_timer
+    worker_timer_precision
+"""
+#: Celery's settings: those greenworker does not have are warned about, never dropped.
+CELERY_SETTING_NAMES = frozenset(_CELERY_NAMES.split())
+
+#: How close (difflib's ratio) an unknown name must be to a setting to count as its typo.
+_TYPO_CUTOFF = 0.8
+
+
+def _attributes(source: object) -> dict[str, Any]:
+    """A module's or object's public attributes, less imports, classes and functions."""
+    items = {}
+    for name in dir(source):
+        if name.startswith("_"):
+            continue
+        try:
+            value = getattr(source, name)
+        except AttributeError:  # listed by dir() but not readable: not a setting
+            continue
+        if name not in _FIELD_NAMES and (
+            inspect.ismodule(value) or inspect.isclass(value) or inspect.isroutine(value)
+        ):
+            continue
+        items[name] = value
+    return items
+
+
+def _sort(
+    items: Mapping[str, Any],
+    strict: bool,
+    known: dict[str, Any],
+    problems: list[str],
+    unused: dict[str, str],
+) -> None:
+    """File each name as a setting to apply, a mistake to raise, or a name to warn about."""
+    for name, value in items.items():
+        if name in _FIELD_NAMES:
+            known[name] = value
+        elif name in CELERY_SETTING_NAMES:
+            unused[name] = f"setting {name} is not used by greenworker (a Celery setting)"
+        elif name != name.lower():
+            counterpart = _lowercase_counterpart(name)
+            if counterpart in _FIELD_NAMES:
+                unused[name] = (
+                    f"setting {name} is not used by greenworker, which reads "
+                    f"lower-case names: write {counterpart}"
+                )
+            elif counterpart is not None:
+                unused[name] = (
+                    f"setting {name} is not used by greenworker ({counterpart} is a "
+                    "Celery setting it does not implement)"
+                )
+            elif name.startswith("CELERY"):
+                unused[name] = f"setting {name} is not used by greenworker"
+            elif strict:
+                problems.append(name)
+            # else: a module's own constant (DEBUG, BASE_DIR), not a setting
+        elif typo := difflib.get_close_matches(name, _FIELD_NAMES, n=1, cutoff=_TYPO_CUTOFF):
+            problems.append(f"{name} (did you mean {typo[0]}?)")
+        elif strict:
+            problems.append(name)
+        else:
+            unused[name] = f"setting {name} is not a greenworker or Celery setting"
+
+
+def _lowercase_counterpart(name: str) -> str | None:
+    """The setting an upper-case (Celery 3 style) name stands for, if any:
+    ``BROKER_URL``, ``CELERY_RESULT_BACKEND``, ``CELERYD_CONCURRENCY``..."""
+    lower = name.lower()
+    candidates = [lower]
+    for prefix, replacement in (("celery_", ""), ("celery_", "task_"), ("celeryd_", "worker_")):
+        if lower.startswith(prefix):
+            candidates.append(replacement + lower[len(prefix) :])
+    if lower.startswith("celerybeat_"):
+        candidates.append("beat_" + lower[len("celerybeat_") :])
+    for candidate in candidates:
+        if candidate in _FIELD_NAMES or candidate in CELERY_SETTING_NAMES:
+            return candidate
+    return None
 
 
 def _base_types(name: str) -> tuple[type, ...]:
@@ -176,7 +355,7 @@ def _describe(allowed: tuple[type, ...]) -> str:
     return " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
 
 
-def _parse_env(name: str, raw: str) -> Any:
+def _parse_env(name: str, raw: str, variable: str) -> Any:
     allowed = _base_types(name)
     text = raw.strip()
     if type(None) in allowed and text.lower() in ("", "none", "null"):
@@ -200,7 +379,7 @@ def _parse_env(name: str, raw: str) -> Any:
                 raise ValueError("expected a JSON object")
             return value
     except ValueError as exc:
-        raise ConfigError(f"environment variable {ENV_PREFIX}{name.upper()}: {exc}") from exc
+        raise ConfigError(f"environment variable {variable}: {exc}") from exc
     return raw
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import sys
+import textwrap
 import time
 import types
 from pathlib import Path
@@ -20,6 +22,8 @@ from greenworker.results import (
     exception_from_meta,
     exception_to_meta,
 )
+
+from .conftest import ROOT, run_cli
 
 
 def test_settings_defaults_follow_celery_names() -> None:
@@ -54,7 +58,6 @@ def test_bad_env_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> No
 def test_config_from_module_object_and_strict_dict() -> None:
     module = types.ModuleType("gw_test_settings")
     module.broker_url = "memory://"  # type: ignore[attr-defined]
-    module.unrelated_name = 1  # type: ignore[attr-defined]
     sys.modules[module.__name__] = module
     try:
         app = App("x")
@@ -63,11 +66,137 @@ def test_config_from_module_object_and_strict_dict() -> None:
     finally:
         del sys.modules[module.__name__]
     with pytest.raises(ConfigError, match="unknown setting"):
-        App("x", config={"brokr_url": "memory://"})
+        App("x", config={"colour": "blue"})
     with pytest.raises(ConfigError, match="worker_concurrency must be int"):
         App("x", config={"worker_concurrency": "ten"})
     with pytest.raises(ConfigError, match="cannot import config module"):
         App("x", config="no_such_settings_module")
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_settings_greenworker_does_not_use_are_warned_once_each(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A module's names greenworker does not read are each named once, not dropped."""
+    module = types.ModuleType("gw_celery_style_settings")
+    exec(
+        textwrap.dedent(
+            """
+            import os
+            from datetime import timedelta
+
+            broker_url = "memory://"
+            task_routes = {"proj.slow": {"queue": "slow"}}
+            result_extended = True
+            broker_connection_retry_on_startup = True
+            CELERY_BROKER_URL = "redis://elsewhere"
+            CELERY_TASK_ROUTES = {}
+            CELERYD_CONCURRENCY = 10
+            CELERY_SOMETHING_NEW = 1
+            BROKER_URL = "redis://elsewhere"
+            ENABLE_UTC = True
+            base_url = "memory://"  # a helper: not a setting of anyone's
+            DEBUG = True  # the module's own constant
+            _private = 1
+
+            def helper():
+                return timedelta(seconds=1)
+
+            class Router:
+                pass
+            """
+        ),
+        module.__dict__,
+    )
+    with caplog.at_level(logging.WARNING, logger="greenworker.config"):
+        app = App("x", config=module)
+    assert app.conf.broker_url == "memory://"
+    assert sorted(_warnings(caplog)) == [
+        "setting BROKER_URL is not used by greenworker, which reads lower-case names: "
+        "write broker_url; ignored",
+        "setting CELERYD_CONCURRENCY is not used by greenworker, which reads lower-case "
+        "names: write worker_concurrency; ignored",
+        "setting CELERY_BROKER_URL is not used by greenworker, which reads lower-case "
+        "names: write broker_url; ignored",
+        "setting CELERY_SOMETHING_NEW is not used by greenworker; ignored",
+        "setting CELERY_TASK_ROUTES is not used by greenworker (task_routes is a Celery "
+        "setting it does not implement); ignored",
+        "setting ENABLE_UTC is not used by greenworker (enable_utc is a Celery setting it "
+        "does not implement); ignored",
+        "setting base_url is not a greenworker or Celery setting; ignored",
+        "setting broker_connection_retry_on_startup is not used by greenworker "
+        "(a Celery setting); ignored",
+        "setting result_extended is not used by greenworker (a Celery setting); ignored",
+        "setting task_routes is not used by greenworker (a Celery setting); ignored",
+    ]
+
+    # the same Celery names in a dict or keywords warn too, instead of raising
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="greenworker.config"):
+        settings = Settings()
+        settings.update({"task_routes": {}, "CELERY_BROKER_URL": "x"}, result_extended=True)
+    assert len(_warnings(caplog)) == 3
+
+
+def test_a_misspelt_setting_raises_with_did_you_mean() -> None:
+    module = types.ModuleType("gw_typo_settings")
+    module.brokr_url = "memory://"  # type: ignore[attr-defined]
+    module.worker_concurency = 5  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError) as raised:
+        App("x", config=module)
+    assert str(raised.value) == (
+        "unknown setting(s): brokr_url (did you mean broker_url?), "
+        "worker_concurency (did you mean worker_concurrency?)"
+    )
+    with pytest.raises(ConfigError, match=r"task_acks_lat \(did you mean task_acks_late\?\)"):
+        App("x", config={"task_acks_lat": True})
+    with pytest.raises(ConfigError, match="did you mean timezone"):
+        Settings().update(timezon="UTC")
+    # nothing applied when anything is wrong
+    settings = Settings()
+    with pytest.raises(ConfigError):
+        settings.update({"worker_concurrency": 7, "brokr_url": "memory://"})
+    assert settings.worker_concurrency == 100
+
+
+def test_celery_environment_names_are_read_after_greenworkers(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("CELERY_BROKER_URL", "redis://celery-broker:6379/0")
+    monkeypatch.setenv("CELERY_RESULT_BACKEND", "redis://celery-results:6379/1")
+    app = App("x", config={"broker_url": "memory://"})
+    assert app.conf.broker_url == "redis://celery-broker:6379/0"  # env beats the config
+    assert app.conf.result_backend == "redis://celery-results:6379/1"
+    assert not app.embedded
+    monkeypatch.setenv("GREENWORKER_BROKER_URL", "amqp://ours")
+    assert App("x").conf.broker_url == "amqp://ours"  # GREENWORKER_* first
+    monkeypatch.setenv("CELERY_BROKER_READ_URL", "redis://reader")
+    with caplog.at_level(logging.WARNING, logger="greenworker.config"):
+        App("x")
+    assert _warnings(caplog) == [
+        "environment variable CELERY_BROKER_READ_URL is not used by greenworker, which has "
+        "one broker URL (broker_url: GREENWORKER_BROKER_URL or CELERY_BROKER_URL); ignored"
+    ]
+
+
+def test_cli_names_a_misspelt_setting_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "typoapp.py").write_text(
+        "from greenworker import App\n"
+        "class Config:\n"
+        "    brokr_url = 'memory://'\n"
+        "app = App('typoapp', config=Config)\n"
+    )
+    result = run_cli(
+        "-A", "typoapp", "status", cwd=tmp_path, env={"PYTHONPATH": f"{tmp_path}:{ROOT}"}
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: ")
+    assert lines[0].endswith("unknown setting(s): brokr_url (did you mean broker_url?)")
 
 
 def test_embedded_default_paths(tmp_path: Path) -> None:
