@@ -1,8 +1,8 @@
 """The site the demo crawls: N generated pages served on 127.0.0.1 by the stdlib.
 
 Page i links to a few others (so the crawl fans out and meets pages it has
-seen), and every tenth page links to a page that does not exist (404s appear
-in the summary).  Each response waits ``latency`` seconds, as a real site
+seen), and every tenth page links to a page that does not exist: those 404s
+are on purpose, and the summary counts them apart as expected.  Each response waits ``latency`` seconds, as a real site
 would, so concurrency is what makes the crawl fast.
 """
 
