@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 
 EMBEDDED_BROKER = "filesystem://localhost/"
 
+#: URL schemes whose broker (kombu's transport) or result backend needs redis-py.
+REDIS_BROKER_SCHEMES = frozenset({"redis", "rediss", "redis+socket", "sentinel"})
+REDIS_BACKEND_SCHEMES = frozenset({"redis", "rediss", "unix"})
+
 
 class App:
     """A greenworker application: ``app = App("proj", broker=..., backend=...)``.
@@ -133,8 +137,30 @@ class App:
             options.setdefault("polling_interval", POLLING_WAKE)
         return options
 
+    def check_client_libraries(self) -> None:
+        """Raise :class:`ImproperlyConfigured`, naming the extra to install, when the
+        broker or the result backend needs the redis package and it is missing."""
+        needs = [
+            what
+            for what, url, schemes in (
+                ("broker", self.broker_url, REDIS_BROKER_SCHEMES),
+                ("result backend", self.result_backend_url or "", REDIS_BACKEND_SCHEMES),
+            )
+            if url.partition("://")[0].lower() in schemes
+        ]
+        if not needs:
+            return
+        try:
+            import redis  # noqa: F401  (only whether it imports)
+        except ImportError:
+            raise ImproperlyConfigured(
+                f"the Redis {' and '.join(needs)} {'needs' if len(needs) == 1 else 'need'} "
+                "the redis package, which is not installed: pip install 'greenworker[redis]'"
+            ) from None
+
     def connection(self) -> Connection:
         """A new (lazy) kombu connection to the broker."""
+        self.check_client_libraries()
         return Connection(
             self.broker_url,
             transport_options=self.transport_options(),
@@ -354,6 +380,7 @@ class App:
         """Build a worker for this app; see :class:`greenworker.worker.Worker`."""
         from .worker import Worker
 
+        self.check_client_libraries()
         return Worker(self, **options)
 
     def _reset_clients(self) -> None:

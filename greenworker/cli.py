@@ -282,6 +282,10 @@ class AppLoader:
             app.conf.result_backend = self.backend
         if self.data_dir:
             app.conf.data_dir = self.data_dir
+        try:
+            app.check_client_libraries()  # one line naming the extra, not an ImportError
+        except ImproperlyConfigured as exc:
+            raise CLIError(str(exc)) from None
         return app
 
 

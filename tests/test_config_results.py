@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import subprocess
 import sys
 import textwrap
 import time
@@ -275,3 +276,41 @@ def test_lmdb_map_grows_instead_of_failing(tmp_path: Path) -> None:
     assert env.info()["map_size"] > 64 * 1024
     meta = backend.get("id-49")
     assert meta is not None and meta["result"] == blob
+
+
+#: Runs greenworker's command as if the redis package were not installed.
+WITHOUT_REDIS = "import sys; sys.modules['redis'] = None; from greenworker.cli import main; main()"
+MISSING_REDIS = "pip install 'greenworker[redis]'"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],  # the worker
+        ["call", "cliapp.add", "--args", "[1, 2]"],
+        ["inspect", "ping"],
+    ],
+)
+def test_cli_without_redis_says_which_extra_to_install(hub: str, command: list[str]) -> None:
+    options = ["-A", "tests.cliapp", "-P", hub, "-b", "redis://127.0.0.1:6379/0"]
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_REDIS, *options, *command],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "Error: the Redis broker needs the redis package, which is not installed: " + MISSING_REDIS
+    ]
+
+
+def test_app_without_redis_says_which_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "redis", None)  # import redis: ImportError
+    app = App("x", broker="redis://127.0.0.1:6379/0", backend="redis://127.0.0.1:6379/1")
+    with pytest.raises(ImproperlyConfigured, match=r"broker and result backend need .*\[redis\]"):
+        app.connection()
+    with pytest.raises(ImproperlyConfigured, match=r"\[redis\]"):
+        app.Worker()
+    App("y", broker="memory://").check_client_libraries()  # nothing to need
