@@ -2,8 +2,9 @@
 
 Page i links to a few others (so the crawl fans out and meets pages it has
 seen), and every tenth page links to a page that does not exist: those 404s
-are on purpose, and the summary counts them apart as expected.  Each response waits ``latency`` seconds, as a real site
-would, so concurrency is what makes the crawl fast.
+are on purpose, and the summary counts them apart as expected.  Each response
+waits ``latency`` seconds, as a real site would, so concurrency is what makes
+the crawl fast.
 """
 
 from __future__ import annotations
