@@ -213,27 +213,30 @@ def test_crontab_agrees_with_croniter_on_random_schedules_zones_and_dst() -> Non
     months = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
     weekdays = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
     transitions = {name: _transitions(ZoneInfo(name), 2010, 2030) for name in RANDOM_ZONES}
-    cases = mismatches = 0
+    cases = mismatches = near_dst = 0
     failures: list[str] = []
     started = time.monotonic()
     for _ in range(3000):
         zone_name = rng.choice(RANDOM_ZONES)
         zone = ZoneInfo(zone_name)
+        # a third start next to a DST change, with schedules dense enough to meet it
+        near_change = bool(transitions[zone_name]) and rng.random() < 0.35
+        if near_change:
+            change = rng.choice(transitions[zone_name])
+            start = change + timedelta(seconds=rng.randint(-3 * 3600, 3 * 3600))
+        else:
+            start = _utc(2010, 1, 1) + timedelta(seconds=rng.randint(0, 20 * 365 * 86400))
+        every_day = 0.9 if near_change else 0.5
         expression = " ".join(
             (
                 _random_field(rng, 0, 59, []),
-                _random_field(rng, 0, 23, []),
+                "*" if near_change and rng.random() < 0.5 else _random_field(rng, 0, 23, []),
                 # mostly every day of month, so that dom-and-dow schedules stay possible
-                "*" if rng.random() < 0.6 else _random_field(rng, 1, 31, []),
-                "*" if rng.random() < 0.5 else _random_field(rng, 1, 12, months),
-                "*" if rng.random() < 0.5 else _random_field(rng, 0, 7, weekdays),
+                "*" if rng.random() < max(every_day, 0.6) else _random_field(rng, 1, 31, []),
+                "*" if rng.random() < every_day else _random_field(rng, 1, 12, months),
+                "*" if rng.random() < every_day else _random_field(rng, 0, 7, weekdays),
             )
         )
-        if transitions[zone_name] and rng.random() < 0.35:
-            near = rng.choice(transitions[zone_name])
-            start = near + timedelta(seconds=rng.randint(-3 * 3600, 3 * 3600))
-        else:
-            start = _utc(2010, 1, 1) + timedelta(seconds=rng.randint(0, 20 * 365 * 86400))
         ours: list[datetime | str] = []
         theirs: list[datetime | str] = []
         try:
@@ -246,12 +249,21 @@ def test_crontab_agrees_with_croniter_on_random_schedules_zones_and_dst() -> Non
         except CroniterBadDateError:
             theirs.append("no date")
         cases += 1
+        near_dst += any(
+            isinstance(run, datetime)
+            and any(abs(run - moment) <= timedelta(hours=2) for moment in transitions[zone_name])
+            for run in theirs
+        )
         if ours != theirs:
             mismatches += 1
             failures.append(f"{expression!r} {zone_name} from {start}: {ours} != {theirs}")
     elapsed = time.monotonic() - started
-    print(f"{cases} random crontabs vs croniter: {mismatches} mismatches in {elapsed:.1f}s")
+    print(
+        f"{cases} random crontabs vs croniter: {mismatches} mismatches in {elapsed:.1f}s; "
+        f"{near_dst} ran within 2 hours of a DST change"
+    )
     assert failures == []
+    assert near_dst >= 300  # the DST gaps and folds were really exercised
     assert elapsed < 30
 
 
