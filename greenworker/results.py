@@ -83,6 +83,13 @@ _CELERY_NAMES = frozenset(
     }
 )
 
+#: Where a Celery worker's stored exceptions say they come from: its time limits are
+#: billiard's classes (re-exported by ``celery.exceptions``).
+_CELERY_CLASSES = frozenset(
+    {("celery.exceptions", name) for name in _CELERY_NAMES}
+    | {("billiard.exceptions", name) for name in ("SoftTimeLimitExceeded", "TimeLimitExceeded")}
+)
+
 
 def exception_to_meta(exc: BaseException) -> dict[str, Any]:
     cls = type(exc)
@@ -111,7 +118,7 @@ def exception_from_meta(value: Any) -> BaseException:
     module_name = str(value.get("exc_module") or "builtins")
     raw_args = value.get("exc_message", [])
     args = tuple(raw_args) if isinstance(raw_args, list | tuple) else (raw_args,)
-    if module_name == "celery.exceptions" and name in _CELERY_NAMES:
+    if (module_name, name) in _CELERY_CLASSES:
         module_name = "greenworker.exceptions"  # Celery's names, greenworker's classes
     module = builtins if module_name == "builtins" else sys.modules.get(module_name)
     cls: Any = module

@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from celery import Celery
+from celery import exceptions as celery_exceptions
 
-from greenworker import App, Worker
+from greenworker import App, Worker, green
+from greenworker.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
 from .conftest import ROOT
 
@@ -37,6 +41,21 @@ def gw_worker(broker_url: str, redis_url: str, queue_name: str) -> Iterator[Work
     @app.task(name="interop.echo_kwargs")
     def echo_kwargs(**kwargs: object) -> dict[str, object]:
         return dict(kwargs)
+
+    @app.task(name="interop.nap")
+    def nap(seconds: float) -> str:
+        green.sleep(seconds)
+        return "woke up"
+
+    @app.task(name="interop.nap_until_soft_limit")
+    def nap_until_soft_limit(seconds: float) -> float:
+        """Seconds until the soft limit interrupted the nap (raises if it never did)."""
+        started = time.monotonic()
+        try:
+            green.sleep(seconds)
+        except SoftTimeLimitExceeded:
+            return time.monotonic() - started
+        raise AssertionError("no soft time limit")
 
     worker = app.Worker(concurrency=20)
     worker.start()
@@ -83,47 +102,103 @@ def test_celery_apply_async_with_kwargs_countdown_and_failure(
     assert "ValueError: no good" in (bad.traceback or "")
 
 
-@pytest.mark.timeout(90)
-def test_greenworker_client_to_a_celery_worker(
-    broker_url: str, redis_url: str, queue_name: str
+@pytest.mark.timeout(60)
+def test_celery_client_time_limits_reach_greenworker_as_hard_and_soft(
+    gw_worker: Worker, celery_client: Celery, queue_name: str
 ) -> None:
-    env = {**os.environ, "INTEROP_BROKER": broker_url, "INTEROP_BACKEND": redis_url}
+    """Celery writes ``timelimit`` as [hard, soft]; greenworker must read it so."""
+    started = time.monotonic()
+    killed = celery_client.send_task("interop.nap", (5,), queue=queue_name, time_limit=0.5)
+    with pytest.raises(celery_exceptions.TimeLimitExceeded):
+        killed.get(timeout=20)
+    assert time.monotonic() - started < 3  # killed at its hard limit, not after the nap
+    soft = celery_client.send_task(
+        "interop.nap_until_soft_limit",
+        (5,),
+        queue=queue_name,
+        soft_time_limit=0.5,
+        time_limit=3,
+    )
+    assert 0.45 <= soft.get(timeout=20) < 1.5  # soft raised at 0.5 s, not killed
+
+
+@contextmanager
+def running_celery_worker(
+    broker_url: str, backend_url: str, queue_name: str, pool: str = "solo"
+) -> Iterator[subprocess.Popen[str]]:
+    """A real ``celery worker`` (tests/celery_side.py) consuming ``queue_name``; stopped after."""
+    env = {**os.environ, "INTEROP_BROKER": broker_url, "INTEROP_BACKEND": backend_url}
+    quiet = ["--without-mingle", "--without-gossip", "--without-heartbeat", "-l", "warning"]
+    concurrency = ["-c", "1"] if pool == "prefork" else []
+    command = [sys.executable, "-m", "celery", "-A", "tests.celery_side", "worker", "-P", pool]
     celery_worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "tests.celery_side",
-            "worker",
-            "-P",
-            "solo",
-            "-Q",
-            queue_name,
-            "--without-mingle",
-            "--without-gossip",
-            "--without-heartbeat",
-            "-l",
-            "warning",
-        ],
+        [*command, "-Q", queue_name, *concurrency, *quiet],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
-    client = App(
-        "gwclient", broker=broker_url, backend=redis_url, config={"task_default_queue": queue_name}
-    )
     try:
-        results = [client.send_task("celery_side.mul", (i, 3)) for i in range(10)]
-        assert [r.get(timeout=60) for r in results] == [3 * i for i in range(10)]
+        yield celery_worker
     finally:
         celery_worker.terminate()
         try:
             celery_worker.wait(20)
         except subprocess.TimeoutExpired:
             celery_worker.kill()
-        with client.connection() as conn:
-            client.queue(queue_name)(conn.default_channel).delete()
-        client.close()
+            celery_worker.wait(5)
+        if celery_worker.stdout is not None:
+            celery_worker.stdout.close()
+
+
+@pytest.fixture
+def gw_client(broker_url: str, redis_url: str, queue_name: str) -> Iterator[App]:
+    client = App(
+        "gwclient", broker=broker_url, backend=redis_url, config={"task_default_queue": queue_name}
+    )
+    yield client
+    with client.connection() as conn:
+        client.queue(queue_name)(conn.default_channel).delete()
+    client.close()
+
+
+@pytest.mark.timeout(90)
+def test_greenworker_client_to_a_celery_worker(
+    broker_url: str, redis_url: str, queue_name: str, gw_client: App
+) -> None:
+    with running_celery_worker(broker_url, redis_url, queue_name):
+        results = [gw_client.send_task("celery_side.mul", (i, 3)) for i in range(10)]
+        assert [r.get(timeout=60) for r in results] == [3 * i for i in range(10)]
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("broker_url", ["redis"], indirect=True)
+def test_celery_gevent_worker_reads_greenworker_time_limits(
+    broker_url: str, redis_url: str, queue_name: str, gw_client: App
+) -> None:
+    """greenworker writes [hard, soft]: Celery's request sees them so and kills at the hard one.
+
+    (Celery's gevent pool enforces only the hard limit; the soft one is checked on the request.)
+    """
+    with running_celery_worker(broker_url, redis_url, queue_name, pool="gevent"):
+        seen = gw_client.send_task("celery_side.own_limits", time_limit=3, soft_time_limit=1)
+        assert seen.get(timeout=60) == {"time_limit": 3, "soft_time_limit": 1}
+        started = time.monotonic()
+        killed = gw_client.send_task("celery_side.nap", (5,), time_limit=0.5)
+        with pytest.raises(TimeLimitExceeded):
+            killed.get(timeout=20)
+        assert time.monotonic() - started < 3
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("broker_url", ["redis"], indirect=True)
+def test_celery_prefork_worker_raises_greenworker_soft_limit(
+    broker_url: str, redis_url: str, queue_name: str, gw_client: App
+) -> None:
+    """Celery's prefork pool enforces both limits: the soft one raises inside the task."""
+    with running_celery_worker(broker_url, redis_url, queue_name, pool="prefork"):
+        soft = gw_client.send_task(
+            "celery_side.nap_until_soft_limit", (5,), soft_time_limit=0.5, time_limit=3
+        )
+        assert 0.45 <= soft.get(timeout=60) < 1.5
