@@ -6,14 +6,19 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, date, datetime
+from datetime import time as time_of_day
+from decimal import Decimal
+from typing import Any
 
 import pytest
 from celery import Celery
 from celery import exceptions as celery_exceptions
 
-from greenworker import App, Worker, green
+from greenworker import App, Task, Worker, green
 from greenworker.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
 from .conftest import ROOT
@@ -41,6 +46,16 @@ def gw_worker(broker_url: str, redis_url: str, queue_name: str) -> Iterator[Work
     @app.task(name="interop.echo_kwargs")
     def echo_kwargs(**kwargs: object) -> dict[str, object]:
         return dict(kwargs)
+
+    @app.task(name="interop.typed_echo")
+    def typed_echo(value: object) -> dict[str, object]:
+        """The value back, with the type name the task saw it arrive as."""
+        return {"type": type(value).__name__, "value": value}
+
+    @app.task(name="interop.header_of", bind=True)
+    def header_of(self: Task, name: str) -> dict[str, object]:
+        value = self.request.headers.get(name)
+        return {"type": type(value).__name__, "value": value}
 
     @app.task(name="interop.nap")
     def nap(seconds: float) -> str:
@@ -100,6 +115,76 @@ def test_celery_apply_async_with_kwargs_countdown_and_failure(
         bad.get(timeout=20)
     assert bad.state == "FAILURE"
     assert "ValueError: no good" in (bad.traceback or "")
+
+
+#: Values Celery's JSON serializer (kombu's) carries typed, each with its type's name.
+TYPED_VALUES: list[tuple[str, Any]] = [
+    ("datetime", datetime(2026, 12, 1, 21, 30, 15, 123456, tzinfo=UTC)),
+    ("datetime", datetime(2026, 12, 1, 21, 30, 15)),  # naive stays naive
+    ("date", date(2026, 2, 28)),
+    ("time", time_of_day(23, 59, 1, 5)),
+    ("Decimal", Decimal("12345678901234567890.10")),
+    ("UUID", uuid.UUID("6f1c5d1e-8d4b-4f8e-9a43-2b0f4a1e3c55")),
+    ("bytes", b"plain text"),
+    ("bytes", b"\x00\xff\xfe binary"),
+]
+
+
+@pytest.mark.timeout(60)
+def test_celery_client_typed_args_and_results(
+    gw_worker: Worker, celery_client: Celery, queue_name: str
+) -> None:
+    """A Celery producer's datetime/Decimal/UUID/bytes arrive typed; its AsyncResult gets
+    them back typed from greenworker's stored result."""
+    sent = [
+        celery_client.send_task("interop.typed_echo", (value,), queue=queue_name)
+        for _, value in TYPED_VALUES
+    ]
+    for (type_name, value), result in zip(TYPED_VALUES, sent, strict=True):
+        assert result.get(timeout=20) == {"type": type_name, "value": value}
+        assert type(result.result["value"]) is type(value)
+    nested = {"when": [TYPED_VALUES[0][1]], "amount": {"due": Decimal("1.5")}}
+    echoed = celery_client.send_task("interop.typed_echo", (nested,), queue=queue_name)
+    assert echoed.get(timeout=20) == {"type": "dict", "value": nested}
+
+
+@pytest.mark.timeout(60)
+def test_greenworker_client_typed_args_and_results(gw_worker: Worker) -> None:
+    client = gw_worker.app
+    sent = [client.send_task("interop.typed_echo", (value,)) for _, value in TYPED_VALUES]
+    for (type_name, value), result in zip(TYPED_VALUES, sent, strict=True):
+        assert result.get(timeout=20) == {"type": type_name, "value": value}
+        assert type(result.result["value"]) is type(value)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("broker_url", ["redis"], indirect=True)
+def test_celery_typed_header_through_the_native_redis_consumer(
+    gw_worker: Worker, celery_client: Celery, queue_name: str
+) -> None:
+    """kombu's Redis envelope is kombu's JSON too: a typed header arrives typed."""
+    sent_at = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    result = celery_client.send_task(
+        "interop.header_of", ("sent_at",), queue=queue_name, headers={"sent_at": sent_at}
+    )
+    assert result.get(timeout=20) == {"type": "datetime", "value": sent_at}
+
+
+@pytest.mark.parametrize("broker_url", ["redis"], indirect=True)
+def test_greenworker_client_reads_typed_results_celery_stored(
+    celery_client: Celery, redis_url: str
+) -> None:
+    celery_client.conf.result_expires = None  # plain SET (Celery's SETEX path warns)
+    client = App("gwreader", broker=redis_url, backend=redis_url)
+    try:
+        for _, value in TYPED_VALUES:
+            task_id = str(uuid.uuid4())
+            celery_client.backend.store_result(task_id, {"value": value}, "SUCCESS")
+            assert client.AsyncResult(task_id).get(timeout=5) == {"value": value}
+            assert type(client.AsyncResult(task_id).result["value"]) is type(value)
+            celery_client.backend.forget(task_id)
+    finally:
+        client.close()
 
 
 @pytest.mark.timeout(60)
