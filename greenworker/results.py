@@ -516,10 +516,11 @@ class AsyncResult:
         status = meta.get("status")
         if status == SUCCESS or not propagate:
             return self.result
-        if status == REVOKED:
-            reason = meta.get("result")
-            raise TaskRevokedError(f"task {self.id} was revoked: {reason}")
-        raise self.result
+        error = self.result
+        if status == REVOKED and not isinstance(error, TaskRevokedError):
+            error = TaskRevokedError(*getattr(error, "args", (error,)))
+        # As Celery: the stored TaskRevokedError('revoked' / 'expired' / 'terminated').
+        raise error
 
     def forget(self) -> None:
         self._cache = None

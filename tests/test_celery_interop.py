@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from datetime import time as time_of_day
 from decimal import Decimal
 from typing import Any
@@ -19,7 +19,7 @@ from celery import Celery
 from celery import exceptions as celery_exceptions
 
 from greenworker import App, Task, Worker, green
-from greenworker.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from greenworker.exceptions import SoftTimeLimitExceeded, TaskRevokedError, TimeLimitExceeded
 
 from .conftest import ROOT
 
@@ -182,6 +182,44 @@ def test_greenworker_client_reads_typed_results_celery_stored(
             celery_client.backend.store_result(task_id, {"value": value}, "SUCCESS")
             assert client.AsyncResult(task_id).get(timeout=5) == {"value": value}
             assert type(client.AsyncResult(task_id).result["value"]) is type(value)
+            celery_client.backend.forget(task_id)
+    finally:
+        client.close()
+
+
+@pytest.mark.timeout(60)
+def test_revoked_and_expired_errors_read_as_celerys(
+    gw_worker: Worker, celery_client: Celery, queue_name: str
+) -> None:
+    """Both clients raise TaskRevokedError('expired') / ('revoked'), as from a Celery worker."""
+    past = datetime.now(UTC) - timedelta(seconds=1)
+    expired = celery_client.send_task("interop.add", (1, 1), queue=queue_name, expires=past)
+    revoked_id = str(uuid.uuid4())
+    gw_worker.revoke(revoked_id)
+    revoked = celery_client.send_task("interop.add", (1, 1), queue=queue_name, task_id=revoked_id)
+    for result, reason in ((expired, "expired"), (revoked, "revoked")):
+        with pytest.raises(celery_exceptions.TaskRevokedError) as celery_side:
+            result.get(timeout=20)
+        assert celery_side.value.args == (reason,)
+        with pytest.raises(TaskRevokedError) as greenworker_side:
+            gw_worker.app.AsyncResult(result.id).get(timeout=5)
+        assert str(greenworker_side.value) == reason
+        assert greenworker_side.value.args == (reason,)
+
+
+@pytest.mark.parametrize("broker_url", ["redis"], indirect=True)
+def test_greenworker_client_reads_celery_stored_revocations(
+    celery_client: Celery, redis_url: str
+) -> None:
+    celery_client.conf.result_expires = None  # plain SET (Celery's SETEX path warns)
+    client = App("gwreader", broker=redis_url, backend=redis_url)
+    try:
+        for reason in ("revoked", "expired", "terminated"):
+            task_id = str(uuid.uuid4())
+            celery_client.backend.mark_as_revoked(task_id, reason)
+            with pytest.raises(TaskRevokedError, match=f"^{reason}$"):
+                client.AsyncResult(task_id).get(timeout=5)
+            assert client.AsyncResult(task_id).state == "REVOKED"
             celery_client.backend.forget(task_id)
     finally:
         client.close()
