@@ -102,7 +102,8 @@ def build_task_message(
         "group": group,
         "group_index": group_index,
         "retries": retries,
-        "timelimit": [soft_time_limit, time_limit],
+        # Celery's order: [hard, soft] (its amqp module writes and its worker reads it so).
+        "timelimit": [time_limit, soft_time_limit],
         "root_id": root_id or task_id,
         "parent_id": parent_id,
         "argsrepr": _short_repr(args_list),
@@ -142,7 +143,7 @@ def _from_v2(body: Any, headers: dict[str, Any], properties: dict[str, Any]) -> 
     if not isinstance(body, list | tuple) or len(body) != 3:
         raise MalformedMessage("body must be a list [args, kwargs, embed]")
     args, kwargs, embed = body
-    soft, hard = _timelimit(headers.get("timelimit"))
+    hard, soft = _timelimit(headers.get("timelimit"))
     return TaskMessage(
         id=_required_str(headers, "id"),
         task=_required_str(headers, "task"),
@@ -169,7 +170,7 @@ def _from_v2(body: Any, headers: dict[str, Any], properties: dict[str, Any]) -> 
 
 def _from_v1(body: Mapping[str, Any], properties: dict[str, Any]) -> TaskMessage:
     fields = dict(body)
-    soft, hard = _timelimit(fields.get("timelimit"))
+    hard, soft = _timelimit(fields.get("timelimit"))
     embed = {
         "callbacks": fields.get("callbacks"),
         "errbacks": fields.get("errbacks"),
@@ -202,7 +203,7 @@ def _from_v1(body: Mapping[str, Any], properties: dict[str, Any]) -> TaskMessage
         "expires": _iso(msg.expires),
         "group": msg.group,
         "retries": msg.retries,
-        "timelimit": [soft, hard],
+        "timelimit": [hard, soft],
         "root_id": msg.id,
         "parent_id": None,
     }
@@ -265,6 +266,7 @@ def _retries(value: Any) -> int:
 
 
 def _timelimit(value: Any) -> tuple[float | None, float | None]:
+    """``(hard, soft)`` from a ``timelimit`` field, in Celery's order (v1 and v2 alike)."""
     if value is None:
         return None, None
     if isinstance(value, list | tuple) and len(value) == 2:
@@ -277,7 +279,7 @@ def _timelimit(value: Any) -> tuple[float | None, float | None]:
             else:
                 raise MalformedMessage(f"timelimit entries must be numbers or null: {value!r:.60}")
         return out[0], out[1]
-    raise MalformedMessage(f"timelimit must be [soft, hard], got {value!r:.60}")
+    raise MalformedMessage(f"timelimit must be [hard, soft], got {value!r:.60}")
 
 
 def _datetime(src: Mapping[str, Any], key: str, assume_utc: bool = True) -> datetime | None:

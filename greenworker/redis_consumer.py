@@ -34,7 +34,6 @@ instead); so does a transport option that changes kombu's key layout
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import time
 import uuid
@@ -45,6 +44,7 @@ import redis
 from kombu.serialization import dumps as kombu_dumps
 from kombu.serialization import loads as kombu_loads
 from kombu.serialization import prepare_accept_content
+from kombu.utils import json  # kombu's envelope codec (typed values), as its transport
 from kombu.utils.url import maybe_sanitize_url
 
 from . import green

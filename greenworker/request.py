@@ -186,7 +186,7 @@ class Request:
             delivery_info=dict(self.message.delivery_info or {}),
             headers=msg.headers,
             embed=msg.embed,
-            timelimit=(msg.soft_time_limit, msg.time_limit),
+            timelimit=(msg.time_limit, msg.soft_time_limit),
             called_directly=False,
         )
 

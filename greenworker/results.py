@@ -9,12 +9,16 @@ under ``celery-task-meta-<task id>``::
 A failure's ``result`` is ``{"exc_type", "exc_message", "exc_module"}``, as
 Celery's JSON result serializer writes it, so Celery's ``AsyncResult`` reads
 greenworker's results and the other way round.
+
+The JSON is kombu's (the codec Celery's ``json`` serializer uses): ``datetime``,
+``date``, ``time``, ``Decimal``, ``UUID`` and ``bytes`` are stored as
+``{"__type__": ..., "__value__": ...}`` and come back as the same type, on
+either side.
 """
 
 from __future__ import annotations
 
 import builtins
-import json
 import logging
 import os
 import sys
@@ -23,6 +27,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlparse
+
+from kombu.utils import json as kombu_json
 
 from .exceptions import ImproperlyConfigured, TaskError, TaskRevokedError, TimeoutError
 from .lmdbenv import open_env, write
@@ -83,6 +89,13 @@ _CELERY_NAMES = frozenset(
     }
 )
 
+#: Where a Celery worker's stored exceptions say they come from: its time limits are
+#: billiard's classes (re-exported by ``celery.exceptions``).
+_CELERY_CLASSES = frozenset(
+    {("celery.exceptions", name) for name in _CELERY_NAMES}
+    | {("billiard.exceptions", name) for name in ("SoftTimeLimitExceeded", "TimeLimitExceeded")}
+)
+
 
 def exception_to_meta(exc: BaseException) -> dict[str, Any]:
     cls = type(exc)
@@ -111,7 +124,7 @@ def exception_from_meta(value: Any) -> BaseException:
     module_name = str(value.get("exc_module") or "builtins")
     raw_args = value.get("exc_message", [])
     args = tuple(raw_args) if isinstance(raw_args, list | tuple) else (raw_args,)
-    if module_name == "celery.exceptions" and name in _CELERY_NAMES:
+    if (module_name, name) in _CELERY_CLASSES:
         module_name = "greenworker.exceptions"  # Celery's names, greenworker's classes
     module = builtins if module_name == "builtins" else sys.modules.get(module_name)
     cls: Any = module
@@ -129,22 +142,37 @@ def exception_from_meta(value: Any) -> BaseException:
     return stand_in(*args)
 
 
+def dumps(value: Any) -> str:
+    """JSON text as Celery's ``json`` serializer writes it (kombu's typed JSON).
+
+    Raises ``TypeError`` for a value that has no JSON form.
+    """
+    text: str = kombu_json.dumps(value)
+    return text
+
+
+def loads(raw: bytes | str) -> Any:
+    """Read JSON written by :func:`dumps` (or by Celery): typed values come back typed."""
+    return kombu_json.loads(raw)
+
+
 def _jsonable(value: Any) -> Any:
+    # An exception argument without a JSON form is kept as its repr (as Celery does).
     try:
-        json.dumps(value)
+        dumps(value)
     except (TypeError, ValueError):
         return repr(value)
     return value
 
 
 def encode_meta(meta: dict[str, Any]) -> bytes:
-    return json.dumps(meta).encode()
+    return dumps(meta).encode()
 
 
 def decode_meta(raw: bytes | str | None) -> dict[str, Any] | None:
     if raw is None:
         return None
-    value = json.loads(raw)
+    value = loads(raw)
     return value if isinstance(value, dict) else None
 
 
@@ -301,7 +329,7 @@ class RedisBackend:
         scored by group index, the ``.s`` size and ``.t`` size change; ``.c`` is the
         claim that makes exactly one worker send the body."""
         jkey, skey, tkey, ckey = (group_key(group_id, x) for x in (".j", ".s", ".t", ".c"))
-        member = json.dumps([1, task_id, state, result])
+        member = dumps([1, task_id, state, result])
         pipe = self._client.pipeline(transaction=True)
         pipe.zadd(jkey, {member: "+inf" if index is None else index})
         pipe.zcard(jkey)
@@ -318,7 +346,7 @@ class RedisBackend:
         self._client.delete(jkey, skey, tkey)
         parts: list[ChordPart] = []
         for raw in members:
-            _, part_id, part_state, value = json.loads(raw)
+            _, part_id, part_state, value = loads(raw)
             parts.append((part_id, part_state, value))
         return parts
 
@@ -357,7 +385,7 @@ class LMDBBackend:
         write(self._env, self._db, lambda txn: txn.delete(task_id.encode()))
 
     def set_chord_size(self, group_id: str, size: int) -> None:
-        value = json.dumps({"size": size, "parts": {}}).encode()
+        value = dumps({"size": size, "parts": {}}).encode()
         write(self._env, self._chord_db, lambda txn: txn.put(group_id.encode(), value))
 
     def chord_part_return(
@@ -369,11 +397,11 @@ class LMDBBackend:
             raw = txn.get(key)
             if raw is None:
                 return None
-            chord = json.loads(bytes(raw))
+            chord = loads(bytes(raw))
             order = float("inf") if index is None else index
             chord["parts"][task_id] = [order, task_id, state, result]
             if len(chord["parts"]) < chord["size"]:
-                txn.put(key, json.dumps(chord).encode())
+                txn.put(key, dumps(chord).encode())
                 return None
             txn.delete(key)
             ordered = sorted(chord["parts"].values(), key=lambda p: p[0])
@@ -488,10 +516,11 @@ class AsyncResult:
         status = meta.get("status")
         if status == SUCCESS or not propagate:
             return self.result
-        if status == REVOKED:
-            reason = meta.get("result")
-            raise TaskRevokedError(f"task {self.id} was revoked: {reason}")
-        raise self.result
+        error = self.result
+        if status == REVOKED and not isinstance(error, TaskRevokedError):
+            error = TaskRevokedError(*getattr(error, "args", (error,)))
+        # As Celery: the stored TaskRevokedError('revoked' / 'expired' / 'terminated').
+        raise error
 
     def forget(self) -> None:
         self._cache = None

@@ -36,6 +36,7 @@ class Context:
     delivery_info: dict[str, Any] = field(default_factory=dict)
     headers: dict[str, Any] = field(default_factory=dict)
     embed: dict[str, Any] = field(default_factory=dict)
+    #: ``(hard, soft)`` from the message, in Celery's order (``self.request.timelimit``).
     timelimit: tuple[float | None, float | None] = (None, None)
     called_directly: bool = True
 
@@ -223,8 +224,8 @@ class Task:
                 group=request.group,
                 group_index=request.group_index,
                 embed=request.embed,
-                soft_time_limit=request.timelimit[0],
-                time_limit=request.timelimit[1],
+                time_limit=request.timelimit[0],
+                soft_time_limit=request.timelimit[1],
                 expires=request.expires,
                 ignore_result=bool(request.headers.get("ignore_result")),
             )

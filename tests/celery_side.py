@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import time
+from typing import Any
 
 from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
 
 celery_app = Celery(
     "celery_side",
@@ -17,3 +20,26 @@ celery_app.conf.update(task_serializer="json", accept_content=["json"], result_s
 @celery_app.task(name="celery_side.mul")
 def mul(x: int, y: int) -> int:
     return x * y
+
+
+@celery_app.task(name="celery_side.nap")
+def nap(seconds: float) -> str:
+    time.sleep(seconds)  # cooperative under ``-P gevent`` (Celery patches)
+    return "woke up"
+
+
+@celery_app.task(name="celery_side.nap_until_soft_limit")
+def nap_until_soft_limit(seconds: float) -> float:
+    """Seconds until the soft limit interrupted the nap (raises if it never did)."""
+    started = time.monotonic()
+    try:
+        time.sleep(seconds)
+    except SoftTimeLimitExceeded:
+        return time.monotonic() - started
+    raise AssertionError("no soft time limit")
+
+
+@celery_app.task(name="celery_side.own_limits", bind=True)
+def own_limits(self: Any) -> dict[str, Any]:
+    """The limits Celery read from this task's message."""
+    return {"time_limit": self.request.time_limit, "soft_time_limit": self.request.soft_time_limit}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -26,6 +27,10 @@ def _tasks(app: App) -> None:
     @app.task(name="canvas.tsum")
     def tsum(values: list[int]) -> int:
         return sum(values)
+
+    @app.task(name="canvas.to_decimal")
+    def to_decimal(text: str) -> Decimal:
+        return Decimal(text)
 
     @app.task(name="canvas.fail")
     def fail(*args: Any) -> None:
@@ -99,6 +104,15 @@ def test_group_and_chord(app_worker: tuple[App, Worker]) -> None:
     total = chord([add.s(i, 1) for i in range(20)], tsum.s()).apply_async()
     assert total.get(timeout=10) == sum(range(1, 21))
     assert chord([add.s(1, 1), add.s(2, 2)])(tsum.s()).get(timeout=10) == 6
+
+
+def test_chord_of_typed_results(app_worker: tuple[App, Worker]) -> None:
+    """Header results pass through the backend's chord store and reach the body typed."""
+    app, _worker = app_worker
+    to_decimal, tsum = app.tasks["canvas.to_decimal"], app.tasks["canvas.tsum"]
+    total = chord([to_decimal.s("1.10"), to_decimal.s("2.25")], tsum.s()).apply_async()
+    assert total.get(timeout=10) == Decimal("3.35")
+    assert isinstance(total.get(timeout=10), Decimal)
 
 
 def test_chord_with_a_failed_header_fails_the_body(app_worker: tuple[App, Worker]) -> None:

@@ -186,6 +186,22 @@ def test_message_time_limit_and_runtime_change(any_app: App, any_worker: Worker)
     assert sleepy.delay(0.01).get(timeout=5) == "woke"
 
 
+def test_request_timelimit_is_hard_then_soft_and_kept_by_a_retry(
+    memory_app: App, worker: Worker
+) -> None:
+    seen: list[tuple[float | None, float | None]] = []
+
+    @memory_app.task(bind=True)
+    def limited(self: Task) -> str:
+        seen.append(self.request.timelimit)  # Celery's order: (time_limit, soft_time_limit)
+        if self.request.retries == 0:
+            raise self.retry(countdown=0)
+        return "done"
+
+    assert limited.apply_async(time_limit=30, soft_time_limit=20).get(timeout=5) == "done"
+    assert seen == [(30.0, 20.0), (30.0, 20.0)]
+
+
 # ------------------------------------------------------------------ revoke
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from celery import Celery
 
 from greenworker.protocol import (
     MalformedMessage,
@@ -40,6 +41,17 @@ def test_v2_round_trip_keeps_every_field() -> None:
     assert msg.protocol == 2
 
 
+def test_timelimit_is_hard_then_soft_as_celery_writes_it() -> None:
+    celery_amqp = Celery("limits", set_as_current=False).amqp
+    for build in (celery_amqp.as_task_v2, celery_amqp.as_task_v1):
+        sent = build("cid", "proj.add", args=(1, 2), time_limit=10, soft_time_limit=5)
+        msg = decode_task_message(sent.body, sent.headers, sent.properties)
+        assert (msg.time_limit, msg.soft_time_limit) == (10.0, 5.0), build.__name__
+    v2 = celery_amqp.as_task_v2("cid", "proj.add", time_limit=10, soft_time_limit=5)
+    _, headers, _ = build_task_message("proj.add", soft_time_limit=5, time_limit=10)
+    assert list(headers["timelimit"]) == list(v2.headers["timelimit"]) == [10, 5]
+
+
 def test_root_id_defaults_to_own_id() -> None:
     _, headers, _ = build_task_message("t", task_id="x")
     assert headers["root_id"] == "x"
@@ -64,7 +76,7 @@ def test_v1_message_is_converted_to_v2() -> None:
         "utc": True,
         "callbacks": None,
         "errbacks": None,
-        "timelimit": [None, 30],
+        "timelimit": [30, None],  # Celery's order: [hard, soft]
     }
     msg = decode_task_message(body, {}, {"correlation_id": "v1-id"})
     assert msg.protocol == 1
