@@ -403,7 +403,7 @@ def _print_banner(app: App, worker: Worker) -> None:
 @click.option("--wait", is_flag=True, help="Wait for the result and print it as JSON.")
 @click.option(
     "--timeout",
-    type=float,
+    type=click.FloatRange(min=0, min_open=True),
     default=60.0,
     show_default=True,
     help="With --wait: give up after this many seconds.",
@@ -616,7 +616,7 @@ _remote_options = [
     click.option(
         "-t",
         "--timeout",
-        type=float,
+        type=click.FloatRange(min=0, min_open=True),
         default=1.0,
         show_default=True,
         help="Seconds to wait for replies.",
@@ -746,7 +746,14 @@ def beat(loader: AppLoader, schedule_path: str | None, max_interval: float | Non
 
 
 @main.command()
-@click.option("-t", "--timeout", type=float, default=1.0, show_default=True)
+@click.option(
+    "-t",
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Seconds to wait for replies.",
+)
 @click.option("-d", "--destination", help="Comma-separated worker names (default: all).")
 @click.pass_obj
 def status(loader: AppLoader, timeout: float, destination: str | None) -> None:
@@ -785,11 +792,13 @@ def events(loader: AppLoader, dump: bool, count: int) -> None:
 
     from kombu.entity import Queue
     from kombu.messaging import Consumer
+    from kombu.utils.url import maybe_sanitize_url
 
     from .events import event_exchange
 
     app = loader.load()
     _require_remote_control(app, NO_EVENTS)
+    where = maybe_sanitize_url(app.broker_url)
     seen = 0
     done = green.new_event()
 
@@ -823,10 +832,16 @@ def events(loader: AppLoader, dump: bool, count: int) -> None:
                 expires=60.0,
             )
             with Consumer(conn, [queue], callbacks=[show], accept=["json"], no_ack=True):
+                listening = False
                 while not done.is_set():
                     try:
-                        conn.drain_events(timeout=0.5)
+                        # the first wait is short: on Redis it sends the SUBSCRIBE
+                        conn.drain_events(timeout=0.5 if listening else 0.01)
                     except TimeoutError:
                         pass
+                    if not listening:
+                        # subscribed from here on: an event published now is printed
+                        click.echo(f"listening for events on {where} (Ctrl-C to stop)", err=True)
+                        listening = True
     finally:
         app.close()
