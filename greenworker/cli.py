@@ -71,11 +71,11 @@ def _host_keys(host: str, name: str) -> dict[str, str]:
     return {"h": host, "n": name or short, "d": domain, "i": "0", "I": ""}
 
 
-def expand_node_name(value: str, host: str | None = None) -> str:
+def expand_node_name(value: str, host: str | None = None, what: str = "-n/--hostname") -> str:
     """Expand ``-n`` as Celery does: ``%h`` the full host name of this machine (or
     ``host``), ``%n`` its first label, ``%d`` its domain, ``%i`` ``0``, ``%I`` empty,
-    ``%%`` a percent sign.  An unknown ``%x`` is a :class:`CLIError`."""
-    return _expand_percent(value, _host_keys(host or socket.gethostname(), ""), "-n/--hostname")
+    ``%%`` a percent sign.  An unknown ``%x`` is a :class:`CLIError` naming ``what``."""
+    return _expand_percent(value, _host_keys(host or socket.gethostname(), ""), what)
 
 
 def expand_node_path(template: str, node: str, what: str, host: str | None = None) -> str:
@@ -270,8 +270,10 @@ def _run_worker(
         app.conf.task_soft_time_limit = soft_time_limit
     if time_limit is not None:
         app.conf.task_time_limit = time_limit
-    if hostname is not None:
+    if hostname:
         hostname = expand_node_name(hostname)
+    elif app.conf.worker_hostname:
+        hostname = expand_node_name(app.conf.worker_hostname, what="worker_hostname")
     state_db = statedb if statedb is not None else app.conf.worker_state_db
     if state_db:
         app.conf.worker_state_db = expand_node_path(state_db, hostname or app.hostname, "--statedb")

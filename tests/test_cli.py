@@ -387,6 +387,16 @@ def test_bad_usage_of_each_subcommand_exits_2_even_without_a_broker(args: list[s
     assert "Error" in result.stderr
 
 
+def test_worker_hostname_setting_is_expanded_too(tmp_path: Path) -> None:
+    env = {"GREENWORKER_WORKER_HOSTNAME": "w1@%q"}
+    result = run_cli("-A", "tests.cliapp", "--data-dir", str(tmp_path), env=env, timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert (
+        result.stderr
+        == "Error: worker_hostname: unknown %q in 'w1@%q' (known: %h, %n, %d, %i, %I, %%)\n"
+    )
+
+
 def test_worker_bad_usage_exits_2() -> None:
     result = run_cli("-A", "tests.cliapp", "-b", DEAD_BROKER, "--autoscale", "3,9")
     assert result.returncode == 2, result.stderr
