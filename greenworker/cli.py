@@ -790,6 +790,7 @@ def status(loader: AppLoader, timeout: float, destination: str | None) -> None:
 @click.pass_obj
 def events(loader: AppLoader, dump: bool, count: int) -> None:
     """Print the live event stream of the workers (Ctrl-C to stop)."""
+    import signal
     import uuid as uuid_module
 
     from kombu.entity import Queue
@@ -803,6 +804,8 @@ def events(loader: AppLoader, dump: bool, count: int) -> None:
     where = maybe_sanitize_url(app.broker_url)
     seen = 0
     done = green.new_event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        green.on_signal(signum, done.set)  # a clean stop and exit 0, not "Aborted!"
 
     def show(body: Any, message: Any) -> None:
         nonlocal seen

@@ -332,6 +332,22 @@ def test_events_count_stops_inside_a_batch(redis_url: str) -> None:
     assert printed == ["id-0", "id-1"]
 
 
+@pytest.mark.timeout(60)
+def test_events_stops_cleanly_on_sigint(redis_url: str) -> None:
+    quiet_url = redis_url.rsplit("/", 1)[0] + "/14"
+    proc = start_cli("-A", "tests.cliapp", "-b", quiet_url, "events")
+    try:
+        _wait_for_line(proc, "listening for events")
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0, out
+    assert out == ""  # no "KeyboardInterrupt", no "Aborted!"
+
+
 CLIENT_COMMANDS = [
     ["inspect", "ping"],
     ["control", "heartbeat"],
