@@ -11,8 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import socket
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +35,60 @@ class CLIError(click.ClickException):
     """One readable line on stderr and exit code 2; never a traceback."""
 
     exit_code = 2
+
+
+class CommandFailed(click.ClickException):
+    """One readable line on stderr and exit code 1: the usage was right, the outcome was not
+    (a broker that cannot be reached, a result that did not come)."""
+
+    exit_code = 1
+
+
+NO_REMOTE_CONTROL = "the embedded default has no remote control; use Redis or RabbitMQ"
+NO_EVENTS = "the embedded default has no events; use Redis or RabbitMQ"
+
+# Celery's %-abbreviations: a percent sign and one word character, or %% for a literal one.
+_PERCENT_KEY = re.compile(r"%([%\w])")
+
+
+def _expand_percent(template: str, keys: dict[str, str], what: str) -> str:
+    def resolve(match: re.Match[str]) -> str:
+        key = match.group(1)
+        if key == "%":
+            return "%"
+        if key not in keys:
+            known = ", ".join(f"%{k}" for k in keys)
+            raise CLIError(f"{what}: unknown %{key} in {template!r} (known: {known}, %%)")
+        return keys[key]
+
+    return _PERCENT_KEY.sub(resolve, template)
+
+
+def _host_keys(host: str, name: str) -> dict[str, str]:
+    short, _, domain = host.partition(".")
+    # %i/%I are the pool process index in Celery; greenworker is one process, which Celery
+    # formats as its main process: %i -> "0", %I -> "" (no "-N" suffix).
+    return {"h": host, "n": name or short, "d": domain, "i": "0", "I": ""}
+
+
+def expand_node_name(value: str, host: str | None = None, what: str = "-n/--hostname") -> str:
+    """Expand ``-n`` as Celery does: ``%h`` the full host name of this machine (or
+    ``host``), ``%n`` its first label, ``%d`` its domain, ``%i`` ``0``, ``%I`` empty,
+    ``%%`` a percent sign.  An unknown ``%x`` is a :class:`CLIError` naming ``what``."""
+    return _expand_percent(value, _host_keys(host or socket.gethostname(), ""), what)
+
+
+def expand_node_path(template: str, node: str, what: str, host: str | None = None) -> str:
+    """Expand a path option for worker ``node`` (``name@host``) as Celery does: ``%h`` the
+    host part, ``%n`` the name part, ``%d`` the host's domain, ``%p`` the whole node name,
+    ``%i`` ``0``, ``%I`` empty, ``%%`` a percent sign.  A node name without ``@`` is all
+    name, on this machine (or ``host``)."""
+    name, at, node_host = node.partition("@")
+    if not at:
+        node_host = host or socket.gethostname()
+    keys = _host_keys(node_host, name)
+    keys["p"] = node
+    return _expand_percent(template, keys, what)
 
 
 def _json_arg(value: str | None, what: str, kind: type) -> Any:
@@ -212,8 +270,13 @@ def _run_worker(
         app.conf.task_soft_time_limit = soft_time_limit
     if time_limit is not None:
         app.conf.task_time_limit = time_limit
-    if statedb is not None:
-        app.conf.worker_state_db = statedb
+    if hostname:
+        hostname = expand_node_name(hostname)
+    elif app.conf.worker_hostname:
+        hostname = expand_node_name(app.conf.worker_hostname, what="worker_hostname")
+    state_db = statedb if statedb is not None else app.conf.worker_state_db
+    if state_db:
+        app.conf.worker_state_db = expand_node_path(state_db, hostname or app.hostname, "--statedb")
     if task_events:
         app.conf.worker_send_task_events = True
     if without_gossip:
@@ -289,6 +352,37 @@ class AppLoader:
         return app
 
 
+def _connection_errors(app: App) -> tuple[type[BaseException], ...]:
+    """What a broker (or a Redis result backend) that cannot be reached raises."""
+    from kombu.exceptions import OperationalError
+
+    errors: tuple[type[BaseException], ...] = (OperationalError, ConnectionError)
+    errors += tuple(app.connection().connection_errors)  # the transport's own (redis-py's...)
+    redis = sys.modules.get("redis")  # loaded only when a Redis broker or backend is used
+    if redis is not None:
+        errors += (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+    return errors
+
+
+@contextmanager
+def _broker_reached(app: App) -> Iterator[None]:
+    """A broker that cannot be reached is one line on stderr and exit status 1."""
+    from kombu.utils.url import maybe_sanitize_url
+
+    try:
+        yield
+    except _connection_errors(app) as exc:
+        where = maybe_sanitize_url(app.broker_url)
+        raise CommandFailed(f"broker unreachable ({where}): {exc}") from None
+
+
+def _require_remote_control(app: App, message: str = NO_REMOTE_CONTROL) -> None:
+    """The filesystem transport of the embedded default has no fanout between processes:
+    a worker on it serves no mailbox and sends no events, so asking it would only time out."""
+    if app.broker_url.split("://", 1)[0] == "filesystem":
+        raise CLIError(message)
+
+
 def _print_banner(app: App, worker: Worker) -> None:
     from kombu.utils.url import maybe_sanitize_url
 
@@ -315,7 +409,7 @@ def _print_banner(app: App, worker: Worker) -> None:
 @click.option("--wait", is_flag=True, help="Wait for the result and print it as JSON.")
 @click.option(
     "--timeout",
-    type=float,
+    type=click.FloatRange(min=0, min_open=True),
     default=60.0,
     show_default=True,
     help="With --wait: give up after this many seconds.",
@@ -340,23 +434,33 @@ def call(
     args = _json_arg(args_json, "args", list)
     kwargs = _json_arg(kwargs_json, "kwargs", dict)
     try:
-        result = app.send_task(
-            name, args, kwargs, queue=queue, countdown=countdown, expires=expires
-        )
-    except ValueError as exc:
-        raise CLIError(str(exc)) from None
-    if not wait:
-        click.echo(result.id)
+        with _broker_reached(app):
+            try:
+                result = app.send_task(
+                    name, args, kwargs, queue=queue, countdown=countdown, expires=expires
+                )
+            except ValueError as exc:
+                raise CLIError(str(exc)) from None
+        if not wait:
+            click.echo(result.id)
+            return
+        try:
+            value = result.get(timeout=timeout, propagate=False)
+            state = result.state
+        except ResultTimeout:
+            target = queue or app.conf.task_default_queue
+            raise CommandFailed(
+                f"no result for {result.id} after {timeout:g}s; "
+                f"no worker may be consuming queue {target!r}"
+            ) from None
+        except ImproperlyConfigured as exc:
+            raise CLIError(f"sent {result.id}, but cannot wait for it: {exc}") from None
+        except _connection_errors(app) as exc:
+            raise CommandFailed(
+                f"sent {result.id}, but the result backend is unreachable: {exc}"
+            ) from None
+    finally:
         app.close()
-        return
-    try:
-        value = result.get(timeout=timeout, propagate=False)
-    except ResultTimeout:
-        raise CLIError(f"no result for {result.id} after {timeout}s") from None
-    except ImproperlyConfigured as exc:
-        raise CLIError(f"sent {result.id}, but cannot wait for it: {exc}") from None
-    state = result.state
-    app.close()
     if state == "SUCCESS":
         click.echo(json.dumps(value))
         return
@@ -375,11 +479,14 @@ def purge(loader: AppLoader, queues: str | None, force: bool) -> None:
     if not force and not click.confirm(f"Delete all messages in {', '.join(names)}?"):
         raise SystemExit(1)
     total = 0
-    with app.connection() as conn:
-        for name in names:
-            queue = app.queue(name)(conn.default_channel)
-            queue.declare()
-            total += queue.purge() or 0
+    try:
+        with _broker_reached(app), app.connection() as conn:
+            for name in names:
+                queue = app.queue(name)(conn.default_channel)
+                queue.declare()
+                total += queue.purge() or 0
+    finally:
+        app.close()
     click.echo(f"purged {total} message(s) from {', '.join(names)}")
 
 
@@ -458,9 +565,13 @@ def _remote(
     from .control import broadcast
 
     app = loader.load()
+    _require_remote_control(app)
     targets = [d.strip() for d in destination.split(",")] if destination else None
-    with app.connection() as conn:
-        replies = broadcast(conn, name, arguments, destination=targets, timeout=timeout)
+    try:
+        with _broker_reached(app), app.connection() as conn:
+            replies = broadcast(conn, name, arguments, destination=targets, timeout=timeout)
+    finally:
+        app.close()
     merged: dict[str, Any] = {}
     for reply in replies:
         merged.update(reply)
@@ -511,7 +622,7 @@ _remote_options = [
     click.option(
         "-t",
         "--timeout",
-        type=float,
+        type=click.FloatRange(min=0, min_open=True),
         default=1.0,
         show_default=True,
         help="Seconds to wait for replies.",
@@ -641,7 +752,14 @@ def beat(loader: AppLoader, schedule_path: str | None, max_interval: float | Non
 
 
 @main.command()
-@click.option("-t", "--timeout", type=float, default=1.0, show_default=True)
+@click.option(
+    "-t",
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Seconds to wait for replies.",
+)
 @click.option("-d", "--destination", help="Comma-separated worker names (default: all).")
 @click.pass_obj
 def status(loader: AppLoader, timeout: float, destination: str | None) -> None:
@@ -649,13 +767,13 @@ def status(loader: AppLoader, timeout: float, destination: str | None) -> None:
     from .control import broadcast
 
     app = loader.load()
+    _require_remote_control(app)
     targets = [d.strip() for d in destination.split(",")] if destination else None
     try:
-        with app.connection() as conn:
+        with _broker_reached(app), app.connection() as conn:
             replies = broadcast(conn, "ping", {}, destination=targets, timeout=timeout)
-    except Exception as exc:
-        click.echo(f"Error: broker unreachable: {exc}", err=True)
-        sys.exit(1)
+    finally:
+        app.close()
     hosts = sorted(h for reply in replies for h in reply)
     for host in hosts:
         click.echo(f"{host}: OK")
@@ -667,24 +785,37 @@ def status(loader: AppLoader, timeout: float, destination: str | None) -> None:
 
 @main.command()
 @click.option("--dump", is_flag=True, help="Print each event as raw JSON.")
-@click.option("--count", type=int, default=0, help="Stop after this many events (0: never).")
+@click.option(
+    "--count",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Stop after this many events (0: never).",
+)
 @click.pass_obj
 def events(loader: AppLoader, dump: bool, count: int) -> None:
     """Print the live event stream of the workers (Ctrl-C to stop)."""
+    import signal
     import uuid as uuid_module
 
     from kombu.entity import Queue
     from kombu.messaging import Consumer
+    from kombu.utils.url import maybe_sanitize_url
 
     from .events import event_exchange
 
     app = loader.load()
+    _require_remote_control(app, NO_EVENTS)
+    where = maybe_sanitize_url(app.broker_url)
     seen = 0
     done = green.new_event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        green.on_signal(signum, done.set)  # a clean stop and exit 0, not "Aborted!"
 
     def show(body: Any, message: Any) -> None:
         nonlocal seen
         for event in body if isinstance(body, list) else [body]:
+            if done.is_set():
+                return  # --count reached inside this batch: the rest stays unprinted
             if not isinstance(event, dict):
                 continue
             seen += 1
@@ -698,19 +829,28 @@ def events(loader: AppLoader, dump: bool, count: int) -> None:
             if count and seen >= count:
                 done.set()
 
-    with app.connection() as conn:
-        queue = Queue(
-            f"celeryev.greenworker-cli.{uuid_module.uuid4()}",
-            exchange=event_exchange(conn),
-            routing_key="#",
-            auto_delete=True,
-            durable=False,
-            message_ttl=10.0,
-            expires=60.0,
-        )
-        with Consumer(conn, [queue], callbacks=[show], accept=["json"], no_ack=True):
-            while not done.is_set():
-                try:
-                    conn.drain_events(timeout=0.5)
-                except TimeoutError:
-                    pass
+    try:
+        with _broker_reached(app), app.connection() as conn:
+            queue = Queue(
+                f"celeryev.greenworker-cli.{uuid_module.uuid4()}",
+                exchange=event_exchange(conn),
+                routing_key="#",
+                auto_delete=True,
+                durable=False,
+                message_ttl=10.0,
+                expires=60.0,
+            )
+            with Consumer(conn, [queue], callbacks=[show], accept=["json"], no_ack=True):
+                listening = False
+                while not done.is_set():
+                    try:
+                        # the first wait is short: on Redis it sends the SUBSCRIBE
+                        conn.drain_events(timeout=0.5 if listening else 0.01)
+                    except TimeoutError:
+                        pass
+                    if not listening:
+                        # subscribed from here on: an event published now is printed
+                        click.echo(f"listening for events on {where} (Ctrl-C to stop)", err=True)
+                        listening = True
+    finally:
+        app.close()
