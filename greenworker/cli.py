@@ -352,6 +352,15 @@ class AppLoader:
         return app
 
 
+def _printable(value: Any) -> Any:
+    """A JSON-printable stand-in for a typed result (datetime, Decimal, UUID, bytes)."""
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return str(value)
+
+
 def _connection_errors(app: App) -> tuple[type[BaseException], ...]:
     """What a broker (or a Redis result backend) that cannot be reached raises."""
     from kombu.exceptions import OperationalError
@@ -462,7 +471,7 @@ def call(
     finally:
         app.close()
     if state == "SUCCESS":
-        click.echo(json.dumps(value))
+        click.echo(json.dumps(value, default=_printable))
         return
     click.echo(f"{state}: {value!r}", err=True)
     sys.exit(1)

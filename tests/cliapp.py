@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
+import decimal
+
 from greenworker import App
 
 app = App("cliapp")
@@ -23,3 +26,8 @@ def nap(seconds: float) -> str:
 
     time.sleep(seconds)  # cooperative: the worker monkeypatched the process
     return "rested"
+
+
+@app.task(name="cliapp.typed")
+def typed() -> list[object]:
+    return [datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC), decimal.Decimal("1.50")]

@@ -72,6 +72,11 @@ def test_worker_runs_a_task_and_exits_0_on_sigterm_within_1s(
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "3"
+    typed = run_cli(
+        "-A", "tests.cliapp", "--data-dir", str(tmp_path), "call", "cliapp.typed", "--wait"
+    )
+    assert typed.returncode == 0, typed.stderr
+    assert typed.stdout.strip() == '["2026-01-02T03:04:05+00:00", "1.50"]'
     failed = run_cli(
         "-A",
         "tests.cliapp",
