@@ -20,7 +20,7 @@ from greenworker import App
 from greenworker.redis_consumer import UNACKED_INDEX_KEY, UNACKED_KEY, NativeRedisConsumer
 
 from .conftest import ROOT
-from .faults import env_with, log_tail
+from .faults import PrivateRedis, env_with, log_tail
 
 
 @pytest.fixture
@@ -233,3 +233,142 @@ def test_a_key_layout_option_turns_the_native_paths_off(redis_url: str) -> None:
     app = App("layout", broker=redis_url, config={"broker_transport_options": {"sep": ":"}})
     assert not app.native_redis
     assert not isinstance(app.Worker(concurrency=1).consumer, NativeRedisConsumer)
+
+
+@pytest.fixture
+def scratch_redis(tmp_path: Path) -> Iterator[str]:
+    """A Redis of the test's own: a short visibility timeout here cannot restore the
+    messages other tests' workers hold in the shared ``unacked`` hash."""
+    if not PrivateRedis.available():
+        pytest.skip("redis-server is not installed")
+    server = PrivateRedis(tmp_path / "redis", durable=False)
+    server.start()
+    yield server.url
+    server.stop()
+
+
+def _orphan_everything(client: redis.Redis, queue: str, when: float) -> list[str]:
+    """Move every message of ``queue`` (its priority lists too) into ``unacked`` as a
+    consumer that took them at ``when`` and then died would have left them (kombu's
+    entry: envelope, exchange, routing key); return their delivery tags."""
+    tags = []
+    pipe = client.pipeline()
+    route = json.dumps(queue).encode()
+    for key in (queue, *(f"{queue}\x06\x16{step}" for step in (3, 6, 9))):
+        for raw in client.lrange(key, 0, -1):
+            tag = json.loads(raw)["properties"]["delivery_tag"]
+            pipe.hset(UNACKED_KEY, tag, b"[" + raw + b"," + route + b"," + route + b"]")
+            pipe.zadd(UNACKED_INDEX_KEY, {tag: when})
+            tags.append(tag)
+        pipe.delete(key)
+    pipe.execute()
+    return tags
+
+
+@pytest.mark.timeout(90)
+def test_orphans_are_all_restored_on_schedule_under_a_backlog(
+    scratch_redis: str, queue_name: str
+) -> None:
+    """A dead consumer's 700 unacked messages are all back within about the visibility
+    timeout while the queue keeps a long backlog (the sweep used to run only when a pop
+    came back short, and restored 100 messages per turn)."""
+    visibility = 2.0
+    app = App(
+        "orphans",
+        broker=scratch_redis,
+        config={
+            "task_default_queue": queue_name,
+            "worker_enable_mingle": False,
+            "broker_transport_options": {"visibility_timeout": visibility},
+        },
+    )
+    client = redis.Redis.from_url(scratch_redis)
+    marks = "orphans:ran"
+
+    @app.task(name="native.mark", ignore_result=True)
+    def mark(n: int) -> None:
+        client.hset(marks, str(n), 1)
+
+    @app.task(name="native.slow", ignore_result=True)
+    def slow() -> None:
+        time.sleep(0.05)
+
+    orphans = 700
+    for n in range(orphans):
+        mark.delay(n)
+    taken_at = time.time()
+    assert len(_orphan_everything(client, queue_name, taken_at)) == orphans
+    for _ in range(2000):  # 20 s of work for 5 slots: still there when the test ends
+        slow.delay()
+    worker = app.Worker(concurrency=5)
+    worker.start()
+    try:
+        deadline = taken_at + visibility + 4.0
+        while client.hlen(marks) < orphans and time.time() < deadline:
+            time.sleep(0.05)
+        all_ran_after = time.time() - taken_at
+        backlog = client.llen(queue_name)
+    finally:
+        worker.stop(timeout=5)
+        app.close()
+    ran = client.hlen(marks)
+    print(f"{ran}/{orphans} orphans ran {all_ran_after:.2f}s after they were taken")
+    assert ran == orphans, f"only {ran} of {orphans} restored and run by {all_ran_after:.1f}s"
+    assert all_ran_after >= visibility  # not before their time
+    assert backlog > 0  # the queue never ran dry meanwhile
+
+
+def test_restore_puts_back_only_whats_due_on_kombus_lists(
+    scratch_redis: str, queue_name: str
+) -> None:
+    """The sweep follows kombu's restore: the binding lookup, the priority list, the
+    redelivered flags; it leaves fresh entries, cleans index-only ones, and skips an
+    entry that changed after it was read."""
+    app = App(
+        "restore",
+        broker=scratch_redis,
+        config={
+            "task_default_queue": queue_name,
+            "broker_transport_options": {"visibility_timeout": 60},
+        },
+    )
+    client = redis.Redis.from_url(scratch_redis)
+    app.send_task("native.echo", (0,))  # through kombu: declares the queue and binding
+    with app.connection() as conn:
+        Producer(conn).publish(
+            [[9], {}, {}],
+            routing_key=queue_name,
+            exchange=app.queue().exchange,
+            headers={"id": "prio-9", "task": "native.echo", "lang": "py"},
+            serializer="json",
+            priority=9,
+        )
+    old = time.time() - 120
+    due = _orphan_everything(client, queue_name, old)
+    app.send_task("native.echo", (1,))
+    (fresh,) = _orphan_everything(client, queue_name, time.time())  # its consumer lives
+    client.zadd(UNACKED_INDEX_KEY, {"index-only": old})
+    consumer = NativeRedisConsumer(app, [queue_name], lambda message: None, lambda: 1)
+    try:
+        assert consumer.restore_visible() == 2
+        assert client.zscore(UNACKED_INDEX_KEY, "index-only") is None
+        assert client.hexists(UNACKED_KEY, fresh)
+        plain = [json.loads(raw) for raw in client.lrange(queue_name, 0, -1)]
+        high = [json.loads(raw) for raw in client.lrange(f"{queue_name}\x06\x169", 0, -1)]
+        assert [m["properties"]["priority"] for m in plain + high] == [0, 9]
+        for message in plain + high:
+            assert message["headers"]["redelivered"] is True
+            assert message["properties"]["delivery_info"]["redelivered"] is True
+        assert not any(client.hexists(UNACKED_KEY, tag) for tag in due)
+
+        # read, then acked (or renewed) by its consumer before the move: left alone
+        client.zadd(UNACKED_INDEX_KEY, {fresh: old})
+        stale = consumer._restore_args(client, fresh, client.hget(UNACKED_KEY, fresh), {})
+        client.hset(UNACKED_KEY, fresh, b'[{}, "", ""]')
+        moved = consumer._restore_script(
+            keys=[UNACKED_KEY, UNACKED_INDEX_KEY], args=[repr(time.time()), *stale]
+        )
+        assert moved == 0 and client.hexists(UNACKED_KEY, fresh)
+    finally:
+        consumer.close()
+        app.close()
