@@ -530,8 +530,8 @@ class NativeRedisConsumer(Reconnecting):
     def _consume(self) -> None:
         client = self._connection()
         client.ping()
-        version = client.info("server").get("redis_version")
-        if server_has_blmove(str(version or "")) is False:
+        version = self.server_version(client)
+        if server_has_blmove(version) is False:
             self._poll_instead(f"Redis {version} is older than 6.2")
         self.connection_generation += 1
         log.info(
@@ -556,6 +556,10 @@ class NativeRedisConsumer(Reconnecting):
             # the wait (no second, empty pop first); BLMOVE returns at once if one came
             green.sleep(0)
             self._wait_for_messages(client, interval)
+
+    def server_version(self, client: redis.Redis) -> str:
+        """The server's ``redis_version`` (``INFO server``), '' if it does not say."""
+        return str(client.info("server").get("redis_version") or "")
 
     def _deliver(self, client: redis.Redis, limit: int) -> int:
         """Pop up to ``limit`` messages and hand each over; return how many were popped

@@ -16,8 +16,14 @@ import pytest
 import redis
 from kombu.messaging import Producer
 
-from greenworker import App
-from greenworker.redis_consumer import UNACKED_INDEX_KEY, UNACKED_KEY, NativeRedisConsumer
+from greenworker import App, green
+from greenworker.redis_consumer import (
+    UNACKED_INDEX_KEY,
+    UNACKED_KEY,
+    NativeRedisConsumer,
+    RedisMessage,
+    server_has_blmove,
+)
 
 from .conftest import ROOT
 from .faults import PrivateRedis, env_with, log_tail
@@ -372,3 +378,67 @@ def test_restore_puts_back_only_whats_due_on_kombus_lists(
     finally:
         consumer.close()
         app.close()
+
+
+@pytest.mark.parametrize(
+    ("version", "has_it"),
+    [
+        *[("7.0.15", True), ("6.2.0", True), ("6.2", True), ("10.0.1", True)],
+        *[("6.0.16", False), ("5.0.7", False), ("2.8.4", False), ("", None), ("unknown", None)],
+    ],
+)
+def test_blmove_needs_redis_6_2(version: str, has_it: bool | None) -> None:
+    assert server_has_blmove(version) is has_it
+
+
+class _OldServerConsumer(NativeRedisConsumer):
+    def server_version(self, client: redis.Redis) -> str:
+        return "6.0.16"  # what INFO says on a Redis without BLMOVE
+
+
+def _blocked_in_blmove(client: redis.Redis) -> int:
+    return sum(1 for c in client.client_list() if c.get("cmd") == "blmove")
+
+
+@pytest.mark.parametrize("server", ["current", "older than 6.2"])
+def test_an_idle_consumer_blocks_in_blmove_or_says_once_it_polls(
+    scratch_redis: str, queue_name: str, server: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = App("old", broker=scratch_redis, config={"task_default_queue": queue_name})
+    client = redis.Redis.from_url(scratch_redis)
+    received: list[str] = []
+    arrived = green.new_event()
+
+    def on_message(message: RedisMessage) -> None:
+        received.append(message.headers["id"])
+        message.ack()
+        arrived.set()
+
+    consumer_class = NativeRedisConsumer if server == "current" else _OldServerConsumer
+    consumer = consumer_class(app, [queue_name], on_message, lambda: 10)
+    with caplog.at_level(logging.WARNING, logger="greenworker.consumer"):
+        consumer.start()
+        try:
+            assert consumer.wait_ready(10)
+            for n in range(3):
+                sent = app.send_task("native.echo", (n,))
+                assert arrived.wait(10), f"message {n} did not arrive"
+                arrived.clear()
+                assert received[-1] == sent.id
+                # idle now: blocked in BLMOVE soon (at once), or never while it polls
+                look_until = time.monotonic() + (5.0 if server == "current" else 0.3)
+                blocked = 0
+                while not blocked and time.monotonic() < look_until:
+                    blocked = _blocked_in_blmove(client)
+                    time.sleep(0.01)
+                assert blocked == (1 if server == "current" else 0)
+        finally:
+            consumer.stop_consuming()
+            consumer.close()
+            app.close()
+    notes = [r.getMessage() for r in caplog.records if "no BLMOVE" in r.getMessage()]
+    if server == "current":
+        assert consumer.blocking_wait and not notes
+    else:
+        assert not consumer.blocking_wait
+        assert len(notes) == 1 and "Redis 6.0.16 is older than 6.2" in notes[0], notes
