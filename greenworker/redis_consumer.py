@@ -339,6 +339,10 @@ class NativeRedisConsumer(Reconnecting):
         else:
             self._ack_wake.set()
 
+    def ack_pending(self, message: Any) -> bool:
+        """True while ``message``'s ack waits in the batch (not on the server yet)."""
+        return message.delivery_tag in self._pending_acks
+
     def _flush_acks(self) -> bool:
         """Send the pending acks in one pipeline; on failure keep them for the next try."""
         if not self._pending_acks:

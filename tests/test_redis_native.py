@@ -26,7 +26,7 @@ from greenworker.redis_consumer import (
 )
 
 from .conftest import ROOT
-from .faults import PrivateRedis, env_with, log_tail
+from .faults import env_with, log_tail
 
 
 @pytest.fixture
@@ -239,18 +239,6 @@ def test_a_key_layout_option_turns_the_native_paths_off(redis_url: str) -> None:
     app = App("layout", broker=redis_url, config={"broker_transport_options": {"sep": ":"}})
     assert not app.native_redis
     assert not isinstance(app.Worker(concurrency=1).consumer, NativeRedisConsumer)
-
-
-@pytest.fixture
-def scratch_redis(tmp_path: Path) -> Iterator[str]:
-    """A Redis of the test's own: a short visibility timeout here cannot restore the
-    messages other tests' workers hold in the shared ``unacked`` hash."""
-    if not PrivateRedis.available():
-        pytest.skip("redis-server is not installed")
-    server = PrivateRedis(tmp_path / "redis", durable=False)
-    server.start()
-    yield server.url
-    server.stop()
 
 
 def _orphan_everything(client: redis.Redis, queue: str, when: float) -> list[str]:
