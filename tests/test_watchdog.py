@@ -161,3 +161,36 @@ def _wait_for_line(proc: subprocess.Popen[str], text: str) -> str:
 
 def _line_with(output: str, text: str) -> str:
     return next((line for line in output.splitlines() if text in line), "")
+
+
+@pytest.mark.timeout(60)
+def test_on_the_embedded_default_the_lost_blockers_failure_is_stored(
+    hub: str, tmp_path: Path
+) -> None:
+    """The filesystem transport loses the blocker's message; the next worker on the data
+    dir still stores its FAILURE, so the client gets an answer instead of PENDING."""
+    worker_args = ["-A", "tests.blockapp", "-P", hub, "--data-dir", str(tmp_path), "-c", "2"]
+    client = App("blockapp", data_dir=str(tmp_path))
+    try:
+        first = start_cli(*worker_args)
+        try:
+            _wait_for_line(first, "ready")
+            blocker = client.send_task("block.spin", (30,))
+            assert first.wait(30) == EXIT_HUB_BLOCKED
+        finally:
+            if first.poll() is None:
+                first.kill()
+        assert blocker.state == "PENDING"
+        second = start_cli(*worker_args)
+        try:
+            noted = _wait_for_line(second, "blocked the hub past their hard time limit")
+            assert f"block.spin[{blocker.id}]" in noted
+            assert blocker.get(timeout=10, propagate=False) is not None
+            assert blocker.state == "FAILURE"
+            assert "TimeLimitExceeded" in str(blocker.traceback)
+            assert client.send_task("block.ok").get(timeout=20) == "ok"
+        finally:
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(20) == 0
+    finally:
+        client.close()
