@@ -672,12 +672,16 @@ def _bound_queues(
         members = cache[exchange] = [m.decode().split(PRIORITY_SEP) for m in raw]  # type: ignore[union-attr]
     queues = sorted({m[2] for m in members if len(m) == 3 and m[0] == routing_key})
     if not queues and routing_key:
-        log.warning(
-            "no queue is bound to exchange %r with routing key %r: restoring to the queue %r",
-            exchange,
-            routing_key,
-            routing_key,
-        )
+        unbound = f"{exchange}{PRIORITY_SEP}{routing_key}"
+        if unbound not in cache:  # once per sweep, not once per message
+            cache[unbound] = []
+            log.warning(
+                "no queue is bound to exchange %r with routing key %r: restoring its "
+                "messages to the queue %r",
+                exchange,
+                routing_key,
+                routing_key,
+            )
         queues = [routing_key]
     return queues
 

@@ -313,7 +313,7 @@ def test_orphans_are_all_restored_on_schedule_under_a_backlog(
 
 
 def test_restore_puts_back_only_whats_due_on_kombus_lists(
-    scratch_redis: str, queue_name: str
+    scratch_redis: str, queue_name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The sweep follows kombu's restore: the binding lookup, the priority list, the
     redelivered flags; it leaves fresh entries, cleans index-only ones, and skips an
@@ -357,12 +357,21 @@ def test_restore_puts_back_only_whats_due_on_kombus_lists(
 
         # read, then acked (or renewed) by its consumer before the move: left alone
         client.zadd(UNACKED_INDEX_KEY, {fresh: old})
-        stale = consumer._restore_args(client, fresh, client.hget(UNACKED_KEY, fresh), {})
+        entry = client.hget(UNACKED_KEY, fresh)
+        stale = consumer._restore_args(client, fresh, entry, {})
         client.hset(UNACKED_KEY, fresh, b'[{}, "", ""]')
         moved = consumer._restore_script(
             keys=[UNACKED_KEY, UNACKED_INDEX_KEY], args=[repr(time.time()), *stale]
         )
         assert moved == 0 and client.hexists(UNACKED_KEY, fresh)
+
+        # its bindings deleted meanwhile: to the queue named by its routing key, not lost
+        client.delete(queue_name, f"_kombu.binding.{queue_name}")
+        client.hset(UNACKED_KEY, fresh, entry)  # type: ignore[arg-type]
+        with caplog.at_level(logging.WARNING, logger="greenworker.consumer"):
+            assert consumer.restore_visible() == 1
+        assert client.llen(queue_name) == 1
+        assert "no queue is bound to exchange" in caplog.text
     finally:
         consumer.close()
         app.close()
