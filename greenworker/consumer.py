@@ -429,6 +429,11 @@ class Consumer(Reconnecting):
                 sizes[name] = int(count)
         return sizes
 
+    def ack_pending(self, message: Message) -> bool:
+        """True while ``message``'s ack waits for the next batched ``basic_ack`` (AMQP);
+        on kombu's other transports an ack is sent when it is made."""
+        return message.delivery_tag in self._acks_due
+
 
 def _tag(message: Message) -> Any:
     return (message.headers or {}).get("id") or message.delivery_tag

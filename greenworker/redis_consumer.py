@@ -16,7 +16,11 @@ queues, but:
   milliseconds);
 * when the queues are empty it waits with ``BLMOVE q q RIGHT RIGHT`` (which
   blocks until the list has an element and leaves it where it was) instead of
-  polling.
+  polling; ``BLMOVE`` needs Redis 6.2, and on an older server it says so once
+  and polls instead;
+* a sweep on its own timer puts the messages of dead consumers (in
+  ``unacked`` longer than the visibility timeout) back on their queues, all
+  of them each time, however long the queues are.
 
 Messages are delivered as :class:`RedisMessage`, the part of kombu's
 ``Message`` interface the worker uses.
@@ -34,11 +38,14 @@ instead); so does a transport option that changes kombu's key layout
 from __future__ import annotations
 
 import base64
+import bisect
+import hashlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 from kombu.serialization import dumps as kombu_dumps
@@ -62,6 +69,9 @@ PRIORITY_SEP = "\x06\x16"
 PRIORITY_STEPS = (0, 3, 6, 9)
 BINDING_KEY = "_kombu.binding.{}"  # a set of "routing_key<sep>pattern<sep>queue"
 # (kombu's separator between those fields is the same as its priority separator)
+#: The first Redis with ``BLMOVE`` (and ``ZRANGE ... BYSCORE``, which kombu 5.7's own
+#: visibility restore sends).
+BLMOVE_SINCE = (6, 2)
 
 # KEYS: unacked, unacked_index, list...   ARGV: max messages, now
 # Returns a flat list: tag, raw payload, list name for each message ('' tag: malformed).
@@ -122,6 +132,35 @@ for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   end
 end
 return sent
+"""
+
+# KEYS: unacked, unacked_index   ARGV: ceiling score, then for each message: tag, SHA1
+# of the unacked entry read ('' if there was none: only the index is cleaned), number of
+# lists N, the payload to push, N list names.
+# A message is moved only if it is still unacked, unchanged and older than the ceiling
+# (acked, renewed or restored by another consumer since it was read: left alone), so
+# concurrent sweeps, kombu's included, never restore one twice.  Returns how many moved.
+_RESTORE_SCRIPT = """
+local ceiling = tonumber(ARGV[1])
+local moved = 0
+local i = 2
+while i <= #ARGV do
+  local tag, digest, lists, payload = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
+  local score = redis.call('ZSCORE', KEYS[2], tag)
+  if score and tonumber(score) <= ceiling then
+    local entry = redis.call('HGET', KEYS[1], tag)
+    if (digest == '' and not entry) or (entry and redis.sha1hex(entry) == digest) then
+      for j = 1, lists do
+        redis.call('RPUSH', ARGV[i + 3 + j], payload)
+      end
+      redis.call('ZREM', KEYS[2], tag)
+      redis.call('HDEL', KEYS[1], tag)
+      if entry then moved = moved + 1 end
+    end
+  end
+  i = i + 4 + lists
+end
+return moved
 """
 
 
@@ -191,6 +230,11 @@ class NativeRedisConsumer(Reconnecting):
 
     ACK_BATCH = 256
     POP_BATCH = 64
+    #: Messages restored per script call (the sweep repeats until none is left).
+    RESTORE_BATCH = 500
+    #: How often an idle consumer looks at its queues where it cannot block on them
+    #: (several queues, or no ``BLMOVE``).
+    POLL_INTERVAL = 0.05
 
     def __init__(
         self,
@@ -208,8 +252,13 @@ class NativeRedisConsumer(Reconnecting):
         self._pending_acks: list[str] = []
         self._capacity = green.new_event()
         self._pop: Any = None
-        self._last_restore = 0.0
         self._waiting = False  # in BLMOVE: nothing popped, safe to end at once
+        self._restorer: green.Greenlet | None = None
+        self._restore_client: redis.Redis | None = None
+        self._restore_script: Any = None
+        #: False when the server has no BLMOVE (Redis < 6.2): an idle consumer polls.
+        self.blocking_wait = True
+        self._polling_noted = False
 
     # ------------------------------------------------------------ lifecycle
 
@@ -217,11 +266,13 @@ class NativeRedisConsumer(Reconnecting):
         self._stopping = False
         self._greenlet = green.spawn(self._run)
         self._acker = green.spawn(self._ack_loop)
+        self._restorer = green.spawn(self._restore_loop)
 
     def stop_consuming(self, timeout: float = 5.0) -> None:
         """Stop taking new messages; acks and requeues keep working."""
         self._stopping = True
         self._capacity.set()
+        self._stop_restorer()
         if self._greenlet is not None:
             # waiting in BLMOVE, it holds nothing unrecorded (the move leaves the message
             # where it was, and redis-py drops a connection cut mid-reply): end it now
@@ -243,6 +294,7 @@ class NativeRedisConsumer(Reconnecting):
                 message.acknowledged = True
                 self.settle(message, requeue=True, leftmost=False)
         self._held.clear()
+        self._stop_restorer()
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -286,6 +338,10 @@ class NativeRedisConsumer(Reconnecting):
             self._flush_acks()
         else:
             self._ack_wake.set()
+
+    def ack_pending(self, message: Any) -> bool:
+        """True while ``message``'s ack waits in the batch (not on the server yet)."""
+        return message.delivery_tag in self._pending_acks
 
     def _flush_acks(self) -> bool:
         """Send the pending acks in one pipeline; on failure keep them for the next try."""
@@ -337,18 +393,119 @@ class NativeRedisConsumer(Reconnecting):
             return 0
         return len(tags)
 
-    def _maybe_restore_visible(self) -> None:
-        """Put messages whose holder died back on their queues (what kombu's consumers do),
-        through kombu itself so the exchange bindings are resolved the same way."""
-        now = time.monotonic()
-        if now - self._last_restore < min(10.0, self.visibility_timeout / 2):
-            return
-        self._last_restore = now
+    def restore_interval(self) -> float:
+        """Seconds between two sweeps: a tenth of the visibility timeout, 0.25 to 10 s, so
+        a dead consumer's message is back at most that long after its timeout."""
+        return min(10.0, max(0.25, self.visibility_timeout / 10))
+
+    def _restore_loop(self) -> None:
+        while True:
+            try:
+                self.restore_visible()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                # the broker is away: the consumer loop reports that; try at the next sweep
+                log.debug("visibility restore sweep failed: %s", exc)
+                self._close_restore_client()
+            except Exception as exc:
+                log.warning("visibility restore sweep failed: %s: %s", type(exc).__name__, exc)
+                self._close_restore_client()
+            green.sleep(self.restore_interval())
+
+    def restore_visible(self) -> int:
+        """Put back on their queues every message in ``unacked`` for longer than the
+        visibility timeout (its consumer died), as kombu's restore does; return how many.
+
+        It reads a batch of them, works out each one's payload and lists here, and moves
+        the batch in one script that skips any message acked, renewed or restored since
+        it was read; then the next batch, until none is left.  (kombu's sweep restores
+        10 messages per turn, one transaction each.)"""
+        client = self._restorer_connection()
+        restored = 0
+        while True:
+            ceiling = time.time() - self.visibility_timeout
+            tags = cast(
+                "list[bytes]",
+                client.zrangebyscore(
+                    UNACKED_INDEX_KEY, "-inf", ceiling, start=0, num=self.RESTORE_BATCH
+                ),
+            )
+            if not tags:
+                break
+            entries = cast("list[bytes | None]", client.hmget(UNACKED_KEY, tags))
+            args: list[Any] = [repr(ceiling)]
+            bindings: dict[str, list[list[str]]] = {}
+            for raw_tag, entry in zip(tags, entries, strict=True):
+                args.extend(self._restore_args(client, raw_tag.decode(), entry, bindings))
+            moved = int(
+                self._restore_script(
+                    keys=[UNACKED_KEY, UNACKED_INDEX_KEY], args=args, client=client
+                )
+            )
+            restored += moved
+            if len(tags) < self.RESTORE_BATCH or not moved:
+                break
+            green.sleep(0)  # a long backlog of orphans: let the tasks run between batches
+        if restored:
+            log.info(
+                "restored %d message(s) unacked for over the visibility timeout (%gs) to "
+                "their queues",
+                restored,
+                self.visibility_timeout,
+            )
+        return restored
+
+    def _restore_args(
+        self,
+        client: redis.Redis,
+        tag: str,
+        entry: bytes | None,
+        bindings: dict[str, list[list[str]]],
+    ) -> list[Any]:
+        """The restore script's arguments for one message (see ``_RESTORE_SCRIPT``)."""
+        if entry is None:
+            return [tag, "", 0, ""]  # only in the index (kombu leaves such): clean it
+        digest = hashlib.sha1(entry).hexdigest()
         try:
-            with self.app.connection() as conn:
-                conn.default_channel.qos.restore_visible(num=100, interval=1)
-        except Exception as exc:
-            log.debug("visibility restore sweep failed: %s", exc)
+            payload, exchange, routing_key = json.loads(entry)
+            if not isinstance(payload, dict):
+                raise ValueError("the envelope is not an object")
+        except (ValueError, TypeError) as exc:
+            log.error(
+                "Dropped unacked message %s: not kombu's [envelope, exchange, routing key] (%s)",
+                tag,
+                exc,
+            )
+            return [tag, digest, 0, ""]
+        for part, key in ((payload, "headers"), (payload.get("properties"), "delivery_info")):
+            try:
+                part[key]["redelivered"] = True  # type: ignore[index]
+            except (KeyError, TypeError):
+                pass
+        queues = _bound_queues(client, str(exchange or ""), str(routing_key or ""), bindings)
+        if not queues:
+            log.error(
+                "Dropped unacked message %s: no exchange and no routing key to restore it by",
+                tag,
+            )
+        lists = [_priority_list(queue, payload) for queue in queues]
+        return [tag, digest, len(lists), json.dumps(payload), *lists]
+
+    def _restorer_connection(self) -> redis.Redis:
+        if self._restore_client is None:
+            self._restore_client = broker_client(self.app)
+            self._restore_script = self._restore_client.register_script(_RESTORE_SCRIPT)
+        return self._restore_client
+
+    def _close_restore_client(self) -> None:
+        if self._restore_client is not None:
+            self._restore_client.close()
+            self._restore_client = None
+
+    def _stop_restorer(self) -> None:
+        if self._restorer is not None:
+            self._restorer.kill()
+            self._restorer = None
+        self._close_restore_client()
 
     # ------------------------------------------------------------ the loop
 
@@ -377,6 +534,9 @@ class NativeRedisConsumer(Reconnecting):
     def _consume(self) -> None:
         client = self._connection()
         client.ping()
+        version = self.server_version(client)
+        if server_has_blmove(version) is False:
+            self._poll_instead(f"Redis {version} is older than 6.2")
         self.connection_generation += 1
         log.info(
             "consuming from %s on %s (native Redis consumer)",
@@ -399,8 +559,14 @@ class NativeRedisConsumer(Reconnecting):
             # the lists ran dry in that pop: let the tasks just handed over start before
             # the wait (no second, empty pop first); BLMOVE returns at once if one came
             green.sleep(0)
-            self._maybe_restore_visible()
             self._wait_for_messages(client, interval)
+
+    def server_version(self, client: redis.Redis) -> str:
+        """The server's ``redis_version`` (``INFO server``), '' if it does not say."""
+        try:
+            return str(client.info("server").get("redis_version") or "")
+        except redis.ResponseError:  # INFO not allowed (an ACL): BLMOVE tells
+            return ""
 
     def _deliver(self, client: redis.Redis, limit: int) -> int:
         """Pop up to ``limit`` messages and hand each over; return how many were popped
@@ -441,14 +607,34 @@ class NativeRedisConsumer(Reconnecting):
         """Block until the first queue has a message (leaving it there), or ``interval``."""
         self._waiting = True
         try:
-            if len(self.queue_names) == 1:
+            if len(self.queue_names) == 1 and self.blocking_wait:
                 name = self.queue_names[0]
-                # Redis takes fractional seconds here; redis-py's hint says int
-                client.blmove(name, name, interval, "RIGHT", "RIGHT")  # type: ignore[arg-type]
+                try:
+                    # Redis takes fractional seconds here; redis-py's hint says int
+                    client.blmove(name, name, interval, "RIGHT", "RIGHT")  # type: ignore[arg-type]
+                except redis.ResponseError as exc:
+                    if "unknown command" not in str(exc).lower():
+                        raise
+                    self._poll_instead("the server does not know BLMOVE")
             else:
-                green.sleep(min(interval, 0.05))
+                green.sleep(min(interval, self.POLL_INTERVAL))
         finally:
             self._waiting = False
+
+    def _poll_instead(self, why: str) -> None:
+        """No ``BLMOVE`` on this server: wait by polling, and say so once."""
+        self.blocking_wait = False
+        if not self._polling_noted:
+            self._polling_noted = True
+            log.warning(
+                "%s (at %s): no BLMOVE, so the native Redis consumer polls its queue every "
+                "%gs instead of blocking on it; kombu 5.7's own visibility restore "
+                "(broker_native_redis = False, Celery workers) fails there too. Use Redis "
+                "6.2 or later",
+                why,
+                maybe_sanitize_url(self.app.broker_url),
+                self.POLL_INTERVAL,
+            )
 
 
 def broker_client(app: App) -> redis.Redis:
@@ -460,6 +646,54 @@ def broker_client(app: App) -> redis.Redis:
         max_connections=int(app.conf.broker_transport_options.get("max_connections", 50)),
         health_check_interval=0,
     )
+
+
+def server_has_blmove(version: str) -> bool | None:
+    """Whether a Redis reporting ``redis_version:<version>`` has ``BLMOVE`` (6.2 and
+    later); ``None`` when the version cannot be read (a Redis-compatible server)."""
+    found = re.match(r"\s*(\d+)\.(\d+)", version)
+    if found is None:
+        return None
+    return (int(found.group(1)), int(found.group(2))) >= BLMOVE_SINCE
+
+
+def _bound_queues(
+    client: redis.Redis, exchange: str, routing_key: str, cache: dict[str, list[list[str]]]
+) -> list[str]:
+    """The queues a message sent to ``exchange`` with ``routing_key`` goes to: kombu's
+    direct-exchange lookup (an empty exchange means the queue named by the key).  When
+    nothing is bound any more, the queue named by the routing key (Celery's default
+    binding), where kombu would drop the message."""
+    if not exchange:
+        return [routing_key] if routing_key else []
+    members = cache.get(exchange)
+    if members is None:
+        raw = client.smembers(BINDING_KEY.format(exchange))
+        members = cache[exchange] = [m.decode().split(PRIORITY_SEP) for m in raw]  # type: ignore[union-attr]
+    queues = sorted({m[2] for m in members if len(m) == 3 and m[0] == routing_key})
+    if not queues and routing_key:
+        unbound = f"{exchange}{PRIORITY_SEP}{routing_key}"
+        if unbound not in cache:  # once per sweep, not once per message
+            cache[unbound] = []
+            log.warning(
+                "no queue is bound to exchange %r with routing key %r: restoring its "
+                "messages to the queue %r",
+                exchange,
+                routing_key,
+                routing_key,
+            )
+        queues = [routing_key]
+    return queues
+
+
+def _priority_list(queue: str, payload: dict[str, Any]) -> str:
+    """The list kombu puts ``payload`` on: its priority (0-9) rounded down to a step."""
+    try:
+        priority = max(min(int(payload["properties"]["priority"]), 9), 0)
+    except (KeyError, TypeError, ValueError):
+        priority = 0
+    step = PRIORITY_STEPS[bisect.bisect(PRIORITY_STEPS, priority) - 1]
+    return f"{queue}{PRIORITY_SEP}{step}" if step else queue
 
 
 def _priority_lists(queue: str) -> list[str]:

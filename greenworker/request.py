@@ -45,6 +45,7 @@ from .results import (
     exception_to_meta,
 )
 from .task import Context, Task, current_request
+from .watchdog import describe_blocker
 
 if TYPE_CHECKING:
     from .timer import Entry
@@ -405,6 +406,10 @@ class MessageHandler:
             self._reject(message, f"cannot decode: {type(exc).__name__}: {exc}")
             return
         worker = self.worker
+        blocker = worker.state.hub_blockers.get(msg.id)
+        if blocker is not None:
+            self._refuse_blocker(message, msg, blocker)
+            return
         task = worker.app.tasks.get(msg.task)
         if task is None:
             self._unknown_task(message, msg)
@@ -447,6 +452,27 @@ class MessageHandler:
                 self.worker.app.backend.store(ident, build_meta(ident, FAILURE, failure))
             except Exception as exc:
                 log.debug("could not store the rejection of %s: %s", ident, exc)
+        self.worker.consumer.reject(message, requeue=False)
+
+    def _refuse_blocker(self, message: Message, msg: TaskMessage, record: dict[str, Any]) -> None:
+        """A task that blocked the hub past its hard limit (recorded by the watchdog
+        before it ended the worker) is back: reject it rather than block again.  Its
+        FAILURE was stored when this worker started (``Watchdog.load_blockers``)."""
+        scheme = self.worker.broker_scheme
+        if scheme.startswith(("amqp", "pyamqp")):
+            fate = "dead-lettered if its queue has a dead-letter exchange, else dropped"
+        else:
+            fate = f"dropped ({scheme} has no dead-letter queue)"
+        reason = describe_blocker(record)
+        log.error(
+            "Rejected task %s[%s]: %s; not run again (worker_block_policy 'exit'): %s",
+            msg.task,
+            msg.id,
+            reason,
+            fate,
+        )
+        self.worker.state.rejected += 1
+        self.worker.hooks.emit("task_rejected", message, reason)
         self.worker.consumer.reject(message, requeue=False)
 
     def _unknown_task(self, message: Message, msg: TaskMessage) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .request import Request
@@ -104,6 +104,9 @@ class WorkerState:
         self.rejected = 0
         self.revoked_count = 0
         self.retried = 0
+        #: Tasks that blocked the hub past their hard time limit (the watchdog ended an
+        #: earlier run of this worker for them), by task id: refused when they come back.
+        self.hub_blockers: dict[str, dict[str, Any]] = {}
 
     @property
     def processed(self) -> int:

@@ -2,8 +2,10 @@
 
 It keeps what must survive a restart (Celery keeps it in a shelve of pickles,
 which a kill -9 can corrupt): revoked task ids with their expiry, the logical
-clock, the task counters, and named tables other components use (the beat
-schedule's last-run times).  Values are JSON, never pickle.
+clock, the task counters, the tasks that blocked the hub past their hard time
+limit (so their redelivered messages are refused), and named tables other
+components use (the beat schedule's last-run times).  Values are JSON, never
+pickle.
 
 * LMDB never tears a database: a killed worker leaves the last committed
   state.  Commits skip the fsync (``sync=False``); a process crash loses
@@ -102,7 +104,7 @@ class StateStore:
         except lmdb.Error as exc:
             self._release_lock()
             raise StoreError(f"cannot open the state store {self.path}: {exc}") from exc
-        for name in ("meta", "revoked", "counters", "tables"):
+        for name in ("meta", "revoked", "counters", "tables", "blockers"):
             self._dbs[name] = self.env.open_db(name.encode())
         self._check_layout()
         return self
@@ -197,6 +199,33 @@ class StateStore:
             write(self.env, db, lambda txn: [txn.delete(k) for k in drop])
         return len(drop)
 
+    # ------------------------------------------------------------ hub blockers
+
+    def add_blocker(self, task_id: str, record: dict[str, Any]) -> None:
+        """Commit a task that blocked the hub past its hard limit (``record`` has at
+        least ``when``, epoch seconds): durable when this returns.  Safe from the
+        watchdog's thread while the hub is blocked (no transaction is open there)."""
+        data = json.dumps(record).encode()
+        write(self.env, self._dbs["blockers"], lambda txn: txn.put(task_id.encode(), data))
+
+    def blockers(self, expires: float) -> dict[str, dict[str, Any]]:
+        """The recorded hub blockers younger than ``expires`` seconds (older ones are
+        deleted on the way)."""
+        db = self._dbs["blockers"]
+        cutoff = time.time() - expires
+        keep: dict[str, dict[str, Any]] = {}
+        stale: list[bytes] = []
+        with self.env.begin(db=db) as txn:
+            for key, raw in txn.cursor():
+                record = json.loads(bytes(raw))
+                if float(record.get("when", 0)) < cutoff:
+                    stale.append(bytes(key))
+                else:
+                    keep[bytes(key).decode()] = record
+        if stale:
+            write(self.env, db, lambda txn: [txn.delete(k) for k in stale])
+        return keep
+
     # ------------------------------------------------------------ counters, clock
 
     def save_counters(self, counters: dict[str, int], clock: int) -> None:
@@ -234,10 +263,13 @@ class StateStore:
         stat = self.env.stat()
         with self.env.begin() as txn:
             revoked = txn.stat(self._dbs["revoked"])["entries"]
+        with self.env.begin(db=self._dbs["blockers"]) as txn:
+            blockers = {bytes(k).decode(): json.loads(bytes(v)) for k, v in txn.cursor()}
         return {
             "path": self.path,
             "layout": LAYOUT_VERSION,
             "revoked": revoked,
+            "hub_blockers": blockers,
             "counters": self.counters(),
             "clock": self.clock(),
             "map_size": info["map_size"],
@@ -260,10 +292,10 @@ class StateStore:
         return before, os.path.getsize(data)
 
     def clear(self) -> None:
-        """Delete everything but the layout version."""
+        """Delete everything but the layout version (and the named tables)."""
 
         def drop(txn: Any) -> None:
-            for name in ("revoked", "counters"):
+            for name in ("revoked", "counters", "blockers"):
                 txn.drop(self._dbs[name], delete=False)
             txn.delete(b"clock", db=self._dbs["meta"])
 

@@ -10,8 +10,13 @@ hub is blocked: the thread logs which task runs (found from the hub thread's
 current Python frames), counts it, and, if the block outlasts that task's
 hard time limit, applies the policy:
 
-* ``exit`` (default): log and end the process with :data:`EXIT_HUB_BLOCKED`
-  so a supervisor restarts it; unacked messages are redelivered by the broker.
+* ``exit`` (default): record the task id in the state store, log what
+  becomes of its message on this broker, and end the process with
+  :data:`EXIT_HUB_BLOCKED` so a supervisor restarts it.  A worker on that state
+  store refuses the message if it comes back (rejected without requeue: the
+  dead-letter exchange on RabbitMQ, if the queue has one) and stores its
+  ``FAILURE`` (``TimeLimitExceeded``) -- so one such task does not restart the
+  worker for ever.
 * ``log``: only log and count.
 
 On gevent, the hub's own monitor thread (``gevent.config.monitor_thread``)
@@ -27,8 +32,9 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import green
 
@@ -42,6 +48,8 @@ log = logging.getLogger(__name__)
 #: Exit status when a task blocked the hub past its hard time limit (EX_SOFTWARE).
 EXIT_HUB_BLOCKED = 70
 POLICIES = ("exit", "log")
+#: Seconds a task that blocked the hub is remembered (and refused) after the exit.
+BLOCKER_RETENTION = 7 * 86400.0
 
 
 @dataclass
@@ -135,7 +143,7 @@ class Watchdog:
     def _past_hard_limit(self, request: Request, running_for: float, hard: float) -> None:
         if self.policy == "log":
             log.error(
-                "task %s blocks the hub %.1fs past its hard time limit (%ss); policy 'log': "
+                "%s blocks the hub %.1fs past its hard time limit (%ss); policy 'log': "
                 "waiting for it",
                 _describe(request),
                 running_for - hard,
@@ -144,16 +152,84 @@ class Watchdog:
             return
         if self.policy == "exit":
             log.critical(
-                "task %s blocks the hub %.1fs past its hard time limit (%ss): exiting with "
-                "status %d so a supervisor restarts the worker; its message is redelivered",
+                "%s blocks the hub %.1fs past its hard time limit (%ss): exiting with "
+                "status %d so a supervisor restarts the worker; %s; %s",
                 _describe(request),
                 running_for - hard,
                 hard,
                 EXIT_HUB_BLOCKED,
+                _message_fate(self.worker, request),
+                self._record(request, hard),
             )
             for handler in logging.getLogger().handlers:
                 handler.flush()
             os._exit(EXIT_HUB_BLOCKED)
+
+    def _record(self, request: Request, hard: float) -> str:
+        """Commit ``request`` as a hub blocker (from this thread: the hub is stuck in
+        it); return what that means for the next worker, for the exit line."""
+        store = self.worker.store
+        if store is None or store.env is None:
+            return (
+                "no state store (--statedb) to record it in: if its message comes back "
+                "it runs again"
+            )
+        record = {
+            "task": request.name,
+            "when": time.time(),
+            "hard_limit": hard,
+            "hostname": self.worker.hostname,
+            "store_result": request._store_errors(),
+            "result_stored": False,
+        }
+        try:
+            store.add_blocker(request.id, record)
+        except Exception as exc:
+            return f"could not record it in {store.path} ({exc}): if it comes back it runs again"
+        return (
+            f"recorded in the state store {store.path}: a worker on it refuses the "
+            "message if it comes back and stores its FAILURE"
+        )
+
+    def load_blockers(self) -> None:
+        """At start: take the recorded hub blockers into the worker's state (so their
+        messages are refused on arrival) and store the FAILURE of those whose result
+        is not stored yet -- also when the broker lost their message."""
+        store = self.worker.store
+        if store is None or store.env is None:
+            return
+        blockers = store.blockers(BLOCKER_RETENTION)
+        self.worker.state.hub_blockers.update(blockers)
+        for task_id, record in blockers.items():
+            due = record.get("store_result", True) and not record.get("result_stored")
+            if due and self._store_failure(task_id, record):
+                store.add_blocker(task_id, {**record, "result_stored": True})
+        if blockers:
+            log.warning(
+                "%d task(s) blocked the hub past their hard time limit and ended an earlier "
+                "run of this worker; their messages are refused if they come back: %s",
+                len(blockers),
+                ", ".join(f"{r.get('task')}[{task_id}]" for task_id, r in blockers.items()),
+            )
+
+    def _store_failure(self, task_id: str, record: dict[str, Any]) -> bool:
+        from .request import celery_exception
+        from .results import FAILURE, build_meta
+
+        hard = record.get("hard_limit")
+        meta = build_meta(
+            task_id,
+            FAILURE,
+            celery_exception("TimeLimitExceeded", hard),
+            f"TimeLimitExceeded: blocked the hub past its hard time limit ({hard}s) on "
+            f"{record.get('hostname')}; the worker exited with status {EXIT_HUB_BLOCKED}",
+        )
+        try:
+            self.worker.app.backend.store(task_id, meta)
+        except Exception as exc:
+            log.error("could not store the FAILURE of hub blocker %s: %s", task_id, exc)
+            return False
+        return True
 
     def _running_request(self) -> Request | None:
         frame: FrameType | None = sys._current_frames().get(self._hub_thread)
@@ -171,3 +247,33 @@ def _describe(request: Request | None) -> str:
     if request is None:
         return "code outside any task"
     return f"task {request.name}[{request.id}]"
+
+
+def describe_blocker(record: dict[str, Any]) -> str:
+    """What a recorded hub blocker did, for the line that refuses its message."""
+    when = datetime.fromtimestamp(float(record.get("when", 0)), UTC)
+    return (
+        f"it blocked the hub past its hard time limit ({record.get('hard_limit')}s) on "
+        f"{record.get('hostname')} at {when:%Y-%m-%d %H:%M:%S} UTC and the worker exited "
+        f"with status {EXIT_HUB_BLOCKED}"
+    )
+
+
+def _message_fate(worker: Worker, request: Request) -> str:
+    """What becomes of the blocking task's message once this process is gone."""
+    scheme = worker.broker_scheme
+    if scheme == "filesystem":
+        return (
+            "its message is lost: kombu's filesystem transport (the embedded default) "
+            "keeps no copy of a message it delivered"
+        )
+    if scheme == "memory":
+        return "its message is lost with the process (memory transport)"
+    if request.acked and not worker.consumer.ack_pending(request.message):
+        return "its message was acked before it ran (acks_late off): it is not delivered again"
+    if scheme.startswith(("amqp", "pyamqp")):
+        return "RabbitMQ delivers its unacked message again as soon as this process is gone"
+    if scheme.startswith("redis"):
+        timeout = worker.app.conf.broker_transport_options.get("visibility_timeout", 3600)
+        return f"Redis gives its unacked message back after the visibility timeout ({timeout}s)"
+    return f"{scheme} delivers its unacked message again if it keeps one"

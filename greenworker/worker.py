@@ -151,6 +151,7 @@ class Worker:
         if self.store is not None:
             self.store.open()  # StoreLocked / StoreError: nothing else has started yet
             self._load_state(self.store)
+            self.watchdog.load_blockers()
         if self._beat_wanted:
             self._open_beat()
         self._started = True

@@ -15,3 +15,8 @@ def spin(seconds: float) -> str:
     while time.monotonic() < end:  # never yields: blocks the hub
         pass
     return "spun"
+
+
+@app.task(name="block.ok")
+def ok() -> str:
+    return "ok"

@@ -68,6 +68,21 @@ def amqp_url() -> str:
 
 
 @pytest.fixture
+def scratch_redis(tmp_path: Path) -> Iterator[str]:
+    """The URL of a Redis of the test's own (no persistence), for tests with a short
+    visibility timeout: on the shared server their sweeps would restore the messages
+    other tests' workers hold in the one ``unacked`` hash."""
+    from .faults import PrivateRedis
+
+    if not PrivateRedis.available():
+        pytest.skip("redis-server is not installed")
+    server = PrivateRedis(tmp_path / "scratch-redis", durable=False)
+    server.start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
 def queue_name() -> str:
     """A queue of its own for each test, so leftovers never leak between tests."""
     return f"gwtest.{uuid.uuid4().hex[:12]}"

@@ -32,8 +32,9 @@ class PrivateRedis:
     """A redis-server of the test's own, with an fsync-always AOF, so a restart keeps
     every queue and unacked message (as a production Redis with persistence would)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, durable: bool = True) -> None:
         self.directory = directory
+        self.durable = durable  # False: no AOF (a scratch server, for speed)
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -54,7 +55,7 @@ class PrivateRedis:
                 "--dir",
                 str(self.directory),
                 "--appendonly",
-                "yes",
+                "yes" if self.durable else "no",
                 "--appendfsync",
                 "always",
                 "--save",

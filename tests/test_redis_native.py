@@ -16,8 +16,14 @@ import pytest
 import redis
 from kombu.messaging import Producer
 
-from greenworker import App
-from greenworker.redis_consumer import UNACKED_INDEX_KEY, UNACKED_KEY, NativeRedisConsumer
+from greenworker import App, green
+from greenworker.redis_consumer import (
+    UNACKED_INDEX_KEY,
+    UNACKED_KEY,
+    NativeRedisConsumer,
+    RedisMessage,
+    server_has_blmove,
+)
 
 from .conftest import ROOT
 from .faults import env_with, log_tail
@@ -233,3 +239,203 @@ def test_a_key_layout_option_turns_the_native_paths_off(redis_url: str) -> None:
     app = App("layout", broker=redis_url, config={"broker_transport_options": {"sep": ":"}})
     assert not app.native_redis
     assert not isinstance(app.Worker(concurrency=1).consumer, NativeRedisConsumer)
+
+
+def _orphan_everything(client: redis.Redis, queue: str, when: float) -> list[str]:
+    """Move every message of ``queue`` (its priority lists too) into ``unacked`` as a
+    consumer that took them at ``when`` and then died would have left them (kombu's
+    entry: envelope, exchange, routing key); return their delivery tags."""
+    tags = []
+    pipe = client.pipeline()
+    route = json.dumps(queue).encode()
+    for key in (queue, *(f"{queue}\x06\x16{step}" for step in (3, 6, 9))):
+        for raw in client.lrange(key, 0, -1):
+            tag = json.loads(raw)["properties"]["delivery_tag"]
+            pipe.hset(UNACKED_KEY, tag, b"[" + raw + b"," + route + b"," + route + b"]")
+            pipe.zadd(UNACKED_INDEX_KEY, {tag: when})
+            tags.append(tag)
+        pipe.delete(key)
+    pipe.execute()
+    return tags
+
+
+@pytest.mark.timeout(90)
+def test_orphans_are_all_restored_on_schedule_under_a_backlog(
+    scratch_redis: str, queue_name: str
+) -> None:
+    """A dead consumer's 700 unacked messages are all back within about the visibility
+    timeout while the queue keeps a long backlog (the sweep used to run only when a pop
+    came back short, and restored 100 messages per turn)."""
+    visibility = 2.0
+    app = App(
+        "orphans",
+        broker=scratch_redis,
+        config={
+            "task_default_queue": queue_name,
+            "worker_enable_mingle": False,
+            "broker_transport_options": {"visibility_timeout": visibility},
+        },
+    )
+    client = redis.Redis.from_url(scratch_redis)
+    marks = "orphans:ran"
+
+    @app.task(name="native.mark", ignore_result=True)
+    def mark(n: int) -> None:
+        client.hset(marks, str(n), 1)
+
+    @app.task(name="native.slow", ignore_result=True)
+    def slow() -> None:
+        time.sleep(0.05)
+
+    orphans = 700
+    for n in range(orphans):
+        mark.delay(n)
+    taken_at = time.time()
+    assert len(_orphan_everything(client, queue_name, taken_at)) == orphans
+    for _ in range(2000):  # 20 s of work for 5 slots: still there when the test ends
+        slow.delay()
+    worker = app.Worker(concurrency=5)
+    worker.start()
+    try:
+        deadline = taken_at + visibility + 4.0
+        while client.hlen(marks) < orphans and time.time() < deadline:
+            time.sleep(0.05)
+        all_ran_after = time.time() - taken_at
+        backlog = client.llen(queue_name)
+    finally:
+        worker.stop(timeout=5)
+        app.close()
+    ran = client.hlen(marks)
+    print(f"{ran}/{orphans} orphans ran {all_ran_after:.2f}s after they were taken")
+    assert ran == orphans, f"only {ran} of {orphans} restored and run by {all_ran_after:.1f}s"
+    assert all_ran_after >= visibility  # not before their time
+    assert backlog > 0  # the queue never ran dry meanwhile
+
+
+def test_restore_puts_back_only_whats_due_on_kombus_lists(
+    scratch_redis: str, queue_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The sweep follows kombu's restore: the binding lookup, the priority list, the
+    redelivered flags; it leaves fresh entries, cleans index-only ones, and skips an
+    entry that changed after it was read."""
+    app = App(
+        "restore",
+        broker=scratch_redis,
+        config={
+            "task_default_queue": queue_name,
+            "broker_transport_options": {"visibility_timeout": 60},
+        },
+    )
+    client = redis.Redis.from_url(scratch_redis)
+    app.send_task("native.echo", (0,))  # through kombu: declares the queue and binding
+    with app.connection() as conn:
+        Producer(conn).publish(
+            [[9], {}, {}],
+            routing_key=queue_name,
+            exchange=app.queue().exchange,
+            headers={"id": "prio-9", "task": "native.echo", "lang": "py"},
+            serializer="json",
+            priority=9,
+        )
+    old = time.time() - 120
+    due = _orphan_everything(client, queue_name, old)
+    app.send_task("native.echo", (1,))
+    (fresh,) = _orphan_everything(client, queue_name, time.time())  # its consumer lives
+    client.zadd(UNACKED_INDEX_KEY, {"index-only": old})
+    consumer = NativeRedisConsumer(app, [queue_name], lambda message: None, lambda: 1)
+    try:
+        assert consumer.restore_visible() == 2
+        assert client.zscore(UNACKED_INDEX_KEY, "index-only") is None
+        assert client.hexists(UNACKED_KEY, fresh)
+        plain = [json.loads(raw) for raw in client.lrange(queue_name, 0, -1)]
+        high = [json.loads(raw) for raw in client.lrange(f"{queue_name}\x06\x169", 0, -1)]
+        assert [m["properties"]["priority"] for m in plain + high] == [0, 9]
+        for message in plain + high:
+            assert message["headers"]["redelivered"] is True
+            assert message["properties"]["delivery_info"]["redelivered"] is True
+        assert not any(client.hexists(UNACKED_KEY, tag) for tag in due)
+
+        # read, then acked (or renewed) by its consumer before the move: left alone
+        client.zadd(UNACKED_INDEX_KEY, {fresh: old})
+        entry = client.hget(UNACKED_KEY, fresh)
+        stale = consumer._restore_args(client, fresh, entry, {})
+        client.hset(UNACKED_KEY, fresh, b'[{}, "", ""]')
+        moved = consumer._restore_script(
+            keys=[UNACKED_KEY, UNACKED_INDEX_KEY], args=[repr(time.time()), *stale]
+        )
+        assert moved == 0 and client.hexists(UNACKED_KEY, fresh)
+
+        # its bindings deleted meanwhile: to the queue named by its routing key, not lost
+        client.delete(queue_name, f"_kombu.binding.{queue_name}")
+        client.hset(UNACKED_KEY, fresh, entry)  # type: ignore[arg-type]
+        with caplog.at_level(logging.WARNING, logger="greenworker.consumer"):
+            assert consumer.restore_visible() == 1
+        assert client.llen(queue_name) == 1
+        assert "no queue is bound to exchange" in caplog.text
+    finally:
+        consumer.close()
+        app.close()
+
+
+@pytest.mark.parametrize(
+    ("version", "has_it"),
+    [
+        *[("7.0.15", True), ("6.2.0", True), ("6.2", True), ("10.0.1", True)],
+        *[("6.0.16", False), ("5.0.7", False), ("2.8.4", False), ("", None), ("unknown", None)],
+    ],
+)
+def test_blmove_needs_redis_6_2(version: str, has_it: bool | None) -> None:
+    assert server_has_blmove(version) is has_it
+
+
+class _OldServerConsumer(NativeRedisConsumer):
+    def server_version(self, client: redis.Redis) -> str:
+        return "6.0.16"  # what INFO says on a Redis without BLMOVE
+
+
+def _blocked_in_blmove(client: redis.Redis) -> int:
+    return sum(1 for c in client.client_list() if c.get("cmd") == "blmove")
+
+
+@pytest.mark.parametrize("server", ["current", "older than 6.2"])
+def test_an_idle_consumer_blocks_in_blmove_or_says_once_it_polls(
+    scratch_redis: str, queue_name: str, server: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = App("old", broker=scratch_redis, config={"task_default_queue": queue_name})
+    client = redis.Redis.from_url(scratch_redis)
+    received: list[str] = []
+    arrived = green.new_event()
+
+    def on_message(message: RedisMessage) -> None:
+        received.append(message.headers["id"])
+        message.ack()
+        arrived.set()
+
+    consumer_class = NativeRedisConsumer if server == "current" else _OldServerConsumer
+    consumer = consumer_class(app, [queue_name], on_message, lambda: 10)
+    with caplog.at_level(logging.WARNING, logger="greenworker.consumer"):
+        consumer.start()
+        try:
+            assert consumer.wait_ready(10)
+            for n in range(3):
+                sent = app.send_task("native.echo", (n,))
+                assert arrived.wait(10), f"message {n} did not arrive"
+                arrived.clear()
+                assert received[-1] == sent.id
+                # idle now: blocked in BLMOVE soon (at once), or never while it polls
+                look_until = time.monotonic() + (5.0 if server == "current" else 0.3)
+                blocked = 0
+                while not blocked and time.monotonic() < look_until:
+                    blocked = _blocked_in_blmove(client)
+                    time.sleep(0.01)
+                assert blocked == (1 if server == "current" else 0)
+        finally:
+            consumer.stop_consuming()
+            consumer.close()
+            app.close()
+    notes = [r.getMessage() for r in caplog.records if "no BLMOVE" in r.getMessage()]
+    if server == "current":
+        assert consumer.blocking_wait and not notes
+    else:
+        assert not consumer.blocking_wait
+        assert len(notes) == 1 and "Redis 6.0.16 is older than 6.2" in notes[0], notes

@@ -177,3 +177,19 @@ def test_tables_grow_and_cli_compact_and_clear(tmp_path: Path) -> None:
     empty = StateStore(str(tmp_path)).open()
     assert empty.revoked(3600) == {} and empty.counters() == {} and empty.clock() == 0
     empty.close()
+
+
+def test_hub_blockers_are_kept_until_they_expire_and_cleared_with_the_rest(
+    tmp_path: Path,
+) -> None:
+    store = StateStore(str(tmp_path / "state")).open()
+    try:
+        store.add_blocker("recent", {"task": "t.spin", "when": time.time(), "hard_limit": 1})
+        store.add_blocker("old", {"task": "t.spin", "when": time.time() - 100, "hard_limit": 1})
+        assert set(store.summary()["hub_blockers"]) == {"recent", "old"}
+        assert set(store.blockers(expires=50)) == {"recent"}
+        assert set(store.summary()["hub_blockers"]) == {"recent"}  # the expired one is gone
+        store.clear()
+        assert store.blockers(expires=50) == {}
+    finally:
+        store.close()
