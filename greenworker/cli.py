@@ -164,7 +164,7 @@ def _json_arg(value: str | None, what: str, kind: type) -> Any:
 @click.option(
     "--statedb",
     type=click.Path(file_okay=False),
-    help="LMDB state store directory (revoked ids, counters, clock).  "
+    help="LMDB state store directory (revoked ids, hub blockers, counters, clock).  "
     "[default: DATA_DIR/state on the embedded default, none otherwise]",
 )
 @click.option(
@@ -522,7 +522,7 @@ def statedb(path: str, action: str, force: bool) -> None:
             click.echo(f"compacted {path}: {before} -> {after} bytes")
         else:
             if not force and not click.confirm(
-                f"Delete revoked ids, counters and clock in {path}?"
+                f"Delete revoked ids, hub blockers, counters and clock in {path}?"
             ):
                 raise SystemExit(1)
             store.clear()
