@@ -366,3 +366,63 @@ def test_revoke_by_stamped_headers_revokes_queued_and_terminates_running(
     _wait_for(lambda: after.state == "REVOKED")
     unstamped = worker.app.tasks["control.add"].delay(3, 4)
     assert unstamped.get(timeout=10) == 7
+
+
+@pytest.mark.timeout(120)
+def test_replies_match_a_celery_gevent_worker(
+    control_worker: tuple[Worker, str, str], celery_control: Celery, queue_name: str
+) -> None:
+    _worker, broker, gw_host = control_worker
+    celery_host = f"cel-{uuid.uuid4().hex[:6]}@test"
+    celery_worker = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "celery", "-A", "tests.celery_side", "worker"),
+            *("-P", "gevent", "-c", "2", "-Q", f"{queue_name}.celery", "-n", celery_host),
+            *("--without-mingle", "--without-gossip", "--without-heartbeat", "-l", "warning"),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "INTEROP_BROKER": broker},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    control = celery_control.control
+    size = re.compile(r"\d+(\.\d+)?(b|KB|MB|GB)")
+
+    def answers(host: str) -> list[Any]:
+        inspector = control.inspect(destination=[host], timeout=5)
+        sample = inspector.memsample()
+        dump = inspector.memdump()
+        replies: list[Any] = [
+            size.sub("N", sample[host]) if sample else None,
+            size.sub("N", dump[host]) if dump else None,
+            sorted((inspector.objgraph() or {}).get(host, {})),  # {"error": ...} on both
+        ]
+        for command, arguments in (
+            ("revoke", {"task_id": ["r-a"]}),  # one id: Celery's set prints in hash order
+            ("revoke", {"task_id": "nobody", "terminate": True, "signal": "SIGTERM"}),
+            ("revoke_by_stamped_headers", {"headers": {"mystamp": "v1"}}),
+            ("revoke_by_stamped_headers", {"headers": ["mystamp=v2"], "terminate": True}),
+        ):
+            reply = control.broadcast(command, arguments, destination=[host], reply=True, timeout=5)
+            replies.append([next(iter(item.values())) for item in reply])
+        return replies
+
+    try:
+        _wait_for(lambda: control.inspect(destination=[celery_host], timeout=0.5).ping(), 60)
+        by_celery = answers(celery_host)
+    finally:
+        celery_worker.terminate()
+        celery_worker.wait(30)
+        with _worker.app.connection() as conn:
+            _worker.app.queue(f"{queue_name}.celery")(conn.default_channel).delete()
+    by_greenworker = answers(gw_host)
+    assert by_greenworker == by_celery
+    assert by_greenworker == [
+        "N",
+        "- rss (sample):\n-    > N,\n- rss (end): N.\n",
+        ["error"],
+        [{"ok": "tasks {'r-a'} flagged as revoked"}],
+        [{"ok": "terminate: tasks unknown"}],
+        [{"ok": "headers {'mystamp': 'v1'} flagged as revoked, but not terminated"}],
+        [{"ok": "headers {'mystamp': 'v2'} were not terminated"}],
+    ]
