@@ -97,9 +97,6 @@ class RevokedStamps:
         known = self._values.setdefault(header, [])
         known.extend(v for v in _as_list(values) if v not in known)
 
-    def as_dict(self) -> dict[str, list[Any]]:
-        return {header: list(values) for header, values in self._values.items()}
-
     def match(self, headers: Mapping[str, Any]) -> dict[str, Any] | None:
         """The first ``{header: value}`` of a task's stamps that is revoked, or None.
 
