@@ -9,18 +9,24 @@ never holds up the task consumer.
 Replies use Celery's shapes (``{"ok": "pong"}``, request dicts for
 ``active``...).  A command with bad arguments gets ``{"error": ...}`` and the
 worker goes on.  ``worker_enable_remote_control`` turns the mailbox off and
-``worker_control_allow`` limits the commands; replies never carry secrets.
+``worker_control_allow`` limits the commands: any other is answered
+``{"error": "... not allowed ..."}``, an unknown one ``{"error": "unknown
+command ..."}``.  Replies never carry secrets.
 """
 
 from __future__ import annotations
 
+import gc
+import inspect
 import json
 import logging
 import os
 import random
 import resource
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from kombu.connection import Connection
@@ -28,6 +34,7 @@ from kombu.pidbox import Mailbox
 from kombu.utils.url import maybe_sanitize_url
 
 from . import __version__, green
+from .state import RevokedStamps
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -45,6 +52,56 @@ F = TypeVar("F", bound=Handler)
 def command(fn: F) -> F:
     HANDLERS[fn.__name__] = fn
     return fn
+
+
+class CommandTable(dict[str, Handler]):
+    """The commands this worker answers, by name, as kombu's pidbox node looks them up.
+
+    A name that is not in the table is still answered, with an error reply
+    (kombu would otherwise reply ``KeyError('name')``): "not allowed" for a
+    command ``worker_control_allow`` left out, "unknown command" otherwise.
+    Arguments that do not fit a command get a one-line error reply too.
+    """
+
+    def __init__(self, allowed: Collection[str] | None = None) -> None:
+        super().__init__(
+            (name, _checked(name, fn))
+            for name, fn in HANDLERS.items()
+            if allowed is None or name in allowed
+        )
+
+    def __missing__(self, name: str) -> Handler:
+        if name in HANDLERS:
+            reason = f"command {name!r} is not allowed on this worker (worker_control_allow)"
+        else:
+            reason = f"unknown command {name!r}"
+
+        def refuse(worker: Worker, **arguments: Any) -> dict[str, str]:
+            log.warning("remote control: refused %s", reason)
+            return {"error": reason}
+
+        return refuse
+
+
+def _checked(name: str, fn: Handler) -> Handler:
+    """``fn`` answering arguments that do not fit it with an error reply, not a traceback."""
+    signature = inspect.signature(fn)
+
+    def handle(worker: Worker, **arguments: Any) -> Any:
+        try:
+            signature.bind(worker, **arguments)
+        except TypeError as exc:
+            log.warning("remote control: %s: bad arguments: %s", name, exc)
+            return {"error": f"{name}: {exc}"}
+        try:
+            return fn(worker, **arguments)
+        except (TypeError, ValueError) as exc:  # a value of the wrong kind, e.g. n="many"
+            log.warning("remote control: %s failed: %r", name, exc)
+            return {"error": f"{name}: {exc}"}
+
+    handle.__name__ = handle.__qualname__ = name
+    handle.__doc__ = fn.__doc__
+    return handle
 
 
 def mailbox(namespace: str = "celery") -> Mailbox:
@@ -67,11 +124,7 @@ class RemoteControl:
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
-        conf = worker.app.conf
-        allowed = conf.worker_control_allow
-        self.handlers = {
-            name: fn for name, fn in HANDLERS.items() if allowed is None or name in allowed
-        }
+        self.handlers = CommandTable(worker.app.conf.worker_control_allow)
         self.mailbox = mailbox()
         self._greenlet: green.Greenlet | None = None
         self._stopping = False
@@ -290,7 +343,11 @@ def active_queues(worker: Worker) -> list[dict[str, Any]]:
 
 @command
 def conf(worker: Worker, with_defaults: bool = False) -> dict[str, Any]:
-    return safe_settings(worker.app.conf.as_dict())
+    shown = safe_settings(worker.app.conf.as_dict())
+    # what this worker runs with, which -c / --autoscale / the constructor may override
+    shown["worker_concurrency"] = worker.pool.size
+    shown["worker_prefetch_multiplier"] = worker.prefetch_multiplier
+    return shown
 
 
 @command
@@ -301,7 +358,7 @@ def report(worker: Worker) -> dict[str, str]:
         f"broker -> {maybe_sanitize_url(worker.app.broker_url)}",
         f"results -> {maybe_sanitize_url(worker.app.result_backend_url or 'disabled')}",
         f"queues -> {', '.join(worker.consumer.queue_names)}",
-        f"concurrency -> {worker.pool.size}",
+        f"concurrency -> {worker.describe_concurrency()}",
     ]
     return {"ok": "\n".join(lines)}
 
@@ -321,17 +378,66 @@ def hello(worker: Worker, from_node: str, revoked: dict[str, float] | None = Non
 
 @command
 def revoke(
-    worker: Worker, task_id: str | list[str], terminate: bool = False, signal: str | None = None
+    worker: Worker,
+    task_id: str | list[str] | None,
+    terminate: bool = False,
+    signal: str | None = None,
 ) -> dict[str, str]:
-    ids = [task_id] if isinstance(task_id, str) else list(task_id)
-    worker.revoke(ids, terminate=bool(terminate))
-    what = "terminated" if terminate else "flagged as revoked"
-    return {"ok": f"tasks {', '.join(ids)} {what}"}
+    """Revoke tasks by id; with ``terminate`` also end those running (Celery's replies)."""
+    ids = _task_ids(task_id)
+    known = dict.fromkeys(worker.revoke(ids, terminate=bool(terminate)))
+    if terminate:
+        if not known:
+            return {"ok": "terminate: tasks unknown"}
+        return {"ok": f"terminate: {', '.join(known)}"}
+    log.info("Tasks flagged as revoked: %s", ", ".join(ids))
+    return {"ok": f"tasks {_set_text(ids)} flagged as revoked"}
 
 
 @command
 def terminate(worker: Worker, signal: str | None, task_id: str | list[str]) -> dict[str, str]:
+    """Revoke and end running tasks (the signal is accepted: a greenlet is simply killed)."""
     return revoke(worker, task_id, terminate=True, signal=signal)
+
+
+@command
+def revoke_by_stamped_headers(
+    worker: Worker,
+    headers: dict[str, Any] | list[str],
+    terminate: bool = False,
+    signal: str | None = None,
+) -> dict[str, str]:
+    """Revoke the tasks whose stamps match ``headers`` (``{name: value or [values]}``,
+    or Celery's CLI form ``["name=value", ...]``).
+
+    Matching tasks waiting here are revoked at once, later ones when they
+    arrive; with ``terminate``, matching running tasks are ended too.
+    """
+    wanted = _stamp_headers(headers)
+    for name, values in wanted.items():
+        worker.state.revoked_stamps.add(name, values)
+    state = worker.state
+    waiting = [r.id for r in list(state.reserved.values()) if r.revoked_stamp() is not None]
+    if waiting:
+        worker.revoke(waiting)
+    if not terminate:
+        return {"ok": f"headers {wanted!r} flagged as revoked, but not terminated"}
+    asked = RevokedStamps()
+    for name, values in wanted.items():
+        asked.add(name, values)
+    ended: dict[str, list[Any]] = {}
+    for request in list(state.active.values()):
+        matched = asked.matches(request.msg.headers)
+        if matched:
+            for name, value in matched:
+                ended.setdefault(name, [])
+                if value not in ended[name]:
+                    ended[name].append(value)
+            worker.revoke([request.id], terminate=True)
+    if not ended:
+        return {"ok": f"headers {wanted!r} were not terminated"}
+    shown = ", ".join(f"{name!r}: {_set_text(values)}" for name, values in ended.items())
+    return {"ok": f"headers {{{shown}}} revoked"}
 
 
 @command
@@ -430,7 +536,129 @@ def shutdown(worker: Worker, msg: str = "Got shutdown from remote") -> dict[str,
     return {"ok": "shutting down"}
 
 
+# ------------------------------------------------------------------ debugging
+
+
+@command
+def memsample(worker: Worker) -> str:
+    """Sample the worker's RSS now, for ``memdump``; the sample as text (``"58.469MB"``)."""
+    rss, _current = _rss_bytes()
+    worker.state.memory_samples.append(rss)
+    return _human_bytes(rss)
+
+
+@command
+def memdump(worker: Worker, samples: int = 10) -> str:
+    """Celery's memory report: up to ``samples`` of the ``memsample`` samples (then
+    forgotten), and the RSS after a garbage collection."""
+    taken = list(worker.state.memory_samples)
+    worker.state.memory_samples.clear()
+    count = max(int(samples), 1)
+    if len(taken) > count:  # evenly spread, as Celery picks them
+        step = len(taken) // count
+        taken = taken[::step][:count]
+    gc.collect()
+    rss, current = _rss_bytes()
+    lines = []
+    if taken:
+        lines.append("- rss (sample):")
+        lines.extend(f"-    > {_human_bytes(sample)}," for sample in taken)
+    note = "" if current else " (peak: psutil is not installed, the stdlib gives the peak only)"
+    lines.append(f"- rss (end): {_human_bytes(rss)}{note}.")
+    return "\n".join(lines) + "\n"
+
+
+@command
+def objgraph(
+    worker: Worker,
+    num: int = 200,
+    max_depth: int = 10,
+    type: str = "Request",  # Celery's argument name
+) -> dict[str, str]:
+    """Graph what holds the objects of a type (memory-leak hunting), into a PNG file.
+
+    Needs the ``objgraph`` library (and Graphviz to draw); it walks the whole heap,
+    so the hub stalls meanwhile: a debugging tool.
+    """
+    try:
+        import objgraph as graphs  # type: ignore[import-untyped,import-not-found,unused-ignore]
+    except ImportError:
+        return {"error": "objgraph needs the objgraph library: pip install objgraph"}
+    log.info("remote control: dumping the object graph of type %r", type)
+    fd, path = tempfile.mkstemp(prefix="greenworker-objgraph-", suffix=".png")
+    os.close(fd)
+    try:
+        objects = graphs.by_type(type)[: int(num)]
+        graphs.show_backrefs(
+            objects,
+            max_depth=int(max_depth),
+            highlight=lambda value: value in objects,
+            filename=path,
+        )
+    except Exception as exc:  # e.g. Graphviz missing
+        return {"error": f"objgraph failed: {exc}"}
+    return {"filename": path}
+
+
+def _rss_bytes() -> tuple[int, bool]:
+    """The resident set size in bytes, and whether it is the current one (psutil) or
+    the peak (the stdlib ``resource`` module, when psutil is not installed)."""
+    try:
+        import psutil  # type: ignore[import-untyped,unused-ignore]
+    except ImportError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return (peak if sys.platform == "darwin" else peak * 1024), False  # KiB on Linux
+    return int(psutil.Process().memory_info().rss), True
+
+
+_BYTE_UNITS = ((2**40, "TB"), (2**30, "GB"), (2**20, "MB"), (2**10, "KB"))
+
+
+def _human_bytes(size: int) -> str:
+    """Bytes as Celery's memdump writes them: ``58.469MB``, ``512b``."""
+    for divisor, unit in _BYTE_UNITS:
+        if size >= divisor:
+            return f"{size / divisor:.5g}{unit}"
+    return f"{size}b"
+
+
 # ------------------------------------------------------------------ helpers
+
+
+def _task_ids(task_id: Any) -> list[str]:
+    """The ids of a revoke: one id or a list of them, each a string, in order, once."""
+    ids = [] if task_id is None else [task_id] if isinstance(task_id, str) else task_id
+    if not isinstance(ids, list | tuple) or not all(isinstance(i, str) for i in ids):
+        raise ValueError(f"task_id must be an id or a list of ids, not {task_id!r}")
+    return list(dict.fromkeys(ids))
+
+
+def _set_text(items: Collection[Any]) -> str:
+    """``{'a', 'b'}``: how Celery's replies show a set of ids or values (in our order)."""
+    return "{" + ", ".join(repr(item) for item in items) + "}"
+
+
+def _stamp_headers(headers: Any) -> dict[str, Any]:
+    """``{name: value or [values]}`` from a dict, or from Celery's ``["name=value", ...]``."""
+    if isinstance(headers, list | tuple):
+        parsed: dict[str, Any] = {}
+        for item in headers:
+            if not isinstance(item, str) or "=" not in item:
+                raise ValueError(f"stamped headers are name=value, not {item!r}")
+            name, _, value = item.partition("=")
+            if name in parsed:  # the same name twice: both values
+                before = parsed[name]
+                parsed[name] = [*(before if isinstance(before, list) else [before]), value]
+            else:
+                parsed[name] = value
+        headers = parsed
+    if (
+        not isinstance(headers, dict)
+        or not headers
+        or not all(isinstance(name, str) for name in headers)
+    ):
+        raise ValueError(f"headers must map stamp names to values, not {headers!r}")
+    return headers
 
 
 def _malformed(body: Any) -> str | None:

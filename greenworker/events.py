@@ -22,6 +22,7 @@ import time
 import uuid
 from collections import deque
 from copy import copy
+from traceback import format_exception
 from typing import TYPE_CHECKING, Any
 
 from kombu.connection import Connection
@@ -217,7 +218,12 @@ class TaskEvents(Middleware):
     def task_retried(self, request: Request, exc: BaseException | None, when: Any) -> None:
         if not self.events.collecting:  # task events off: build nothing
             return
-        self.events.task("task-retried", uuid=request.id, exception=_safe_repr(exc), traceback=None)
+        # Celery's fields: the reason, and the traceback of the Retry as the task raised
+        # it (which chains the reason's own traceback), so Flower shows where it retried
+        retry = request.retry
+        reason = _safe_repr(exc) if exc is not None or retry is None else str(retry)
+        trace = "".join(format_exception(retry)) if retry is not None else None
+        self.events.task("task-retried", uuid=request.id, exception=reason, traceback=trace)
 
     def task_revoked(self, request: Request, reason: str) -> None:
         if not self.events.collecting:  # task events off: build nothing

@@ -78,6 +78,8 @@ class Request:
         "job_id",
         "message",
         "msg",
+        "retry",
+        "started_at",
         "task",
         "time_start",
         "worker",
@@ -89,7 +91,12 @@ class Request:
         self.task = task
         self.worker = worker
         self.job_id: int | None = None
+        #: When the task body started, on the monotonic clock (for durations and limits).
         self.time_start: float | None = None
+        #: The same moment in wall-clock epoch seconds, as Celery and Flower show it.
+        self.started_at: float | None = None
+        #: The :class:`Retry` being handled, while the ``task_retried`` hooks run.
+        self.retry: Retry | None = None
         self.finished = False
         self.acked = False
         self._hard_timer: Entry | None = None
@@ -124,6 +131,10 @@ class Request:
     def expired(self) -> bool:
         return self.msg.expires is not None and self.msg.expires <= utcnow()
 
+    def revoked_stamp(self) -> dict[str, Any] | None:
+        """The stamp (``{header: value}``) by which this task was revoked, if any."""
+        return self.worker.state.revoked_stamps.match(self.msg.headers)
+
     def describe(self) -> dict[str, Any]:
         """The request as ``inspect active/reserved`` reports it."""
         msg = self.msg
@@ -134,7 +145,7 @@ class Request:
             "kwargs": msg.kwargs,
             "type": msg.task,
             "hostname": self.worker.hostname,
-            "time_start": self.time_start,
+            "time_start": self.started_at,
             "acknowledged": self.acked,
             "delivery_info": dict(self.message.delivery_info or {}),
             "worker_pid": os.getpid(),
@@ -149,6 +160,10 @@ class Request:
         try:
             if self.id in worker.state.revoked:
                 self.revoke("revoked")
+                return
+            stamp = self.revoked_stamp()
+            if stamp is not None:
+                self.revoke("revoked", stamp=stamp)
                 return
             if self.expired():
                 self.revoke("expired")
@@ -195,6 +210,7 @@ class Request:
         msg = self.msg
         token = current_request.set(self._context())
         self.time_start = time.monotonic()
+        self.started_at = time.time()
         limit: AbstractContextManager[Any] = (
             green.timeout(soft, SoftTimeLimitExceeded(f"soft time limit ({soft}s) exceeded"))
             if soft
@@ -281,7 +297,11 @@ class Request:
     def _retried(self, retry: Retry) -> None:
         log.info("Task %s[%s] retry: %s", self.name, self.id, retry)
         self.worker.state.retried += 1
-        self.worker.hooks.emit("task_retried", self, retry.exc, retry.when)
+        self.retry = retry  # for the hooks that want more than exc and when (events)
+        try:
+            self.worker.hooks.emit("task_retried", self, retry.exc, retry.when)
+        finally:
+            self.retry = None  # its traceback holds this run's frames
         reason = retry.exc if retry.exc is not None else retry
         tb = "".join(traceback.format_exception(reason)) if retry.exc is not None else None
         meta = build_meta(self.id, RETRY, exception_to_meta(reason), tb)
@@ -325,9 +345,13 @@ class Request:
         if self.job_id is not None:
             self.worker.pool.kill(self.job_id, exc, release=True)
 
-    def revoke(self, reason: str) -> None:
-        """Do not run: store REVOKED with ``reason`` and ack the message."""
-        log.info("Task %s[%s] revoked: %s", self.name, self.id, reason)
+    def revoke(self, reason: str, *, stamp: dict[str, Any] | None = None) -> None:
+        """Do not run: store REVOKED with ``reason`` and ack the message.
+
+        ``stamp`` names the stamped header that revoked it, for the log line.
+        """
+        by = f" (revoked by header: {stamp})" if stamp else ""
+        log.info("Task %s[%s] revoked: %s%s", self.name, self.id, reason, by)
         self._revoked(reason)
 
     def _revoked(self, reason: str) -> None:
@@ -418,9 +442,12 @@ class MessageHandler:
         log.debug("Received task %s[%s]", msg.task, msg.id)
         worker.state.task_received(request)
         worker.hooks.emit("task_received", request)
-        if msg.id in worker.state.revoked or request.expired():
+        # the stamp check costs nothing until a revoke_by_stamped_headers came
+        stamp = request.revoked_stamp() if worker.state.revoked_stamps else None
+        if msg.id in worker.state.revoked or stamp is not None or request.expired():
             try:
-                request.revoke("revoked" if msg.id in worker.state.revoked else "expired")
+                expired = msg.id not in worker.state.revoked and stamp is None
+                request.revoke("expired" if expired else "revoked", stamp=stamp)
             finally:
                 worker.state.task_discarded(request)
             return

@@ -6,8 +6,8 @@ An object passed to those who need it (never a module global).
 from __future__ import annotations
 
 import time
-from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections import Counter, OrderedDict, deque
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 #: Celery's defaults for the revoked set (``CELERY_WORKER_REVOKES_MAX`` / ``_EXPIRES``).
 REVOKES_MAX = 50_000
 REVOKE_EXPIRES = 10_800.0
+#: ``inspect memsample`` keeps at most this many samples (the oldest go first).
+MEMORY_SAMPLES_MAX = 1_000
 
 
 class RevokedSet:
@@ -73,6 +75,57 @@ class RevokedSet:
         return dict(self._items)
 
 
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+class RevokedStamps:
+    """Stamp values revoked by ``revoke_by_stamped_headers``, by stamp header name.
+
+    A task is revoked by stamp when one of its ``stamped_headers`` names a
+    revoked header and its stamp value (or one of its values, for a list) is
+    among the revoked values: Celery's rule.  Kept in memory only, as Celery does.
+    """
+
+    def __init__(self) -> None:
+        self._values: dict[str, list[Any]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._values)
+
+    def add(self, header: str, values: Any) -> None:
+        known = self._values.setdefault(header, [])
+        known.extend(v for v in _as_list(values) if v not in known)
+
+    def match(self, headers: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The first ``{header: value}`` of a task's stamps that is revoked, or None.
+
+        ``headers`` are the task message's headers (``stamped_headers`` and ``stamps``).
+        """
+        if not self._values:
+            return None
+        for name, value in self.matches(headers):
+            return {name: value}
+        return None
+
+    def matches(self, headers: Mapping[str, Any]) -> list[tuple[str, Any]]:
+        """Every ``(header, value)`` of a task's stamps that is revoked."""
+        names = headers.get("stamped_headers")
+        stamps = headers.get("stamps")
+        if not self._values or not isinstance(names, list | tuple):
+            return []
+        if not isinstance(stamps, Mapping):
+            return []
+        found: list[tuple[str, Any]] = []
+        for name in names:
+            revoked = self._values.get(name) if isinstance(name, str) else None
+            value = stamps.get(name)
+            if revoked is None or value is None:
+                continue
+            found.extend((name, v) for v in _as_list(value) if v in revoked)
+        return found
+
+
 class LamportClock:
     """The logical clock Celery's events and mingle carry (forward on send, adjust on receive)."""
 
@@ -92,6 +145,9 @@ class WorkerState:
     def __init__(self) -> None:
         self.started_at = time.time()
         self.revoked = RevokedSet()
+        self.revoked_stamps = RevokedStamps()
+        #: RSS samples in bytes taken by ``inspect memsample``, for ``memdump``.
+        self.memory_samples: deque[int] = deque(maxlen=MEMORY_SAMPLES_MAX)
         self.clock = LamportClock()
         #: Received and not started yet (waiting for a slot or an ETA), by task id.
         self.reserved: dict[str, Request] = {}

@@ -219,7 +219,8 @@ class Task:
                 countdown=countdown,
                 eta=eta,
                 queue=request.delivery_info.get("routing_key") or self.queue,
-                parent_id=request.parent_id,
+                # as Celery's retry: a task with no parent becomes its retry's parent
+                parent_id=request.parent_id or request.id,
                 root_id=request.root_id,
                 group=request.group,
                 group_index=request.group_index,

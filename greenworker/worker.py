@@ -61,8 +61,12 @@ class Worker:
         self.app = app
         conf = app.conf
         self.broker_scheme = app.broker_url.split("://", 1)[0]
-        # with autoscaling the pool starts at its minimum and grows under load
-        self.concurrency = concurrency or (autoscale[1] if autoscale else conf.worker_concurrency)
+        if autoscale:
+            # the pool starts at the minimum (or -c, kept within the bounds) and follows load
+            maximum, minimum = autoscale
+            self.concurrency = max(minimum, min(concurrency or minimum, maximum))
+        else:
+            self.concurrency = concurrency or conf.worker_concurrency
         self.queues = list(queues or [conf.task_default_queue])
         self.hostname = hostname or app.hostname
         self.prefetch_multiplier = (
@@ -194,9 +198,9 @@ class Worker:
                 "worker %s: broker not reachable yet; retrying in background", self.hostname
             )
         log.info(
-            "worker %s ready: concurrency %d, queues %s, hub %s",
+            "worker %s ready: concurrency %s, queues %s, hub %s",
             self.hostname,
-            self.pool.size,
+            self.describe_concurrency(),
             ",".join(self.queues),
             green.hub_name(),
         )
@@ -492,6 +496,13 @@ class Worker:
             self._progress.clear()
 
     # ------------------------------------------------------------ info
+
+    def describe_concurrency(self) -> str:
+        """What runs: ``50``, or with autoscaling ``10 {min=3, max=10}`` (Celery's bounds)."""
+        if self.autoscaler is None:
+            return str(self.pool.size)
+        bounds = f"{{min={self.autoscaler.minimum}, max={self.autoscaler.maximum}}}"
+        return f"{self.pool.size} {bounds}"
 
     def stats(self) -> dict[str, Any]:
         return {

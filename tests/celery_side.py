@@ -14,7 +14,12 @@ celery_app = Celery(
     broker=os.environ.get("INTEROP_BROKER", "redis://127.0.0.1:6379/0"),
     backend=os.environ.get("INTEROP_BACKEND", "redis://127.0.0.1:6379/0"),
 )
-celery_app.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
+celery_app.conf.update(
+    task_serializer="json",
+    accept_content=["json"],
+    result_serializer="json",
+    task_default_queue=os.environ.get("INTEROP_QUEUE", "celery"),  # where tasks send children
+)
 
 
 @celery_app.task(name="celery_side.mul")
@@ -43,3 +48,13 @@ def nap_until_soft_limit(seconds: float) -> float:
 def own_limits(self: Any) -> dict[str, Any]:
     """The limits Celery read from this task's message."""
     return {"time_limit": self.request.time_limit, "soft_time_limit": self.request.soft_time_limit}
+
+
+@celery_app.task(name="celery_side.again", bind=True, max_retries=1)
+def again(self: Any) -> None:
+    raise self.retry(exc=ValueError("nope"), countdown=0)
+
+
+@celery_app.task(name="celery_side.parent")
+def parent() -> str:
+    return str(again.delay().id)

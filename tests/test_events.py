@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -12,6 +17,8 @@ from kombu.messaging import Producer
 
 from greenworker import App, Task, green
 from greenworker.control import broadcast, mailbox
+
+from .conftest import ROOT
 
 
 @pytest.fixture(params=["redis", "amqp"])
@@ -187,3 +194,122 @@ def test_fuzzed_control_messages_get_no_crash(
             ]
     finally:
         worker.stop(timeout=5)
+
+
+class _Capture:
+    """Celery's own event receiver, in a greenlet, keeping every event it sees."""
+
+    def __init__(self, broker: str) -> None:
+        self.client = Celery("watcher", broker=broker)
+        self.seen: list[dict[str, Any]] = []
+        self._greenlet = green.spawn(self._run)
+
+    def _run(self) -> None:
+        with self.client.connection_for_read() as conn:
+            receiver = self.client.events.Receiver(conn, handlers={"*": self.seen.append})
+            receiver.capture(limit=None, timeout=60, wakeup=False)
+
+    def wait_for(self, test: Callable[[dict[str, Any]], bool], timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(test(e) for e in list(self.seen)):
+            assert time.monotonic() < deadline, "event not seen in time"
+            green.sleep(0.02)
+
+    def close(self) -> None:
+        self._greenlet.kill()
+        self.client.close()
+
+
+def _retry_scenario(capture: _Capture, client: Celery, host: str, queue: str) -> dict[str, Any]:
+    """A child task that retries once then fails, and a top-level one doing the same; the
+    events each worker sent about them."""
+    # the receiver's queue is bound once it consumes: a heartbeat seen says it is
+    capture.wait_for(lambda e: e["type"] == "worker-heartbeat" and e["hostname"] == host)
+    child_id = client.send_task("celery_side.parent", queue=queue).get(timeout=30)
+    top = client.send_task("celery_side.again", queue=queue)
+    for task_id in (child_id, top.id):
+        capture.wait_for(lambda e: e["type"] == "task-failed" and e.get("uuid") == task_id)  # noqa: B023
+    mine = [e for e in capture.seen if e.get("hostname") == host]
+
+    def of(task_id: str, kind: str) -> list[dict[str, Any]]:
+        return [e for e in mine if e.get("uuid") == task_id and e["type"] == kind]
+
+    parent_id = next(e["uuid"] for e in mine if e.get("name") == "celery_side.parent")
+    return {
+        "parent_id": parent_id,
+        "child_id": child_id,
+        "top_id": top.id,
+        "child_received": of(child_id, "task-received"),
+        "top_received": of(top.id, "task-received"),
+        "retried": of(child_id, "task-retried") + of(top.id, "task-retried"),
+    }
+
+
+def _check_retry_events(seen: dict[str, Any]) -> tuple[set[str], set[str]]:
+    """What Celery's worker sends about retries, checked; returns the two events' fields."""
+    # the retry of a child keeps its parent; a top-level task is its retry's parent
+    child = {e["retries"]: e["parent_id"] for e in seen["child_received"]}
+    assert child == {0: seen["parent_id"], 1: seen["parent_id"]}
+    top = {e["retries"]: e["parent_id"] for e in seen["top_received"]}
+    assert top == {0: None, 1: seen["top_id"]}
+    assert len(seen["retried"]) == 2
+    for event in seen["retried"]:
+        assert "ValueError('nope')" in event["exception"]
+        # the traceback of the Retry as the task raised it (Flower's Traceback field)
+        assert event["traceback"].startswith("Traceback (most recent call last):")
+        assert "raise self.retry(" in event["traceback"]
+        assert re.search(r"Retry: Retry in 0s: ValueError\('nope'\)\n$", event["traceback"])
+    return set(seen["retried"][0]), set(seen["child_received"][0])
+
+
+@pytest.mark.timeout(120)
+def test_retry_events_match_a_celery_gevent_worker(redis_url: str, queue_name: str) -> None:
+    client = Celery("producer", broker=redis_url, backend=redis_url)
+    client.conf.update(task_serializer="json", accept_content=["json"])
+    capture = _Capture(redis_url)
+    celery_host = f"cel-{uuid.uuid4().hex[:6]}@test"
+    celery_worker = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "celery", "-A", "tests.celery_side", "worker"),
+            *("-P", "gevent", "-c", "4", "-Q", queue_name, "-n", celery_host, "-E"),
+            *("--without-mingle", "--without-gossip", "-l", "warning"),
+        ],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "INTEROP_BROKER": redis_url,
+            "INTEROP_BACKEND": redis_url,
+            "INTEROP_QUEUE": queue_name,
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        by_celery = _retry_scenario(capture, client, celery_host, queue_name)
+    finally:
+        celery_worker.terminate()
+        celery_worker.wait(30)
+
+    app = _app(redis_url, redis_url, queue_name, worker_send_task_events=True, worker_heartbeat=0.3)
+
+    @app.task(name="celery_side.again", bind=True, max_retries=1)
+    def again(self: Task) -> None:
+        raise self.retry(exc=ValueError("nope"), countdown=0)
+
+    @app.task(name="celery_side.parent")
+    def parent() -> str:
+        return again.delay().id
+
+    gw_host = f"gw-{uuid.uuid4().hex[:6]}@test"
+    worker = app.Worker(concurrency=4, hostname=gw_host)
+    worker.start()
+    try:
+        by_greenworker = _retry_scenario(capture, client, gw_host, queue_name)
+    finally:
+        worker.stop(timeout=5)
+        capture.close()
+        client.close()
+        with app.connection() as conn:
+            app.queue(queue_name)(conn.default_channel).delete()
+        app.close()
+    assert _check_retry_events(by_greenworker) == _check_retry_events(by_celery)

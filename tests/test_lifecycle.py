@@ -46,7 +46,8 @@ def test_retry_sends_same_id_with_retries_plus_one_and_shows_retry_state(
     assert [r for _, r in seen] == [0, 1, 2]
     assert {i for i, _ in seen} == {result.id}
     assert states == ["RETRY"]
-    assert parents == {None}  # a retry is the same task, not a child of itself
+    # as Celery: the first run has no parent, each retry names the task as its parent
+    assert parents == {None, result.id}
     assert any_worker.state.retried == 2
 
 
