@@ -398,7 +398,7 @@ def _print_banner(app: App, worker: Worker) -> None:
     lines = [
         f"greenworker {__version__} · {worker.hostname}",
         f"  app:         {app.main}",
-        f"  hub:         {green.hub_name()}, concurrency {worker.concurrency}",
+        f"  hub:         {green.hub_name()}, concurrency {worker.describe_concurrency()}",
         f"  broker:      {maybe_sanitize_url(app.broker_url)}"
         + (f" (embedded, {app.data_dir})" if app.embedded else ""),
         f"  results:     {maybe_sanitize_url(app.result_backend_url or 'disabled')}",
@@ -544,9 +544,13 @@ INSPECT_COMMANDS = (
     "conf",
     "report",
     "clock",
+    "memsample",
+    "memdump",
+    "objgraph",
 )
 CONTROL_COMMANDS = (
     "revoke",
+    "revoke_by_stamped_headers",
     "terminate",
     "rate_limit",
     "time_limit",
@@ -692,12 +696,17 @@ def control(
       revoke ID...            rate_limit TASK RATE      time_limit TASK SOFT HARD
       pool_grow N             pool_shrink N             add_consumer QUEUE
       cancel_consumer QUEUE   autoscale MAX MIN         terminate SIGNAL ID...
+      revoke_by_stamped_headers NAME=VALUE...
     """
     arguments = _parse_arguments(pairs)
     p = list(params)
     try:
         if name == "revoke":
             arguments.setdefault("task_id", p)
+        elif name == "revoke_by_stamped_headers":
+            if not p or any("=" not in pair for pair in p):
+                raise ValueError
+            arguments.setdefault("headers", p)
         elif name == "terminate":
             arguments.update(signal=p[0], task_id=p[1:])
         elif name == "rate_limit":

@@ -124,6 +124,14 @@ def test_greenworker_cli_inspect_control_status(
     assert json.loads(bad.stdout)[host] == {"error": "unknown task 'no.such.task'"}
     revoke = run_cli(*base, "control", "revoke", "x1", "x2", "-d", host, "--json", "-t", "3")
     assert "x1" in worker.state.revoked and "x2" in worker.state.revoked, revoke.stdout
+    stamped = run_cli(
+        *base, "control", "revoke_by_stamped_headers", "mark=x", "-d", host, "--json", "-t", "3"
+    )
+    assert "ok" in json.loads(stamped.stdout)[host], stamped.stdout
+    no_pairs = run_cli(*base, "control", "revoke_by_stamped_headers", "mark", "-d", host)
+    assert no_pairs.returncode == 2 and "bad parameters" in no_pairs.stderr
+    memory = run_cli(*base, "inspect", "memsample", "-d", host, "--json", "-t", "3")
+    assert json.loads(memory.stdout)[host].endswith("MB"), memory.stdout
     status = run_cli(*base, "status", "-d", host, "-t", "3")
     assert status.returncode == 0 and f"{host}: OK" in status.stdout
     nobody = run_cli(*base, "status", "-d", "nobody@nowhere", "-t", "0.5")
