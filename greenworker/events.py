@@ -29,6 +29,7 @@ from kombu.entity import Exchange, Queue
 from kombu.messaging import Consumer, Producer
 
 from . import __version__, green
+from .consumer import ConnectionRetry
 from .hooks import Middleware
 
 if TYPE_CHECKING:
@@ -143,6 +144,13 @@ class EventDispatcher:
         self._publish(batch, "task.multi")
 
     def _publish(self, body: Any, routing_key: str) -> None:
+        if not self.worker.consumer.ready:
+            # the broker is away (the consumer says so, once a retry): events are best
+            # effort, and an attempt per event would only repeat its warning
+            log.debug(
+                "broker away: %s event(s) not sent", len(body) if isinstance(body, list) else 1
+            )
+            return
         with self._lock:
             try:
                 if self._producer is None:
@@ -252,6 +260,7 @@ class Heart:
         self.interval = interval
         self._timer: Entry | None = None
         self._stopped = False
+        self._going_online: green.Greenlet | None = None
 
     def _fields(self) -> dict[str, Any]:
         return {
@@ -264,9 +273,10 @@ class Heart:
     def start(self) -> None:
         """Send worker-online and start beating, in the background (returns at once)."""
         self._stopped = False
-        green.spawn(self._go_online)
+        self._going_online = green.spawn(self._go_online)
 
     def _go_online(self) -> None:
+        self.worker.consumer.wait_ready(None)  # online means consuming
         if self._stopped:
             return
         self.events.send_now("worker-online", **self._fields())
@@ -284,6 +294,9 @@ class Heart:
 
     def stop(self) -> None:
         self._stopped = True
+        if self._going_online is not None:
+            self._going_online.kill()  # still waiting for the broker: it never went online
+            self._going_online = None
         if self._timer is not None:
             self._timer.cancel()
         self.events.send_now("worker-offline", **self._fields())
@@ -321,14 +334,16 @@ class Gossip:
             self._greenlet = None
 
     def _run(self) -> None:
+        retry = ConnectionRetry("gossip", self.worker.consumer, self.worker.app)
         while not self._stopping:
+            retry.wait_for_consumer()
             try:
                 self._listen()
             except green.GreenletExit:
                 raise
             except Exception as exc:
-                log.warning("gossip connection error: %s", exc)
-                green.sleep(1.0)
+                self._ready.clear()
+                retry.failed(exc)
 
     def _listen(self) -> None:
         with self.worker.app.connection() as conn:
