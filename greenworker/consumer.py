@@ -292,9 +292,10 @@ class Consumer(Reconnecting):
         self._acks_due: set[int] = set()
         self._ack_channel_generation = 0
         #: acks and rejects that failed because their connection is gone: one line a burst
-        self.failed_writes = FailureBurst(
-            "ack or reject", "their connection is gone, the broker delivers them again"
-        )
+        self.failed_writes = {
+            action: FailureBurst(action, "their connection is gone: the broker delivers them again")
+            for action in ("ack", "requeue", "reject")
+        }
 
     # ------------------------------------------------------------ lifecycle
 
@@ -350,7 +351,8 @@ class Consumer(Reconnecting):
             self._acker = None
         with self._write_lock:
             self._release_connection()
-        self.failed_writes.flush()
+        for burst in self.failed_writes.values():
+            burst.flush()
 
     def add_queue(self, name: str) -> None:
         """Start consuming ``name`` too (applied by the consumer greenlet)."""
@@ -417,7 +419,7 @@ class Consumer(Reconnecting):
                 if current:  # seen here before the consumer loop sees it: start nothing more
                     self._mark_lost(self._ack_channel_generation)
                 log.debug("could not %s message %s: %s", action, _tag(message), exc)
-                self.failed_writes.add(exc)
+                self.failed_writes[action].add(exc)
                 return False
 
     # ------------------------------------------------------------ batched acks (AMQP)
@@ -445,7 +447,7 @@ class Consumer(Reconnecting):
         with self._write_lock:
             if channel is None or channel is not self._ack_channel:
                 # that channel is gone: the broker redelivers its messages
-                self.failed_writes.add("connection lost", len(due))
+                self.failed_writes["ack"].add("connection lost", len(due))
                 return True
             try:
                 if below:
@@ -454,7 +456,7 @@ class Consumer(Reconnecting):
                     channel.basic_ack(tag)
             except Exception as exc:  # the connection it came on is gone: redelivered later
                 self._mark_lost(self._ack_channel_generation)
-                self.failed_writes.add(exc, len(due))
+                self.failed_writes["ack"].add(exc, len(due))
         return True
 
     # ------------------------------------------------------------ the loop
@@ -539,6 +541,8 @@ class Consumer(Reconnecting):
 
     def _release_connection(self) -> None:
         self._ack_channel = None  # acks still due for it are void: the broker requeues
+        if self._acks_due:
+            self.failed_writes["ack"].add("connection lost", len(self._acks_due))
         self._acks_due = set()
         self._unsettled = set()
         conn, self._connection = self._connection, None

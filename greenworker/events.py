@@ -144,40 +144,50 @@ class EventDispatcher:
         self._publish(batch, "task.multi")
 
     def _publish(self, body: Any, routing_key: str) -> None:
+        count = len(body) if isinstance(body, list) else 1
         if not self.worker.consumer.ready:
             # the broker is away (the consumer says so, once a retry): events are best
             # effort, and an attempt per event would only repeat its warning
-            log.debug(
-                "broker away: %s event(s) not sent", len(body) if isinstance(body, list) else 1
-            )
+            log.debug("broker away: %d event(s) not sent", count)
             return
         with self._lock:
+            # a connection kept from before an outage fails on first use: one fresh try then
+            attempts = (False, True) if self._producer is not None else (True,)
+            for fresh in attempts:
+                try:
+                    self._send(body, routing_key)
+                    self.sent += count
+                    return
+                except Exception as exc:  # events are best effort: never fail a task for one
+                    self._drop_connection()
+                    if fresh:
+                        log.warning("could not send events: %s", exc)
+
+    def _send(self, body: Any, routing_key: str) -> None:
+        if self._producer is None:
+            self._conn = self.worker.app.connection()
+            self._conn.ensure_connection(max_retries=0)  # best effort: no retries
+            self._exchange = event_exchange(self._conn)
+            self._producer = Producer(self._conn)
+        assert self._exchange is not None
+        self._producer.publish(
+            body,
+            exchange=self._exchange,
+            routing_key=routing_key,
+            declare=[self._exchange],
+            serializer="json",
+            headers={"hostname": self.hostname},
+            delivery_mode=1,
+            retry=False,
+        )
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
             try:
-                if self._producer is None:
-                    self._conn = self.worker.app.connection()
-                    self._conn.ensure_connection(max_retries=0)  # best effort: no retries
-                    self._exchange = event_exchange(self._conn)
-                    self._producer = Producer(self._conn)
-                assert self._exchange is not None
-                self._producer.publish(
-                    body,
-                    exchange=self._exchange,
-                    routing_key=routing_key,
-                    declare=[self._exchange],
-                    serializer="json",
-                    headers={"hostname": self.hostname},
-                    delivery_mode=1,
-                    retry=False,
-                )
-                self.sent += len(body) if isinstance(body, list) else 1
-            except Exception as exc:  # events are best effort: never fail a task for one
-                log.warning("could not send events: %s", exc)
-                if self._conn is not None:
-                    try:
-                        self._conn.release()
-                    except Exception:
-                        pass
-                self._conn = self._producer = None
+                self._conn.release()
+            except Exception as exc:
+                log.debug("closing the event connection failed: %s", exc)
+        self._conn = self._producer = None
 
 
 class TaskEvents(Middleware):
