@@ -416,7 +416,9 @@ class Consumer(Reconnecting):
                     message.reject(requeue=False)
                 return True
             except Exception as exc:  # the connection it came on is gone: redelivered later
-                if current:  # seen here before the consumer loop sees it: start nothing more
+                if current and self._batch_acks:
+                    # AMQP: one connection carries it all, so it is broken (or the broker
+                    # closed the channel): start nothing more from it, the loop reconnects
                     self._mark_lost(self._ack_channel_generation)
                 log.debug("could not %s message %s: %s", action, _tag(message), exc)
                 self.failed_writes[action].add(exc)
@@ -504,7 +506,10 @@ class Consumer(Reconnecting):
         if not self._batch_acks:
             interval = min(interval, POLLING_WAKE)  # polling transports: stop cannot wake it
         self._queue_changes.clear()  # a fresh consumer already has the current queues
+        generation = self.connection_generation
         while not self._stopping:
+            if not self.generation_alive(generation):  # an ack on it failed meanwhile
+                raise ConnectionError("a write on the broker connection failed")
             if self._qos_dirty:
                 self._apply_qos(consumer)
             if self._queue_changes:
