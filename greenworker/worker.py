@@ -111,9 +111,13 @@ class Worker:
         #: tasks not started because the connection they came on was gone by then
         self._stale_dropped = FailureBurst("start", "the broker delivers them again")
         self._background: list[green.Greenlet] = []  # waiting for the broker; ended by stop
-        if self.broker_scheme not in ("filesystem", "memory"):
-            # these brokers give back what a lost connection held; keeping our copies
-            # would run them twice
+        #: kombu's consumer on these brokers: what a lost connection held comes back from
+        #: the broker, and our copies cannot be acked (the native Redis consumer's can)
+        self._lost_with_connection = isinstance(
+            self.consumer, Consumer
+        ) and self.broker_scheme not in ("filesystem", "memory")
+        if self._lost_with_connection:
+            # keeping our copies would run them twice
             self.consumer.on_connection_lost = self._forget_unstarted
         self.autoscaler = (
             Autoscaler(
@@ -349,7 +353,7 @@ class Worker:
             self.state.task_discarded(request)
             self.consumer.reject(request.message, requeue=True)
             return
-        if not self.consumer.generation_alive(request.generation):
+        if self._lost_with_connection and not self.consumer.generation_alive(request.generation):
             # its connection is gone (maybe before the consumer loop noticed): the broker
             # delivers it again, and its ack could not be sent anyway
             if self.state.reserved.get(request.id) is request:  # not a redelivered copy
