@@ -25,10 +25,90 @@ from .config import POLLING_WAKE
 log = logging.getLogger(__name__)
 
 
+#: The first pause before reconnecting; each failed attempt doubles it (up to the cap).
+FIRST_BACKOFF = 0.5
+#: A connection that stayed up this long ends an outage: the next one backs off from the start.
+STABLE_AFTER = 2.0
+
+
+class Backoff:
+    """Pauses between connection attempts: doubling from :data:`FIRST_BACKOFF` up to
+    ``maximum``, each one jittered to half to all of its step, so that the workers of
+    one outage do not all come back at the same instant."""
+
+    def __init__(self, maximum: float) -> None:
+        self.maximum = maximum
+        self._step = FIRST_BACKOFF
+
+    def next_pause(self) -> float:
+        pause = min(self._step, self.maximum) * (0.5 + random.random() / 2)
+        self._step = min(self._step * 2, self.maximum)
+        return pause
+
+    def connected_for(self, seconds: float) -> None:
+        """A connection was up for ``seconds``: once it stayed up, start over."""
+        if seconds >= STABLE_AFTER:
+            self._step = FIRST_BACKOFF
+
+
+class FailureBurst:
+    """Counts failures of one kind and logs each burst as one line with the count.
+
+    The line goes out once no failure came for ``quiet`` seconds (or at
+    :meth:`flush`): a lost connection fails every ack of its tasks, and one
+    line says so better than hundreds.
+    """
+
+    def __init__(self, what: str, consequence: str, quiet: float = 0.5) -> None:
+        self.what = what
+        self.consequence = consequence
+        self.quiet = quiet
+        self.count = 0
+        self._last_error: BaseException | str | None = None
+        self._reporter: green.Greenlet | None = None
+
+    def add(self, error: BaseException | str, count: int = 1) -> None:
+        self.count += count
+        self._last_error = error
+        if self._reporter is None:
+            self._reporter = green.spawn(self._report_when_quiet)
+
+    def _report_when_quiet(self) -> None:
+        seen = -1
+        while seen != self.count:
+            seen = self.count
+            green.sleep(self.quiet)
+        self._reporter = None
+        self.flush()
+
+    def flush(self) -> None:
+        """Log what was counted (if anything) now."""
+        if self._reporter is not None:
+            reporter, self._reporter = self._reporter, None
+            reporter.kill()
+        if self.count:
+            log.warning(
+                "could not %s %d message(s): %s; %s",
+                self.what,
+                self.count,
+                self._last_error,
+                self.consequence,
+            )
+        self.count = 0
+        self._last_error = None
+
+
 class Reconnecting:
     """What both consumers share: their state, the consumer loop (consume until
-    stopped; after a lost connection log it once, back off -- doubling, with jitter,
-    up to ``broker_connection_max_backoff`` -- and retry), and the batched-ack loop."""
+    stopped; after a lost connection log it once, back off with :class:`Backoff`
+    and retry), the connection generations, and the batched-ack loop.
+
+    Each successful connection is a new ``connection_generation``; the messages of a
+    generation can be acked only on that connection.  A generation is known gone
+    (:meth:`generation_alive`) from the moment its loss is seen -- the consumer loop
+    failing, or a write on it failing in another greenlet -- before the loop has
+    cleaned up, so that nothing more is started from it.
+    """
 
     def __init__(
         self,
@@ -42,18 +122,36 @@ class Reconnecting:
         self._on_message = on_message
         self._prefetch_count = prefetch_count
         self._ready = green.new_event()
-        self._stopping = False
+        # set while stopping: a retry pause ends at once (see _stopping)
+        self._stop_requested = green.new_event()
         self._applied_prefetch: int | None = None
         self._greenlet: green.Greenlet | None = None
         self._ack_wake = green.new_event()
         self._acker: green.Greenlet | None = None
         self.connection_generation = 0
+        self._lost_through = 0  # generations up to this one are gone
         self.reconnects = 0
         #: Called (in the consumer greenlet) after the connection was lost, before the
         #: next attempt, where the broker redelivers what that connection held.
         self.on_connection_lost: Callable[[], None] | None = None
+        #: Called once (in the consumer greenlet) when the first attempt to connect
+        #: failed: the worker says it waits for the broker.
+        self.on_unreachable: Callable[[], None] | None = None
         #: True while messages taken from the broker are not yet handed over (join()).
         self.receiving = False
+
+    @property
+    def _stopping(self) -> bool:
+        """Stop was asked.  An event underneath, so that setting it also ends a
+        retry pause at once: a worker stopped without its broker exits now."""
+        return self._stop_requested.is_set()
+
+    @_stopping.setter
+    def _stopping(self, value: bool) -> None:
+        if value:
+            self._stop_requested.set()
+        else:
+            self._stop_requested.clear()
 
     def _consume(self) -> None:
         raise NotImplementedError
@@ -68,6 +166,14 @@ class Reconnecting:
     @property
     def prefetch(self) -> int | None:
         return self._applied_prefetch
+
+    def generation_alive(self, generation: int) -> bool:
+        """Whether the connection of ``generation`` is still the one consuming (the
+        messages it delivered can still be acked)."""
+        return generation > self._lost_through
+
+    def _mark_lost(self, generation: int) -> None:
+        self._lost_through = max(self._lost_through, generation)
 
     def _ack_loop(self) -> None:
         while True:
@@ -88,29 +194,76 @@ class Reconnecting:
         return self._ready.is_set()
 
     def _run(self) -> None:
-        delay = 0.5
-        max_delay = self.app.conf.broker_connection_max_backoff
+        backoff = Backoff(self.app.conf.broker_connection_max_backoff)
         while not self._stopping:
+            attempt_started = time.monotonic()
             try:
                 self._consume()
                 return
             except green.GreenletExit:
                 raise
             except Exception as exc:
-                self._ready.clear()
+                # first of all: nothing more starts from the connection that is gone
+                self._mark_lost(self.connection_generation)
+                if self._ready.is_set():
+                    self._ready.clear()
+                    backoff.connected_for(time.monotonic() - attempt_started)
                 self._connection_lost()
                 if self._stopping:
                     return
+                never_connected = self.connection_generation == 0 and self.reconnects == 0
+                if never_connected and self.on_unreachable is not None:
+                    self.on_unreachable()
                 self.reconnects += 1
-                pause = delay * (0.5 + random.random() / 2)
+                pause = backoff.next_pause()
                 log.warning(
                     "broker connection error: %s: %s; reconnecting in %.1fs",
                     type(exc).__name__,
                     exc,
                     pause,
                 )
-                green.sleep(pause)
-                delay = min(delay * 2, max_delay)
+                self._stop_requested.wait(pause)
+
+
+class ConnectionRetry:
+    """The retries of a part with a connection of its own beside the task consumer's
+    (remote control, gossip).
+
+    It connects only while the consumer is connected, and backs off as the consumer
+    does.  A broker outage is the consumer's to report (one line per retry for the
+    whole worker), so a failure is logged as a warning only when the consumer kept its
+    connection through it: then the trouble is this part's own.
+    """
+
+    def __init__(self, part: str, consumer: Reconnecting, app: App) -> None:
+        self.part = part
+        self.consumer = consumer
+        self.backoff = Backoff(app.conf.broker_connection_max_backoff)
+        self._attempt_started = 0.0
+        self._generation = 0
+
+    def wait_for_consumer(self) -> None:
+        """Block until the task consumer is connected (at once if it is)."""
+        self.consumer.wait_ready(None)
+        self._attempt_started = time.monotonic()
+        self._generation = self.consumer.connection_generation
+
+    def failed(self, exc: BaseException) -> None:
+        """The connection failed (or broke): pause, then say so if the consumer's did not."""
+        self.backoff.connected_for(time.monotonic() - self._attempt_started)
+        pause = self.backoff.next_pause()
+        log.debug(
+            "%s connection error: %s: %s; again in %.1fs", self.part, type(exc).__name__, exc, pause
+        )
+        green.sleep(pause)
+        # judged after the pause: the consumer may see a shared outage a moment later
+        if self.consumer.ready and self.consumer.generation_alive(self._generation):
+            log.warning(
+                "%s connection error: %s: %s (the task consumer is connected); trying again",
+                self.part,
+                type(exc).__name__,
+                exc,
+            )
 
 
 class Consumer(Reconnecting):
@@ -137,6 +290,12 @@ class Consumer(Reconnecting):
         self._ack_channel: Any = None
         self._unsettled: set[int] = set()
         self._acks_due: set[int] = set()
+        self._ack_channel_generation = 0
+        #: acks and rejects that failed because their connection is gone: one line a burst
+        self.failed_writes = {
+            action: FailureBurst(action, "their connection is gone: the broker delivers them again")
+            for action in ("ack", "requeue", "reject")
+        }
 
     # ------------------------------------------------------------ lifecycle
 
@@ -192,6 +351,8 @@ class Consumer(Reconnecting):
             self._acker = None
         with self._write_lock:
             self._release_connection()
+        for burst in self.failed_writes.values():
+            burst.flush()
 
     def add_queue(self, name: str) -> None:
         """Start consuming ``name`` too (applied by the consumer greenlet)."""
@@ -245,6 +406,7 @@ class Consumer(Reconnecting):
         with self._write_lock:
             if message.acknowledged:
                 return True
+            current = message.channel is self._ack_channel
             try:
                 if action == "ack":
                     message.ack()
@@ -254,7 +416,12 @@ class Consumer(Reconnecting):
                     message.reject(requeue=False)
                 return True
             except Exception as exc:  # the connection it came on is gone: redelivered later
-                log.warning("could not %s message %s: %s", action, _tag(message), exc)
+                if current and self._batch_acks:
+                    # AMQP: one connection carries it all, so it is broken (or the broker
+                    # closed the channel): start nothing more from it, the loop reconnects
+                    self._mark_lost(self._ack_channel_generation)
+                log.debug("could not %s message %s: %s", action, _tag(message), exc)
+                self.failed_writes[action].add(exc)
                 return False
 
     # ------------------------------------------------------------ batched acks (AMQP)
@@ -281,14 +448,17 @@ class Consumer(Reconnecting):
         above = [t for t in due if low is not None and t > low]
         with self._write_lock:
             if channel is None or channel is not self._ack_channel:
-                return True  # that channel is gone: the broker redelivers its messages
+                # that channel is gone: the broker redelivers its messages
+                self.failed_writes["ack"].add("connection lost", len(due))
+                return True
             try:
                 if below:
                     channel.basic_ack(max(below), multiple=True)
                 for tag in above:
                     channel.basic_ack(tag)
             except Exception as exc:  # the connection it came on is gone: redelivered later
-                log.warning("could not ack %d message(s): %s", len(due), exc)
+                self._mark_lost(self._ack_channel_generation)
+                self.failed_writes["ack"].add(exc, len(due))
         return True
 
     # ------------------------------------------------------------ the loop
@@ -310,6 +480,7 @@ class Consumer(Reconnecting):
         # after it; per channel, as Celery does there, a change takes effect at once
         self._qos_global = not conn.qos_semantics_matches_spec
         self._ack_channel = channel
+        self._ack_channel_generation = self.connection_generation
         self._unsettled = set()
         self._acks_due = set()
         if self._batch_acks and (self._acker is None or self._acker.dead):
@@ -335,7 +506,10 @@ class Consumer(Reconnecting):
         if not self._batch_acks:
             interval = min(interval, POLLING_WAKE)  # polling transports: stop cannot wake it
         self._queue_changes.clear()  # a fresh consumer already has the current queues
+        generation = self.connection_generation
         while not self._stopping:
+            if not self.generation_alive(generation):  # an ack on it failed meanwhile
+                raise ConnectionError("a write on the broker connection failed")
             if self._qos_dirty:
                 self._apply_qos(consumer)
             if self._queue_changes:
@@ -372,6 +546,8 @@ class Consumer(Reconnecting):
 
     def _release_connection(self) -> None:
         self._ack_channel = None  # acks still due for it are void: the broker requeues
+        if self._acks_due:
+            self.failed_writes["ack"].add("connection lost", len(self._acks_due))
         self._acks_due = set()
         self._unsettled = set()
         conn, self._connection = self._connection, None

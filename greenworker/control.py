@@ -21,7 +21,6 @@ import inspect
 import json
 import logging
 import os
-import random
 import resource
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from kombu.pidbox import Mailbox
 from kombu.utils.url import maybe_sanitize_url
 
 from . import __version__, green
+from .consumer import ConnectionRetry
 from .state import RevokedStamps
 
 if TYPE_CHECKING:
@@ -148,8 +148,9 @@ class RemoteControl:
             self._greenlet = None
 
     def _run(self) -> None:
-        delay = 0.5
+        retry = ConnectionRetry("remote control", self.worker.consumer, self.worker.app)
         while not self._stopping:
+            retry.wait_for_consumer()  # no broker, no commands: nothing to retry before
             try:
                 self._serve()
                 return
@@ -159,10 +160,7 @@ class RemoteControl:
                 self._ready.clear()
                 if self._stopping:
                     return
-                pause = delay * (0.5 + random.random() / 2)
-                log.warning("remote control connection error: %s; again in %.1fs", exc, pause)
-                green.sleep(pause)
-                delay = min(delay * 2, self.worker.app.conf.broker_connection_max_backoff)
+                retry.failed(exc)
 
     def _serve(self) -> None:
         conn: Connection = self.worker.app.connection()

@@ -30,6 +30,7 @@ from kombu.entity import Exchange, Queue
 from kombu.messaging import Consumer, Producer
 
 from . import __version__, green
+from .consumer import ConnectionRetry
 from .hooks import Middleware
 
 if TYPE_CHECKING:
@@ -144,33 +145,50 @@ class EventDispatcher:
         self._publish(batch, "task.multi")
 
     def _publish(self, body: Any, routing_key: str) -> None:
+        count = len(body) if isinstance(body, list) else 1
+        if not self.worker.consumer.ready:
+            # the broker is away (the consumer says so, once a retry): events are best
+            # effort, and an attempt per event would only repeat its warning
+            log.debug("broker away: %d event(s) not sent", count)
+            return
         with self._lock:
+            # a connection kept from before an outage fails on first use: one fresh try then
+            attempts = (False, True) if self._producer is not None else (True,)
+            for fresh in attempts:
+                try:
+                    self._send(body, routing_key)
+                    self.sent += count
+                    return
+                except Exception as exc:  # events are best effort: never fail a task for one
+                    self._drop_connection()
+                    if fresh:
+                        log.warning("could not send events: %s", exc)
+
+    def _send(self, body: Any, routing_key: str) -> None:
+        if self._producer is None:
+            self._conn = self.worker.app.connection()
+            self._conn.ensure_connection(max_retries=0)  # best effort: no retries
+            self._exchange = event_exchange(self._conn)
+            self._producer = Producer(self._conn)
+        assert self._exchange is not None
+        self._producer.publish(
+            body,
+            exchange=self._exchange,
+            routing_key=routing_key,
+            declare=[self._exchange],
+            serializer="json",
+            headers={"hostname": self.hostname},
+            delivery_mode=1,
+            retry=False,
+        )
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
             try:
-                if self._producer is None:
-                    self._conn = self.worker.app.connection()
-                    self._conn.ensure_connection(max_retries=0)  # best effort: no retries
-                    self._exchange = event_exchange(self._conn)
-                    self._producer = Producer(self._conn)
-                assert self._exchange is not None
-                self._producer.publish(
-                    body,
-                    exchange=self._exchange,
-                    routing_key=routing_key,
-                    declare=[self._exchange],
-                    serializer="json",
-                    headers={"hostname": self.hostname},
-                    delivery_mode=1,
-                    retry=False,
-                )
-                self.sent += len(body) if isinstance(body, list) else 1
-            except Exception as exc:  # events are best effort: never fail a task for one
-                log.warning("could not send events: %s", exc)
-                if self._conn is not None:
-                    try:
-                        self._conn.release()
-                    except Exception:
-                        pass
-                self._conn = self._producer = None
+                self._conn.release()
+            except Exception as exc:
+                log.debug("closing the event connection failed: %s", exc)
+        self._conn = self._producer = None
 
 
 class TaskEvents(Middleware):
@@ -258,6 +276,7 @@ class Heart:
         self.interval = interval
         self._timer: Entry | None = None
         self._stopped = False
+        self._going_online: green.Greenlet | None = None
 
     def _fields(self) -> dict[str, Any]:
         return {
@@ -270,9 +289,10 @@ class Heart:
     def start(self) -> None:
         """Send worker-online and start beating, in the background (returns at once)."""
         self._stopped = False
-        green.spawn(self._go_online)
+        self._going_online = green.spawn(self._go_online)
 
     def _go_online(self) -> None:
+        self.worker.consumer.wait_ready(None)  # online means consuming
         if self._stopped:
             return
         self.events.send_now("worker-online", **self._fields())
@@ -290,6 +310,9 @@ class Heart:
 
     def stop(self) -> None:
         self._stopped = True
+        if self._going_online is not None:
+            self._going_online.kill()  # still waiting for the broker: it never went online
+            self._going_online = None
         if self._timer is not None:
             self._timer.cancel()
         self.events.send_now("worker-offline", **self._fields())
@@ -327,14 +350,16 @@ class Gossip:
             self._greenlet = None
 
     def _run(self) -> None:
+        retry = ConnectionRetry("gossip", self.worker.consumer, self.worker.app)
         while not self._stopping:
+            retry.wait_for_consumer()
             try:
                 self._listen()
             except green.GreenletExit:
                 raise
             except Exception as exc:
-                log.warning("gossip connection error: %s", exc)
-                green.sleep(1.0)
+                self._ready.clear()
+                retry.failed(exc)
 
     def _listen(self) -> None:
         with self.worker.app.connection() as conn:

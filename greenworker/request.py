@@ -75,6 +75,7 @@ class Request:
         "_hard_timer",
         "acked",
         "finished",
+        "generation",
         "job_id",
         "message",
         "msg",
@@ -90,6 +91,9 @@ class Request:
         self.message = message
         self.task = task
         self.worker = worker
+        #: The consumer connection it came on (see ``Reconnecting.generation_alive``):
+        #: handed over while that connection delivers, so the current one.
+        self.generation = worker.consumer.connection_generation
         self.job_id: int | None = None
         #: When the task body started, on the monotonic clock (for durations and limits).
         self.time_start: float | None = None

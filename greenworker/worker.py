@@ -19,12 +19,14 @@ from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from kombu.utils.url import maybe_sanitize_url
+
 from . import green
 from .app import App
 from .autoscale import Autoscaler, ScalingPolicy
 from .beat import Beat, beat_store_path
 from .canvas import CanvasMiddleware
-from .consumer import Consumer
+from .consumer import Consumer, FailureBurst
 from .control import RemoteControl
 from .events import EventDispatcher, Gossip, Heart, TaskEvents, mingle
 from .hooks import Hooks, Middleware
@@ -109,9 +111,17 @@ class Worker:
             app, self.queues, self.handler.on_message, self._prefetch_count
         )
         self.pool.on_resize(self.consumer.update_prefetch)
-        if self.broker_scheme not in ("filesystem", "memory"):
-            # these brokers give back what a lost connection held; keeping our copies
-            # would run them twice
+        self.consumer.on_unreachable = self._waiting_for_broker
+        #: tasks not started because the connection they came on was gone by then
+        self._stale_dropped = FailureBurst("start", "the broker delivers them again")
+        self._background: list[green.Greenlet] = []  # waiting for the broker; ended by stop
+        #: kombu's consumer on these brokers: what a lost connection held comes back from
+        #: the broker, and our copies cannot be acked (the native Redis consumer's can)
+        self._lost_with_connection = isinstance(
+            self.consumer, Consumer
+        ) and self.broker_scheme not in ("filesystem", "memory")
+        if self._lost_with_connection:
+            # keeping our copies would run them twice
             self.consumer.on_connection_lost = self._forget_unstarted
         self.autoscaler = (
             Autoscaler(
@@ -172,7 +182,7 @@ class Worker:
         if self.control is not None and self.app.conf.worker_enable_mingle and not local_only:
             # alongside the start, not before it: a revoke learned from the others applies
             # to every task that starts after the replies (execute() checks at start)
-            green.spawn(self._mingle)
+            self._background.append(green.spawn(self._mingle))
         else:
             self.mingled.set()
         self.consumer.start()  # first: the other connections are made while it consumes
@@ -193,16 +203,32 @@ class Worker:
             self.timer.call_repeatedly(self.app.conf.worker_state_flush_interval, self.flush_state)
         for note in self._startup_notes():
             log.warning("%s", note)
-        if ready_timeout and not self.consumer.wait_ready(ready_timeout):
-            log.warning(
-                "worker %s: broker not reachable yet; retrying in background", self.hostname
-            )
+        if ready_timeout:
+            self.consumer.wait_ready(ready_timeout)
+        # "ready" means consuming: without the broker it is said once it answers
+        if self.consumer.ready:
+            self._say_ready()
+        else:
+            self._background.append(green.spawn(self._say_ready_once_consuming))
+
+    def _say_ready(self) -> None:
         log.info(
             "worker %s ready: concurrency %s, queues %s, hub %s",
             self.hostname,
             self.describe_concurrency(),
             ",".join(self.queues),
             green.hub_name(),
+        )
+
+    def _say_ready_once_consuming(self) -> None:
+        self.consumer.wait_ready(None)
+        self._say_ready()
+
+    def _waiting_for_broker(self) -> None:
+        log.warning(
+            "worker %s: waiting for the broker at %s; no task runs until it answers",
+            self.hostname,
+            maybe_sanitize_url(self.app.broker_url),
         )
 
     def _open_beat(self) -> None:
@@ -226,6 +252,7 @@ class Worker:
 
     def _mingle(self) -> None:
         try:
+            self.consumer.wait_ready(None)  # no one to ask before the broker answers
             mingle(self)
         finally:
             self.mingled.set()
@@ -265,6 +292,10 @@ class Worker:
         self._stopping = True
         timeout = self.app.conf.worker_shutdown_timeout if timeout is None else timeout
         self._accepting = False
+        for waiting in self._background:
+            waiting.kill()
+        self._background.clear()
+        self.mingled.set()  # a mingle that never got to run (no broker) is over too
         if self.beat is not None:
             self.beat.stop()
         if self.autoscaler is not None:
@@ -286,6 +317,7 @@ class Worker:
             self.control.stop()
         self.watchdog.stop()
         self.timer.stop()
+        self._stale_dropped.flush()
         if self.store is not None:
             self.flush_state()
             self.store.close()
@@ -325,6 +357,13 @@ class Worker:
         if not self._accepting:  # stopping: give it back for redelivery
             self.state.task_discarded(request)
             self.consumer.reject(request.message, requeue=True)
+            return
+        if self._lost_with_connection and not self.consumer.generation_alive(request.generation):
+            # its connection is gone (maybe before the consumer loop noticed): the broker
+            # delivers it again, and its ack could not be sent anyway
+            if self.state.reserved.get(request.id) is request:  # not a redelivered copy
+                self.state.task_discarded(request)
+            self._stale_dropped.add("their connection was lost")
             return
         try:
             request.execute()

@@ -238,6 +238,8 @@ def test_revoke_before_start_and_terminate_running(any_app: App) -> None:
         assert isinstance(late.get(timeout=5, propagate=False), TaskRevokedError)
         assert late.state == "REVOKED"
         assert later.delay().get(timeout=5) == "ran"
+        # the result is stored before its job leaves the pool: wait for the pool to idle
+        assert any_worker.pool.join(5)
         assert any_worker.pool.active == 0
     finally:
         any_worker.stop(timeout=5)
