@@ -434,3 +434,28 @@ def test_replies_match_a_celery_gevent_worker(
         [{"ok": "headers {'mystamp': 'v1'} flagged as revoked, but not terminated"}],
         [{"ok": "headers {'mystamp': 'v2'} were not terminated"}],
     ]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("broker_kind", ["redis", "amqp"])
+def test_control_answers_the_moment_it_says_ready(
+    broker_kind: str, redis_url: str, queue_name: str, request: pytest.FixtureRequest
+) -> None:
+    """wait_ready() means listening: on Redis the fanout subscription is in place."""
+    broker = redis_url if broker_kind == "redis" else request.getfixturevalue("amqp_url")
+    config = {"task_default_queue": queue_name, "worker_enable_mingle": False}
+    app = App("control", broker=broker, config=config)
+    try:
+        for _ in range(5):
+            hostname = f"gw-{uuid.uuid4().hex[:8]}@test"
+            worker = app.Worker(concurrency=1, hostname=hostname)
+            worker.start()
+            try:
+                assert worker.control is not None and worker.control.wait_ready(10)
+                with app.connection() as conn:
+                    replies = broadcast(conn, "ping", destination=[hostname], timeout=2)
+                assert replies == [{hostname: {"ok": "pong"}}]
+            finally:
+                worker.stop(timeout=5)
+    finally:
+        app.close()
