@@ -139,24 +139,31 @@ class App:
 
     def check_client_libraries(self) -> None:
         """Raise :class:`ImproperlyConfigured`, naming the extra to install, when the
-        broker or the result backend needs the redis package and it is missing."""
-        needs = [
-            what
-            for what, url, schemes in (
-                ("broker", self.broker_url, REDIS_BROKER_SCHEMES),
-                ("result backend", self.result_backend_url or "", REDIS_BACKEND_SCHEMES),
+        broker or the result backend needs a package of the redis extra that is missing
+        (redis; and packaging, which kombu's Redis transport imports)."""
+        needs = {
+            what: modules
+            for what, url, schemes, modules in (
+                ("broker", self.broker_url, REDIS_BROKER_SCHEMES, ("redis", "packaging")),
+                (
+                    "result backend",
+                    self.result_backend_url or "",
+                    REDIS_BACKEND_SCHEMES,
+                    ("redis",),
+                ),
             )
             if url.partition("://")[0].lower() in schemes
-        ]
-        if not needs:
-            return
-        try:
-            import redis  # noqa: F401  (only whether it imports)
-        except ImportError:
-            raise ImproperlyConfigured(
-                f"the Redis {' and '.join(needs)} {'needs' if len(needs) == 1 else 'need'} "
-                "the redis package, which is not installed: pip install 'greenworker[redis]'"
-            ) from None
+        }
+        for module in dict.fromkeys(m for modules in needs.values() for m in modules):
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                users = [what for what, modules in needs.items() if module in modules]
+                raise ImproperlyConfigured(
+                    f"the Redis {' and '.join(users)} {'needs' if len(users) == 1 else 'need'} "
+                    f"the {module} package, which is not installed: "
+                    "pip install 'greenworker[redis]'"
+                ) from None
 
     def connection(self) -> Connection:
         """A new (lazy) kombu connection to the broker."""

@@ -314,3 +314,28 @@ def test_app_without_redis_says_which_extra_to_install(monkeypatch: pytest.Monke
     with pytest.raises(ImproperlyConfigured, match=r"\[redis\]"):
         app.Worker()
     App("y", broker="memory://").check_client_libraries()  # nothing to need
+
+
+def test_app_without_packaging_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kombu's Redis transport imports packaging, which only kombu's redis extra brings."""
+    monkeypatch.setitem(sys.modules, "packaging", None)
+    app = App("x", broker="redis://127.0.0.1:6379/0", backend="redis://127.0.0.1:6379/1")
+    with pytest.raises(ImproperlyConfigured, match=r"broker needs the packaging package"):
+        app.connection()
+    App("y", broker="memory://", backend="redis://127.0.0.1:6379/1").check_client_libraries()
+
+
+def test_the_redis_extra_brings_what_kombus_redis_extra_needs() -> None:
+    """A fresh ``pip install 'greenworker[redis]'`` must import kombu's Redis transport."""
+    import configparser
+    import re
+    from importlib.metadata import requires
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.split(r"[<>=!~;\[ ]", r.strip(), maxsplit=1)[0].lower() for r in requirements}
+
+    kombu_redis = [r for r in requires("kombu") or [] if re.search(r"extra *== *.redis.", r)]
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    ours = setup["options.extras_require"]["redis"].strip().splitlines()
+    assert names(kombu_redis) and names(kombu_redis) <= names(ours)
