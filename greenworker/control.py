@@ -561,8 +561,7 @@ def memdump(worker: Worker, samples: int = 10) -> str:
     if taken:
         lines.append("- rss (sample):")
         lines.extend(f"-    > {_human_bytes(sample)}," for sample in taken)
-    note = "" if current else " (peak: psutil is not installed, the stdlib gives the peak only)"
-    lines.append(f"- rss (end): {_human_bytes(rss)}{note}.")
+    lines.append(f"- rss ({'end' if current else 'peak'}): {_human_bytes(rss)}.")
     return "\n".join(lines) + "\n"
 
 
@@ -599,13 +598,17 @@ def objgraph(
 
 
 def _rss_bytes() -> tuple[int, bool]:
-    """The resident set size in bytes, and whether it is the current one (psutil) or
-    the peak (the stdlib ``resource`` module, when psutil is not installed)."""
+    """The resident set size in bytes, and whether it is the current one (psutil, or
+    ``/proc/self/statm`` on Linux) or only the peak (the stdlib ``resource`` module)."""
     try:
         import psutil  # type: ignore[import-untyped,unused-ignore]
     except ImportError:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return (peak if sys.platform == "darwin" else peak * 1024), False  # KiB on Linux
+        try:
+            with open("/proc/self/statm", "rb") as statm:
+                return int(statm.read().split()[1]) * resource.getpagesize(), True
+        except (OSError, IndexError, ValueError):
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            return (peak if sys.platform == "darwin" else peak * 1024), False  # KiB on Linux
     return int(psutil.Process().memory_info().rss), True
 
 

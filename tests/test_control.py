@@ -302,12 +302,20 @@ def test_memsample_memdump_objgraph_answer_as_celery(
     again = inspector.memdump()  # the samples were consumed
     assert again is not None and re.fullmatch(rf"- rss \(end\): {size}\.\n", again[host]), again
 
-    monkeypatch.setitem(sys.modules, "psutil", None)  # not installed: the stdlib's peak RSS
+    monkeypatch.setitem(sys.modules, "psutil", None)  # not installed: /proc/self/statm
+    current = inspector.memdump()
+    assert current is not None and re.fullmatch(rf"- rss \(end\): {size}\.\n", current[host])
+    real_open = open
+
+    def no_proc(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(path).startswith("/proc/"):
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", no_proc)  # no /proc either: the stdlib's peak RSS
     peak = inspector.memdump()
-    assert peak is not None
-    assert re.fullmatch(
-        rf"- rss \(end\): {size} \(peak: psutil is not installed.*\)\.\n", peak[host]
-    )
+    monkeypatch.setattr("builtins.open", real_open)
+    assert peak is not None and re.fullmatch(rf"- rss \(peak\): {size}\.\n", peak[host]), peak
 
     monkeypatch.setitem(sys.modules, "objgraph", None)
     assert inspector.objgraph() == {
