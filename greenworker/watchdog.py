@@ -143,19 +143,19 @@ class Watchdog:
     def _past_hard_limit(self, request: Request, running_for: float, hard: float) -> None:
         if self.policy == "log":
             log.error(
-                "%s blocks the hub %.1fs past its hard time limit (%ss); policy 'log': "
+                "%s blocks the hub: running %.1fs, past its hard time limit (%ss); policy 'log': "
                 "waiting for it",
                 _describe(request),
-                running_for - hard,
+                running_for,
                 hard,
             )
             return
         if self.policy == "exit":
             log.critical(
-                "%s blocks the hub %.1fs past its hard time limit (%ss): exiting with "
+                "%s blocks the hub: running %.1fs, past its hard time limit (%ss); exiting with "
                 "status %d so a supervisor restarts the worker; %s; %s",
                 _describe(request),
-                running_for - hard,
+                running_for,
                 hard,
                 EXIT_HUB_BLOCKED,
                 _message_fate(self.worker, request),
