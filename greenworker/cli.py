@@ -630,16 +630,20 @@ def _parse_arguments(pairs: tuple[str, ...]) -> dict[str, Any]:
     return args
 
 
+_reply_timeout_option = click.option(
+    "-t",
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Seconds to wait for replies.",
+)
+_destination_option = click.option(
+    "-d", "--destination", help="Comma-separated worker names (default: all)."
+)
 _remote_options = [
-    click.option("-d", "--destination", help="Comma-separated worker names (default: all)."),
-    click.option(
-        "-t",
-        "--timeout",
-        type=click.FloatRange(min=0, min_open=True),
-        default=1.0,
-        show_default=True,
-        help="Seconds to wait for replies.",
-    ),
+    _destination_option,
+    _reply_timeout_option,
     click.option("-j", "--json", "as_json", is_flag=True, help="Print the replies as JSON."),
 ]
 
@@ -770,15 +774,8 @@ def beat(loader: AppLoader, schedule_path: str | None, max_interval: float | Non
 
 
 @main.command()
-@click.option(
-    "-t",
-    "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=1.0,
-    show_default=True,
-    help="Seconds to wait for replies.",
-)
-@click.option("-d", "--destination", help="Comma-separated worker names (default: all).")
+@_reply_timeout_option
+@_destination_option
 @click.pass_obj
 def status(loader: AppLoader, timeout: float, destination: str | None) -> None:
     """List the workers that answer ping; exit 1 if none does (a health check)."""
@@ -813,13 +810,11 @@ def status(loader: AppLoader, timeout: float, destination: str | None) -> None:
 def events(loader: AppLoader, dump: bool, count: int) -> None:
     """Print the live event stream of the workers (Ctrl-C to stop)."""
     import signal
-    import uuid as uuid_module
 
-    from kombu.entity import Queue
     from kombu.messaging import Consumer
     from kombu.utils.url import maybe_sanitize_url
 
-    from .events import event_exchange
+    from .events import event_receiver_queue
 
     app = loader.load()
     _require_remote_control(app, NO_EVENTS)
@@ -849,15 +844,7 @@ def events(loader: AppLoader, dump: bool, count: int) -> None:
 
     try:
         with _broker_reached(app), app.connection() as conn:
-            queue = Queue(
-                f"celeryev.greenworker-cli.{uuid_module.uuid4()}",
-                exchange=event_exchange(conn),
-                routing_key="#",
-                auto_delete=True,
-                durable=False,
-                message_ttl=10.0,
-                expires=60.0,
-            )
+            queue = event_receiver_queue(conn, "greenworker-cli", "#")
             with Consumer(conn, [queue], callbacks=[show], accept=["json"], no_ack=True):
                 listening = False
                 while not done.is_set():

@@ -55,6 +55,20 @@ def event_exchange(connection: Connection) -> Exchange:
     return exchange
 
 
+def event_receiver_queue(connection: Connection, name: str, routing_key: str) -> Queue:
+    """A transient queue bound to the event exchange, as Celery's event receivers
+    declare theirs: gone with its consumer, and nothing kept longer than 10 s."""
+    return Queue(
+        f"celeryev.{name}.{uuid.uuid4()}",
+        exchange=event_exchange(connection),
+        routing_key=routing_key,
+        auto_delete=True,
+        durable=False,
+        message_ttl=10.0,
+        expires=60.0,
+    )
+
+
 def utcoffset() -> float:
     """Hours to add to local time to get UTC (Celery's sign: positive west of Greenwich)."""
     seconds = time.altzone if time.daylight and time.localtime().tm_isdst > 0 else time.timezone
@@ -364,15 +378,7 @@ class Gossip:
     def _listen(self) -> None:
         with self.worker.app.connection() as conn:
             conn.ensure_connection(max_retries=0)  # one attempt: _run paces retries
-            queue = Queue(
-                f"celeryev.gossip.{uuid.uuid4()}",
-                exchange=event_exchange(conn),
-                routing_key="worker.#",
-                auto_delete=True,
-                durable=False,
-                message_ttl=10.0,
-                expires=60.0,
-            )
+            queue = event_receiver_queue(conn, "gossip", "worker.#")
             # no_ack: events are transient; unacked ones would pile up on Redis
             with Consumer(conn, [queue], callbacks=[self._on_event], accept=["json"], no_ack=True):
                 self._ready.set()
