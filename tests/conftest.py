@@ -123,9 +123,14 @@ def any_app(request: pytest.FixtureRequest, queue_name: str, tmp_path: Path) -> 
     else:
         app = App("anyapp", data_dir=str(tmp_path), config=config)
     yield app
-    if kind in ("redis", "amqp"):
-        with app.connection() as conn:
-            app.queue(queue_name)(conn.default_channel).delete()
+    delete_queues_and_close(app, *([queue_name] if kind in ("redis", "amqp") else []))
+
+
+def delete_queues_and_close(app: App, *queues: str) -> None:
+    """Leave the broker as the test found it: delete its queues, then close the app."""
+    with app.connection() as conn:
+        for name in queues:
+            app.queue(name)(conn.default_channel).delete()
     app.close()
 
 

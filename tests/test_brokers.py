@@ -9,6 +9,8 @@ import redis
 
 from greenworker import App, Task, green
 
+from .conftest import delete_queues_and_close
+
 
 def _app(broker: str, backend: str, queue: str) -> App:
     return App(
@@ -24,9 +26,7 @@ def broker_app(request: pytest.FixtureRequest, queue_name: str, redis_url: str) 
     broker = redis_url if request.param == "redis" else request.getfixturevalue("amqp_url")
     app = _app(broker, redis_url, queue_name)
     yield app
-    with app.connection() as conn:  # leave the broker as we found it
-        app.queue(queue_name)(conn.default_channel).delete()
-    app.close()
+    delete_queues_and_close(app, queue_name)
 
 
 def _define(app: App) -> tuple[Task, Task]:

@@ -12,6 +12,8 @@ from greenworker import App, Worker
 from greenworker.canvas import Signature, chain, chord, group
 from greenworker.task import Context
 
+from .conftest import delete_queues_and_close
+
 errors_seen: list[tuple[str | None, str]] = []
 
 
@@ -154,9 +156,7 @@ def redis_worker(redis_url: str, queue_name: str) -> Iterator[tuple[App, Worker]
     worker.start()
     yield app, worker
     worker.stop(timeout=10)
-    with app.connection() as conn:
-        app.queue(queue_name)(conn.default_channel).delete()
-    app.close()
+    delete_queues_and_close(app, queue_name)
 
 
 @pytest.mark.timeout(60)

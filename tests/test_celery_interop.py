@@ -21,7 +21,7 @@ from celery import exceptions as celery_exceptions
 from greenworker import App, Task, Worker, green
 from greenworker.exceptions import SoftTimeLimitExceeded, TaskRevokedError, TimeLimitExceeded
 
-from .conftest import ROOT
+from .conftest import ROOT, delete_queues_and_close
 
 
 @pytest.fixture(params=["redis", "amqp"])
@@ -76,9 +76,7 @@ def gw_worker(broker_url: str, redis_url: str, queue_name: str) -> Iterator[Work
     worker.start()
     yield worker
     worker.stop(timeout=10)
-    with app.connection() as conn:
-        app.queue(queue_name)(conn.default_channel).delete()
-    app.close()
+    delete_queues_and_close(app, queue_name)
 
 
 @pytest.fixture
@@ -281,9 +279,7 @@ def gw_client(broker_url: str, redis_url: str, queue_name: str) -> Iterator[App]
         "gwclient", broker=broker_url, backend=redis_url, config={"task_default_queue": queue_name}
     )
     yield client
-    with client.connection() as conn:
-        client.queue(queue_name)(conn.default_channel).delete()
-    client.close()
+    delete_queues_and_close(client, queue_name)
 
 
 @pytest.mark.timeout(90)

@@ -21,7 +21,7 @@ import pytest
 from greenworker import App, green
 from greenworker.consumer import FIRST_BACKOFF, STABLE_AFTER, Backoff
 
-from .conftest import ROOT
+from .conftest import ROOT, delete_queues_and_close
 from .faults import TcpProxy, env_with, free_port, log_tail
 
 PAUSE = re.compile(r"reconnecting in ([\d.]+)s")
@@ -125,9 +125,7 @@ def test_second_outage_is_retried_from_the_first_backoff(
         if through.proc is None:
             through.restore()
         worker.stop(timeout=5)
-        with app.connection() as conn:
-            app.queue(queue_name)(conn.default_channel).delete()
-        app.close()
+        delete_queues_and_close(app, queue_name)
 
 
 # ------------------------------------------------------------------ a lost channel
@@ -201,9 +199,7 @@ def test_tasks_of_a_lost_connection_are_not_started_and_failed_acks_make_one_lin
         if through.proc is None:
             through.restore()
         worker.stop(timeout=5)
-        with app.connection() as conn:
-            app.queue(queue_name)(conn.default_channel).delete()
-        app.close()
+        delete_queues_and_close(app, queue_name)
 
 
 @pytest.mark.timeout(60)
@@ -247,9 +243,7 @@ def test_native_redis_runs_what_it_held_across_a_reconnect(
         if through.proc is None:
             through.restore()
         worker.stop(timeout=5)
-        with app.connection() as conn:
-            app.queue(queue_name)(conn.default_channel).delete()
-        app.close()
+        delete_queues_and_close(app, queue_name)
 
 
 # ------------------------------------------------------------------ no broker

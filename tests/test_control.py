@@ -20,7 +20,7 @@ from celery import Celery
 from greenworker import App, Worker, green
 from greenworker.control import broadcast
 
-from .conftest import ROOT, run_cli
+from .conftest import ROOT, delete_queues_and_close, run_cli
 
 
 @pytest.fixture(params=["redis", "amqp"])
@@ -47,9 +47,7 @@ def control_worker(
     assert worker.control is not None and worker.control.wait_ready(10)
     yield worker, broker, hostname
     worker.stop(timeout=5)
-    with app.connection() as conn:
-        app.queue(queue_name)(conn.default_channel).delete()
-    app.close()
+    delete_queues_and_close(app, queue_name)
 
 
 def _celery(broker: str, *args: str) -> dict[str, object]:
@@ -257,9 +255,7 @@ def test_conf_and_ready_line_report_the_concurrency_that_runs(
     finally:
         scaled.stop(timeout=5)
         fixed.stop(timeout=5)
-        with app.connection() as conn:
-            app.queue(queue_name)(conn.default_channel).delete()
-        app.close()
+        delete_queues_and_close(app, queue_name)
 
 
 @pytest.mark.timeout(60)

@@ -18,7 +18,7 @@ from kombu.messaging import Producer
 from greenworker import App, Task, green
 from greenworker.control import broadcast, mailbox
 
-from .conftest import ROOT
+from .conftest import ROOT, delete_queues_and_close
 
 
 @pytest.fixture(params=["redis", "amqp"])
@@ -40,9 +40,7 @@ def cleanup(queue_name: str, redis_url: str) -> Iterator[list[App]]:
     apps: list[App] = []
     yield apps
     for app in apps:
-        with app.connection() as conn:
-            app.queue(queue_name)(conn.default_channel).delete()
-        app.close()
+        delete_queues_and_close(app, queue_name)
 
 
 @pytest.mark.timeout(90)
@@ -309,7 +307,5 @@ def test_retry_events_match_a_celery_gevent_worker(redis_url: str, queue_name: s
         worker.stop(timeout=5)
         capture.close()
         client.close()
-        with app.connection() as conn:
-            app.queue(queue_name)(conn.default_channel).delete()
-        app.close()
+        delete_queues_and_close(app, queue_name)
     assert _check_retry_events(by_greenworker) == _check_retry_events(by_celery)

@@ -11,6 +11,8 @@ import redis
 
 from greenworker import App, green
 
+from .conftest import delete_queues_and_close
+
 
 def _drop_redis_clients(redis_url: str) -> None:
     redis.Redis.from_url(redis_url).client_kill_filter(_type="normal", skipme=True)
@@ -65,6 +67,4 @@ def test_worker_survives_a_dropped_connection(
         assert _run_batch(app, 50, 50) == [2 * i for i in range(50, 100)]
     finally:
         worker.stop(timeout=10)
-        with app.connection() as conn:
-            app.queue(queue_name)(conn.default_channel).delete()
-        app.close()
+        delete_queues_and_close(app, queue_name)
