@@ -10,6 +10,7 @@ import sys
 
 
 def main() -> int:
+    # a match, not an `in` test, so mypy narrows the hub to green.HubName
     match sys.argv[1:2]:
         case ["gevent" | "eventlet" as hub]:
             pass
