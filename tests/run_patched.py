@@ -10,10 +10,13 @@ import sys
 
 
 def main() -> int:
-    if len(sys.argv) < 2 or sys.argv[1] not in ("gevent", "eventlet"):
-        print("usage: run_patched.py gevent|eventlet [pytest args...]", file=sys.stderr)
-        return 2
-    hub = sys.argv[1]
+    # a match, not an `in` test, so mypy narrows the hub to green.HubName
+    match sys.argv[1:2]:
+        case ["gevent" | "eventlet" as hub]:
+            pass
+        case _:
+            print("usage: run_patched.py gevent|eventlet [pytest args...]", file=sys.stderr)
+            return 2
     from greenworker import green
 
     green.patch(hub)

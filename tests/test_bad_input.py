@@ -12,6 +12,7 @@ import greenlet
 import pytest
 
 from greenworker import App
+from greenworker.results import AsyncResult
 
 from .conftest import publish_raw
 
@@ -74,7 +75,7 @@ def test_bad_input_matrix(any_app: App, caplog: pytest.LogCaptureFixture) -> Non
     try:
         assert ok.delay(-1).get(timeout=5) == -1  # warm up before counting greenlets
         baseline = _live_greenlets()
-        goods = []
+        goods: list[AsyncResult] = []
         for body, headers, options, _ in CASES.values():
             publish_raw(any_app, body, {"lang": "py", **headers}, **options)
             goods.append(ok.delay(len(goods)))  # a good message after every bad one

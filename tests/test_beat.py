@@ -27,8 +27,10 @@ from .conftest import run_cli, start_cli
 BERLIN = ZoneInfo("Europe/Berlin")
 
 
-def _utc(*parts: int) -> datetime:
-    return datetime(*parts, tzinfo=UTC)  # type: ignore[misc]
+def _utc(
+    year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0
+) -> datetime:
+    return datetime(year, month, day, hour, minute, second, tzinfo=UTC)
 
 
 def _runs(schedule: crontab, start: datetime, count: int) -> list[datetime]:
@@ -400,7 +402,7 @@ def test_beat_schedule_setting_and_its_errors(beat_app: App) -> None:
     assert set(beat.entries) == {"cron", "delta"}
     assert beat.entries["cron"].options == {"queue": "other", "expires": 30}
     store.close()
-    bad = [
+    bad: list[dict[str, object]] = [
         {"schedule": 1},
         {"task": "x", "schedule": "nope"},
         {"task": "x", "schedule": 1, "args": "abc"},

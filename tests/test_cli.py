@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kombu import Connection
+from kombu.connection import Connection
 from kombu.messaging import Producer
 
 from greenworker.cli import (

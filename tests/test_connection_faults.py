@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from greenworker import App, green
-from greenworker.consumer import FIRST_BACKOFF, STABLE_AFTER, Backoff
+from greenworker.consumer import FIRST_BACKOFF, STABLE_AFTER, Backoff, Consumer
 
 from .conftest import ROOT, delete_queues_and_close
 from .faults import TcpProxy, env_with, free_port, log_tail
@@ -173,7 +173,8 @@ def test_tasks_of_a_lost_connection_are_not_started_and_failed_acks_make_one_lin
             slow.delay(n)
         _poll(lambda: len(starts) == 4 and len(worker.state.reserved) == 36, 20, "prefetch")
         consumer = worker.consumer
-        with consumer._write_lock:  # type: ignore[attr-defined]
+        assert isinstance(consumer, Consumer)  # AMQP: kombu's consumer, not the native Redis one
+        with consumer._write_lock:
             cut_at = time.monotonic()
             through.cut()
             _poll(lambda: not consumer.ready, 10, "the consumer to see the loss")

@@ -98,7 +98,8 @@ def test_celery_inspect_against_greenworker(control_worker: tuple[Worker, str, s
     assert _celery(broker, "control", "revoke", "revoked-by-celery", "-d", host)[host] == {
         "ok": "tasks {'revoked-by-celery'} flagged as revoked"
     }
-    assert "revoked-by-celery" in _celery(broker, "inspect", "revoked", "-d", host)[host]
+    revoked = _celery(broker, "inspect", "revoked", "-d", host)[host]
+    assert isinstance(revoked, list) and "revoked-by-celery" in revoked
     reply = _celery(broker, "control", "rate_limit", "control.add", "10/s", "-d", host)[host]
     assert isinstance(reply, dict) and "ok" in reply
     assert worker.rate_limiter.rate_of("control.add") == 10
@@ -147,6 +148,7 @@ def test_bad_arguments_and_allow_list(control_worker: tuple[Worker, str, str]) -
         assert broadcast(conn, "ping", {}, destination=[host], timeout=3) == [
             {host: {"ok": "pong"}}
         ]  # still serving
+    assert worker.control is not None  # the fixture's broker has fanout
     worker.control.handlers.pop("shutdown")  # what worker_control_allow does at startup
     with worker.app.connection() as conn:
         refused = broadcast(conn, "shutdown", {}, destination=[host], timeout=3)

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 import redis
@@ -249,7 +250,7 @@ def _orphan_everything(client: redis.Redis, queue: str, when: float) -> list[str
     pipe = client.pipeline()
     route = json.dumps(queue).encode()
     for key in (queue, *(f"{queue}\x06\x16{step}" for step in (3, 6, 9))):
-        for raw in client.lrange(key, 0, -1):
+        for raw in cast("list[bytes]", client.lrange(key, 0, -1)):
             tag = json.loads(raw)["properties"]["delivery_tag"]
             pipe.hset(UNACKED_KEY, tag, b"[" + raw + b"," + route + b"," + route + b"]")
             pipe.zadd(UNACKED_INDEX_KEY, {tag: when})
@@ -357,7 +358,7 @@ def test_restore_puts_back_only_whats_due_on_kombus_lists(
 
         # read, then acked (or renewed) by its consumer before the move: left alone
         client.zadd(UNACKED_INDEX_KEY, {fresh: old})
-        entry = client.hget(UNACKED_KEY, fresh)
+        entry = cast("bytes | None", client.hget(UNACKED_KEY, fresh))
         stale = consumer._restore_args(client, fresh, entry, {})
         client.hset(UNACKED_KEY, fresh, b'[{}, "", ""]')
         moved = consumer._restore_script(
@@ -367,7 +368,8 @@ def test_restore_puts_back_only_whats_due_on_kombus_lists(
 
         # its bindings deleted meanwhile: to the queue named by its routing key, not lost
         client.delete(queue_name, f"_kombu.binding.{queue_name}")
-        client.hset(UNACKED_KEY, fresh, entry)  # type: ignore[arg-type]
+        assert entry is not None
+        client.hset(UNACKED_KEY, fresh, entry)
         with caplog.at_level(logging.WARNING, logger="greenworker.consumer"):
             assert consumer.restore_visible() == 1
         assert client.llen(queue_name) == 1
