@@ -94,7 +94,7 @@ def memory_app(queue_name: str) -> Iterator[App]:
         "memtest",
         broker="memory://",
         backend=f"memory://{uuid.uuid4().hex}",
-        config={"task_default_queue": queue_name},
+        config={"task_default_queue": queue_name, "worker_hostname": f"{queue_name}@test"},
     )
     yield app
     app.close()
@@ -107,7 +107,9 @@ BROKERS = ("memory", "redis", "amqp", "embedded")
 def any_app(request: pytest.FixtureRequest, queue_name: str, tmp_path: Path) -> Iterator[App]:
     """The same test on kombu memory://, real Redis, real RabbitMQ and the embedded default."""
     kind = request.param
-    config = {"task_default_queue": queue_name}
+    # a node name of its own: a mailbox the broker still keeps for the last test's
+    # worker (its connection closing) must not be shared
+    config = {"task_default_queue": queue_name, "worker_hostname": f"{queue_name}@test"}
     if kind == "memory":
         app = App(
             "anyapp", broker="memory://", backend=f"memory://{uuid.uuid4().hex}", config=config
