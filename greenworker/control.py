@@ -415,7 +415,9 @@ def revoke_by_stamped_headers(
     for name, values in wanted.items():
         worker.state.revoked_stamps.add(name, values)
     state = worker.state
-    waiting = [r.id for r in list(state.reserved.values()) if r.revoked_stamp() is not None]
+    waiting = [
+        r.id for r in list(state.reserved.values()) if state.revoked_stamps.match(r.msg.headers)
+    ]
     if waiting:
         worker.revoke(waiting)
     if not terminate:

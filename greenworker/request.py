@@ -135,9 +135,19 @@ class Request:
     def expired(self) -> bool:
         return self.msg.expires is not None and self.msg.expires <= utcnow()
 
-    def revoked_stamp(self) -> dict[str, Any] | None:
-        """The stamp (``{header: value}``) by which this task was revoked, if any."""
-        return self.worker.state.revoked_stamps.match(self.msg.headers)
+    def revocation(self) -> tuple[str, dict[str, Any] | None] | None:
+        """Why this task must not run, if it must not: ``("revoked", stamp)`` when its id
+        or one of its stamped headers (``stamp``, ``{header: value}``) was revoked,
+        ``("expired", None)`` past its expiry; None when it may run."""
+        state = self.worker.state
+        if self.id in state.revoked:
+            return "revoked", None
+        stamp = state.revoked_stamps.match(self.msg.headers)  # at once while none is revoked
+        if stamp is not None:
+            return "revoked", stamp
+        if self.expired():
+            return "expired", None
+        return None
 
     def describe(self) -> dict[str, Any]:
         """The request as ``inspect active/reserved`` reports it."""
@@ -162,15 +172,10 @@ class Request:
         worker = self.worker
         worker.state.task_started(self)
         try:
-            if self.id in worker.state.revoked:
-                self.revoke("revoked")
-                return
-            stamp = self.revoked_stamp()
-            if stamp is not None:
-                self.revoke("revoked", stamp=stamp)
-                return
-            if self.expired():
-                self.revoke("expired")
+            revocation = self.revocation()
+            if revocation is not None:
+                reason, stamp = revocation
+                self.revoke(reason, stamp=stamp)
                 return
             if not self.acks_late:
                 self._ack()
@@ -446,12 +451,11 @@ class MessageHandler:
         log.debug("Received task %s[%s]", msg.task, msg.id)
         worker.state.task_received(request)
         worker.hooks.emit("task_received", request)
-        # the stamp check costs nothing until a revoke_by_stamped_headers came
-        stamp = request.revoked_stamp() if worker.state.revoked_stamps else None
-        if msg.id in worker.state.revoked or stamp is not None or request.expired():
+        revocation = request.revocation()
+        if revocation is not None:
+            reason, stamp = revocation
             try:
-                expired = msg.id not in worker.state.revoked and stamp is None
-                request.revoke("expired" if expired else "revoked", stamp=stamp)
+                request.revoke(reason, stamp=stamp)
             finally:
                 worker.state.task_discarded(request)
             return
