@@ -25,6 +25,8 @@ import click
 from . import __version__, green
 
 if TYPE_CHECKING:
+    from kombu.connection import Connection
+
     from .app import App
     from .worker import Worker
 
@@ -374,17 +376,18 @@ def _connection_errors(app: App) -> tuple[type[BaseException], ...]:
 
 
 @contextmanager
-def _broker_reached(app: App) -> Iterator[None]:
-    """A broker that cannot be reached is one line on stderr and exit status 1, said
-    within about a second (three attempts) rather than after kombu's default retries."""
+def _broker_connection(app: App) -> Iterator[Connection]:
+    """A connection to the broker, connected.  A broker that cannot be reached is one
+    line on stderr and exit status 1, said within about a second (three attempts)
+    rather than after kombu's default retries."""
     from kombu.utils.url import maybe_sanitize_url
 
     try:
-        with app.connection() as probe:
-            probe.ensure_connection(
+        with app.connection() as conn:
+            conn.ensure_connection(
                 max_retries=2, interval_start=0.25, interval_step=0.25, interval_max=0.5
             )
-        yield
+            yield conn
     except _connection_errors(app) as exc:
         where = maybe_sanitize_url(app.broker_url)
         raise CommandFailed(f"broker unreachable ({where}): {exc}") from None
@@ -448,7 +451,7 @@ def call(
     args = _json_arg(args_json, "args", list)
     kwargs = _json_arg(kwargs_json, "kwargs", dict)
     try:
-        with _broker_reached(app):
+        with _broker_connection(app):  # sends on the app's own producer: this fails fast
             try:
                 result = app.send_task(
                     name, args, kwargs, queue=queue, countdown=countdown, expires=expires
@@ -494,7 +497,7 @@ def purge(loader: AppLoader, queues: str | None, force: bool) -> None:
         raise SystemExit(1)
     total = 0
     try:
-        with _broker_reached(app), app.connection() as conn:
+        with _broker_connection(app) as conn:
             for name in names:
                 queue = app.queue(name)(conn.default_channel)
                 queue.declare()
@@ -586,7 +589,7 @@ def _remote(
     _require_remote_control(app)
     targets = [d.strip() for d in destination.split(",")] if destination else None
     try:
-        with _broker_reached(app), app.connection() as conn:
+        with _broker_connection(app) as conn:
             replies = broadcast(conn, name, arguments, destination=targets, timeout=timeout)
     finally:
         app.close()
@@ -790,7 +793,7 @@ def status(loader: AppLoader, timeout: float, destination: str | None) -> None:
     _require_remote_control(app)
     targets = [d.strip() for d in destination.split(",")] if destination else None
     try:
-        with _broker_reached(app), app.connection() as conn:
+        with _broker_connection(app) as conn:
             replies = broadcast(conn, "ping", {}, destination=targets, timeout=timeout)
     finally:
         app.close()
@@ -848,7 +851,7 @@ def events(loader: AppLoader, dump: bool, count: int) -> None:
                 done.set()
 
     try:
-        with _broker_reached(app), app.connection() as conn:
+        with _broker_connection(app) as conn:
             queue = event_receiver_queue(conn, "greenworker-cli", "#")
             with Consumer(conn, [queue], callbacks=[show], accept=["json"], no_ack=True):
                 listening = False
