@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from greenworker import App, green
+from greenworker import App, Worker, green
 from greenworker.consumer import FIRST_BACKOFF, STABLE_AFTER, Backoff, Consumer
 
 from .conftest import ROOT, delete_queues_and_close
@@ -122,10 +122,15 @@ def test_second_outage_is_retried_from_the_first_backoff(
         assert pause <= FIRST_BACKOFF
         assert waited <= FIRST_BACKOFF + 0.4
     finally:
-        if through.proc is None:
-            through.restore()
-        worker.stop(timeout=5)
-        delete_queues_and_close(app, queue_name)
+        _tear_down(through, worker, app, queue_name)
+
+
+def _tear_down(through: TcpProxy, worker: Worker, app: App, queue_name: str) -> None:
+    """Bring the proxy back if a test left it cut, stop the worker, leave the broker clean."""
+    if through.proc is None:
+        through.restore()
+    worker.stop(timeout=5)
+    delete_queues_and_close(app, queue_name)
 
 
 # ------------------------------------------------------------------ a lost channel
@@ -197,10 +202,7 @@ def test_tasks_of_a_lost_connection_are_not_started_and_failed_acks_make_one_lin
         assert len(failed_ack_lines) == 1, [r.getMessage() for r in failed_ack_lines]
     finally:
         release.set()
-        if through.proc is None:
-            through.restore()
-        worker.stop(timeout=5)
-        delete_queues_and_close(app, queue_name)
+        _tear_down(through, worker, app, queue_name)
 
 
 @pytest.mark.timeout(60)
@@ -241,10 +243,7 @@ def test_native_redis_runs_what_it_held_across_a_reconnect(
         _poll(lambda: done == set(range(5)), 10, "the held tasks")
     finally:
         release.set()
-        if through.proc is None:
-            through.restore()
-        worker.stop(timeout=5)
-        delete_queues_and_close(app, queue_name)
+        _tear_down(through, worker, app, queue_name)
 
 
 # ------------------------------------------------------------------ no broker
