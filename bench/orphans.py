@@ -32,7 +32,7 @@ if __name__ == "__main__":
 import redis
 
 from greenworker import App
-from greenworker.redis_consumer import UNACKED_INDEX_KEY, UNACKED_KEY
+from greenworker.transport.redis_layout import UNACKED_INDEX_KEY, UNACKED_KEY
 
 QUEUE = "orphans"
 CONCURRENCY = 10

@@ -19,8 +19,8 @@ from greenworker import green
 
 green.patch("gevent")
 
-from greenworker.state import RevokedSet  # noqa: E402
-from greenworker.store import StateStore  # noqa: E402
+from greenworker.worker.state import RevokedSet  # noqa: E402
+from greenworker.worker.store import StateStore  # noqa: E402
 
 REVOKES = 10_000
 UPDATES = 100_000

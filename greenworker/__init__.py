@@ -13,18 +13,18 @@ __version__ = "0.1.0"
 __all__ = ["App", "AsyncResult", "Context", "Task", "Worker", "current_request"]
 
 if TYPE_CHECKING:
-    from .app import App
-    from .results import AsyncResult
-    from .task import Context, Task, current_request
-    from .worker import Worker
+    from .client.app import App
+    from .client.result import AsyncResult
+    from .client.task import Context, Task, current_request
+    from .worker.worker import Worker
 
 _LAZY = {
-    "App": "app",
-    "AsyncResult": "results",
-    "Context": "task",
-    "Task": "task",
-    "current_request": "task",
-    "Worker": "worker",
+    "App": "client.app",
+    "AsyncResult": "client.result",
+    "Context": "client.task",
+    "Task": "client.task",
+    "current_request": "client.task",
+    "Worker": "worker.worker",
 }
 
 

@@ -1,5 +1,5 @@
 """``python -m greenworker``: the same as the ``greenworker`` command."""
 
-from greenworker.cli import main
+from .cli import main
 
 main(prog_name="greenworker")

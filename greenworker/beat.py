@@ -10,7 +10,7 @@ restart neither skips nor doubles a due run.  The rules:
   many were missed; the interval's phase then restarts from that moment.
 * The last run is written (and committed) right after the message is
   published.  Only a crash between the two can send a run twice.
-* One beat per schedule store: a second gets :class:`~greenworker.store.StoreLocked`.
+* One beat per schedule store: a second gets :class:`~greenworker.worker.store.StoreLocked`.
 
 Crontab times are wall-clock times in the schedule's timezone (the
 ``timezone`` setting, UTC by default); croniter computes them (see
@@ -37,11 +37,11 @@ from croniter import CroniterBadDateError, croniter
 
 from . import green
 from .exceptions import ImproperlyConfigured
-from .store import StateStore
+from .worker.store import StateStore
 
 if TYPE_CHECKING:
-    from .app import App
-    from .timer import Entry, Timer
+    from .client.app import App
+    from .worker.timer import Entry, Timer
 
 log = logging.getLogger(__name__)
 
@@ -459,7 +459,7 @@ def beat_store_path(app: App) -> str:
 
 def run_beat(app: App, stop: green.Event, store_path: str | None = None) -> int:
     """Run beat alone until ``stop`` is set; returns how many tasks it sent."""
-    from .timer import Timer
+    from .worker.timer import Timer
 
     store = StateStore(store_path or beat_store_path(app)).open()
     timer = Timer()

@@ -27,8 +27,8 @@ from . import __version__, green
 if TYPE_CHECKING:
     from kombu.connection import Connection
 
-    from .app import App
-    from .worker import Worker
+    from .client.app import App
+    from .worker.worker import Worker
 
 LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(name)s] %(message)s"
 
@@ -265,8 +265,8 @@ def _run_worker(
     time_limit: float | None,
 ) -> None:
     from .exceptions import ImproperlyConfigured
-    from .signals import SignalSupervisor, restart_in_place
-    from .store import StoreError
+    from .worker.signals import SignalSupervisor, restart_in_place
+    from .worker.store import StoreError
 
     if soft_time_limit is not None:
         app.conf.task_soft_time_limit = soft_time_limit
@@ -329,7 +329,7 @@ class AppLoader:
     data_dir: str | None
 
     def load(self) -> App:
-        from .app import load_app
+        from .client.app import load_app
         from .config import ConfigError
         from .exceptions import ImproperlyConfigured
 
@@ -513,7 +513,7 @@ def purge(loader: AppLoader, queues: str | None, force: bool) -> None:
 @click.option("-f", "--force", is_flag=True, help="clear: do not ask for confirmation.")
 def statedb(path: str, action: str, force: bool) -> None:
     """Inspect or maintain the LMDB state store at PATH (stop the worker first)."""
-    from .store import StateStore, StoreError
+    from .worker.store import StateStore, StoreError
 
     if not os.path.isdir(path):
         raise CLIError(f"no state store at {path}")
@@ -583,7 +583,7 @@ def _remote(
     timeout: float,
     as_json: bool,
 ) -> None:
-    from .control import broadcast
+    from .control.mailbox import broadcast
 
     app = loader.load()
     _require_remote_control(app)
@@ -758,7 +758,7 @@ def beat(loader: AppLoader, schedule_path: str | None, max_interval: float | Non
 
     from .beat import beat_store_path, run_beat
     from .exceptions import ImproperlyConfigured
-    from .store import StoreError
+    from .worker.store import StoreError
 
     app = loader.load()
     if schedule_path:
@@ -787,7 +787,7 @@ def beat(loader: AppLoader, schedule_path: str | None, max_interval: float | Non
 @click.pass_obj
 def status(loader: AppLoader, timeout: float, destination: str | None) -> None:
     """List the workers that answer ping; exit 1 if none does (a health check)."""
-    from .control import broadcast
+    from .control.mailbox import broadcast
 
     app = loader.load()
     _require_remote_control(app)
@@ -822,7 +822,7 @@ def events(loader: AppLoader, dump: bool, count: int) -> None:
     from kombu.messaging import Consumer
     from kombu.utils.url import maybe_sanitize_url
 
-    from .events import event_receiver_queue
+    from .control.events import event_receiver_queue
 
     app = loader.load()
     _require_remote_control(app, NO_EVENTS)

@@ -12,7 +12,7 @@ from greenworker import green
 
 green.patch("gevent")
 
-from greenworker.store import StateStore  # noqa: E402
+from greenworker.worker.store import StateStore  # noqa: E402
 
 
 def main() -> None:

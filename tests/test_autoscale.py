@@ -7,7 +7,7 @@ import time
 import pytest
 
 from greenworker import App, green
-from greenworker.autoscale import Autoscaler, LoadSample, PressurePolicy
+from greenworker.worker.autoscale import Autoscaler, LoadSample, PressurePolicy
 
 
 def test_pressure_policy_decisions() -> None:

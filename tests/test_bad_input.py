@@ -12,7 +12,7 @@ import greenlet
 import pytest
 
 from greenworker import App
-from greenworker.results import AsyncResult
+from greenworker.client.result import AsyncResult
 
 from .conftest import publish_raw
 

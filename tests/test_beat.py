@@ -19,8 +19,8 @@ from croniter import CroniterBadDateError, croniter
 from greenworker import App
 from greenworker.beat import Beat, PeriodicEntry, crontab, every
 from greenworker.exceptions import ImproperlyConfigured
-from greenworker.store import StateStore, StoreLocked
-from greenworker.timer import Timer
+from greenworker.worker.store import StateStore, StoreLocked
+from greenworker.worker.timer import Timer
 
 from .conftest import run_cli, start_cli
 

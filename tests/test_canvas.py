@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from greenworker import App, Worker
-from greenworker.canvas import Signature, chain, chord, group
-from greenworker.task import Context
+from greenworker.client.canvas import Signature, chain, chord, group
+from greenworker.client.task import Context
 
 from .conftest import delete_queues_and_close
 

@@ -22,7 +22,7 @@ from greenworker.cli import (
     expand_node_name,
     expand_node_path,
 )
-from greenworker.events import event_exchange
+from greenworker.control.events import event_exchange
 
 from .conftest import ROOT, run_cli, start_cli
 

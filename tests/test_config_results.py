@@ -13,16 +13,12 @@ from pathlib import Path
 import pytest
 
 from greenworker import App
-from greenworker.app import load_app
+from greenworker.backends import backend_from_url
+from greenworker.backends.base import build_meta, exception_from_meta, exception_to_meta
+from greenworker.backends.lmdb import LMDBBackend
+from greenworker.client.app import load_app
 from greenworker.config import ConfigError, Settings
 from greenworker.exceptions import ImproperlyConfigured, TaskError, TimeoutError
-from greenworker.results import (
-    LMDBBackend,
-    backend_from_url,
-    build_meta,
-    exception_from_meta,
-    exception_to_meta,
-)
 
 from .conftest import ROOT, run_cli
 

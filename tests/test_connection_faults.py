@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from greenworker import App, Worker, green
-from greenworker.consumer import FIRST_BACKOFF, STABLE_AFTER, Backoff, Consumer
+from greenworker.transport.consumer import Consumer
+from greenworker.transport.reconnect import FIRST_BACKOFF, STABLE_AFTER, Backoff
 
 from .conftest import ROOT, delete_queues_and_close
 from .faults import TcpProxy, env_with, free_port, log_tail

@@ -18,7 +18,7 @@ import pytest
 from celery import Celery
 
 from greenworker import App, Worker, green
-from greenworker.control import broadcast
+from greenworker.control.mailbox import broadcast
 
 from .conftest import ROOT, delete_queues_and_close, run_cli
 

@@ -16,7 +16,7 @@ from celery import Celery
 from kombu.messaging import Producer
 
 from greenworker import App, Task, green
-from greenworker.control import broadcast, mailbox
+from greenworker.control.mailbox import broadcast, mailbox
 
 from .conftest import ROOT, delete_queues_and_close
 

@@ -16,9 +16,9 @@ from greenworker.exceptions import (
     TaskRevokedError,
     TimeLimitExceeded,
 )
-from greenworker.hooks import Middleware
-from greenworker.ratelimit import parse_rate
-from greenworker.request import Request, backoff_countdown
+from greenworker.worker.hooks import Middleware
+from greenworker.worker.ratelimit import parse_rate
+from greenworker.worker.request import Request, backoff_countdown
 
 # ------------------------------------------------------------------ retries
 
@@ -361,7 +361,7 @@ def test_middleware_hooks_are_called_and_cannot_break_the_worker(any_app: App) -
 
 
 def test_revoked_set_expiry_and_maximum_size() -> None:
-    from greenworker.state import RevokedSet
+    from greenworker.worker.state import RevokedSet
 
     revoked = RevokedSet(maxlen=3, expires=60)
     now = time.time()

@@ -6,8 +6,8 @@ import time
 import pytest
 
 from greenworker import green
-from greenworker.pool import GreenPool
-from greenworker.timer import Timer
+from greenworker.worker.pool import GreenPool
+from greenworker.worker.timer import Timer
 
 
 def test_pool_runs_at_most_size_jobs_at_once() -> None:

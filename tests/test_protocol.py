@@ -5,11 +5,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from celery import Celery
 
-from greenworker.protocol import (
-    MalformedMessage,
-    build_task_message,
-    decode_task_message,
-)
+from greenworker.protocol import MalformedMessage, build_task_message, decode_task_message
 
 
 def test_v2_round_trip_keeps_every_field() -> None:

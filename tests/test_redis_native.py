@@ -18,13 +18,8 @@ import redis
 from kombu.messaging import Producer
 
 from greenworker import App, green
-from greenworker.redis_consumer import (
-    UNACKED_INDEX_KEY,
-    UNACKED_KEY,
-    NativeRedisConsumer,
-    RedisMessage,
-    server_has_blmove,
-)
+from greenworker.transport.redis_consumer import NativeRedisConsumer, RedisMessage
+from greenworker.transport.redis_layout import UNACKED_INDEX_KEY, UNACKED_KEY, server_has_blmove
 
 from .conftest import ROOT
 from .faults import env_with, log_tail

@@ -15,8 +15,8 @@ import lmdb
 import pytest
 
 from greenworker import App
-from greenworker.state import RevokedSet
-from greenworker.store import LAYOUT_VERSION, StateStore, StoreError, StoreLocked
+from greenworker.worker.state import RevokedSet
+from greenworker.worker.store import LAYOUT_VERSION, StateStore, StoreError, StoreLocked
 
 from .conftest import ROOT, run_cli, start_cli
 

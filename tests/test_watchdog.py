@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from greenworker import App
-from greenworker.watchdog import EXIT_HUB_BLOCKED, Watchdog
+from greenworker.worker.watchdog import EXIT_HUB_BLOCKED, Watchdog
 
 from .conftest import AMQP_URL, _port_open, run_cli, start_cli
 

@@ -13,9 +13,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from . import green
+from .. import green
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("greenworker.pool")
 
 
 class GreenPool:

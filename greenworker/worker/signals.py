@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import greenlet as greenlet_module
 
-from . import green
+from .. import green
 
 if TYPE_CHECKING:
     from .worker import Worker

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .timer import Entry
     from .worker import Worker
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("greenworker.autoscale")
 
 
 @dataclass(frozen=True)

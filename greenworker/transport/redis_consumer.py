@@ -38,40 +38,36 @@ instead); so does a transport option that changes kombu's key layout
 from __future__ import annotations
 
 import base64
-import bisect
 import hashlib
 import logging
-import re
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import redis
-from kombu.serialization import dumps as kombu_dumps
 from kombu.serialization import loads as kombu_loads
 from kombu.serialization import prepare_accept_content
 from kombu.utils import json  # kombu's envelope codec (typed values), as its transport
 from kombu.utils.url import maybe_sanitize_url
 
-from . import green
+from .. import green
 from .consumer import Reconnecting
+from .redis_layout import (
+    BINDING_KEY,
+    PRIORITY_SEP,
+    PRIORITY_STEPS,
+    UNACKED_INDEX_KEY,
+    UNACKED_KEY,
+    _priority_list,
+    _priority_lists,
+    broker_client,
+    server_has_blmove,
+)
 
 if TYPE_CHECKING:
-    from .app import App
+    from ..client.app import App
 
 log = logging.getLogger("greenworker.consumer")
-
-#: kombu's Redis defaults (``kombu.transport.redis``).
-UNACKED_KEY = "unacked"
-UNACKED_INDEX_KEY = "unacked_index"
-PRIORITY_SEP = "\x06\x16"
-PRIORITY_STEPS = (0, 3, 6, 9)
-BINDING_KEY = "_kombu.binding.{}"  # a set of "routing_key<sep>pattern<sep>queue"
-# (kombu's separator between those fields is the same as its priority separator)
-#: The first Redis with ``BLMOVE`` (and ``ZRANGE ... BYSCORE``, which kombu 5.7's own
-#: visibility restore sends).
-BLMOVE_SINCE = (6, 2)
 
 # KEYS: unacked, unacked_index, list...   ARGV: max messages, now
 # Returns a flat list: tag, raw payload, list name for each message ('' tag: malformed).
@@ -108,30 +104,6 @@ for i = 3, #KEYS do
   end
 end
 return out
-"""
-
-# KEYS: the exchange's binding set   ARGV: routing key, envelope
-# kombu's direct-exchange lookup (every queue bound with this routing key, once each),
-# then its push; returns how many queues got the message.
-_PUBLISH_SCRIPT = """
-local sep = '\\6\\22'
-local seen = {}
-local sent = 0
-for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local first = string.find(member, sep, 1, true)
-  if first and string.sub(member, 1, first - 1) == ARGV[1] then
-    local second = string.find(member, sep, first + 2, true)
-    if second then
-      local queue = string.sub(member, second + 2)
-      if not seen[queue] then
-        seen[queue] = true
-        redis.call('LPUSH', queue, ARGV[2])
-        sent = sent + 1
-      end
-    end
-  end
-end
-return sent
 """
 
 # KEYS: unacked, unacked_index   ARGV: ceiling score, then for each message: tag, SHA1
@@ -637,26 +609,6 @@ class NativeRedisConsumer(Reconnecting):
             )
 
 
-def broker_client(app: App) -> redis.Redis:
-    """A redis-py client for the broker URL, with the app's connect timeout and pool size."""
-    return redis.Redis.from_url(
-        app.broker_url,
-        socket_connect_timeout=app.conf.broker_connection_timeout,
-        socket_keepalive=True,
-        max_connections=int(app.conf.broker_transport_options.get("max_connections", 50)),
-        health_check_interval=0,
-    )
-
-
-def server_has_blmove(version: str) -> bool | None:
-    """Whether a Redis reporting ``redis_version:<version>`` has ``BLMOVE`` (6.2 and
-    later); ``None`` when the version cannot be read (a Redis-compatible server)."""
-    found = re.match(r"\s*(\d+)\.(\d+)", version)
-    if found is None:
-        return None
-    return (int(found.group(1)), int(found.group(2))) >= BLMOVE_SINCE
-
-
 def _bound_queues(
     client: redis.Redis, exchange: str, routing_key: str, cache: dict[str, list[list[str]]]
 ) -> list[str]:
@@ -684,80 +636,3 @@ def _bound_queues(
             )
         queues = [routing_key]
     return queues
-
-
-def _priority_list(queue: str, payload: dict[str, Any]) -> str:
-    """The list kombu puts ``payload`` on: its priority (0-9) rounded down to a step."""
-    try:
-        priority = max(min(int(payload["properties"]["priority"]), 9), 0)
-    except (KeyError, TypeError, ValueError):
-        priority = 0
-    step = PRIORITY_STEPS[bisect.bisect(PRIORITY_STEPS, priority) - 1]
-    return f"{queue}{PRIORITY_SEP}{step}" if step else queue
-
-
-def _priority_lists(queue: str) -> list[str]:
-    """The lists kombu keeps for one queue, highest priority first."""
-    return [f"{queue}{PRIORITY_SEP}{step}" if step else queue for step in PRIORITY_STEPS]
-
-
-class NativeRedisPublisher:
-    """Publishes task messages to Redis exactly as kombu's transport would, in one round
-    trip.  Handles direct exchanges without a priority; :meth:`send` says when a message
-    must take kombu's path instead."""
-
-    def __init__(self, app: App) -> None:
-        self.app = app
-        self._client: redis.Redis | None = None
-        self._script: Any = None
-
-    def send(
-        self,
-        body: Any,
-        headers: dict[str, Any],
-        properties: dict[str, Any],
-        exchange: str,
-        routing_key: str,
-        queue: str,
-    ) -> bool:
-        """Push the message to every queue bound to ``exchange`` with ``routing_key``; if
-        nothing is bound (the bindings were deleted), bind ``queue`` first, in kombu's
-        format.  False if the connection failed: the caller publishes through kombu, which
-        retries."""
-        conf = self.app.conf
-        content_type, content_encoding, data = kombu_dumps(body, serializer=conf.task_serializer)
-        raw = data.encode(content_encoding) if isinstance(data, str) else data
-        envelope = {
-            "body": base64.b64encode(raw).decode("ascii"),
-            "content-encoding": content_encoding,
-            "content-type": content_type,
-            "headers": headers,
-            "properties": {
-                **properties,
-                "delivery_mode": conf.task_default_delivery_mode,
-                "delivery_info": {"exchange": exchange, "routing_key": routing_key},
-                "priority": 0,
-                "body_encoding": "base64",
-                "delivery_tag": str(uuid.uuid4()),
-            },
-        }
-        if self._client is None:
-            self._client = broker_client(self.app)
-            self._script = self._client.register_script(_PUBLISH_SCRIPT)
-        binding_key = BINDING_KEY.format(exchange)
-        payload = json.dumps(envelope)
-        try:
-            if not self._script(keys=[binding_key], args=[routing_key, payload]):
-                # kombu would drop this message (its in-process state says "declared")
-                self._client.sadd(binding_key, PRIORITY_SEP.join([routing_key, "", queue]))
-                self._script(keys=[binding_key], args=[routing_key, payload])
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            log.debug("native publish failed, kombu's path retries: %s", exc)
-            self.close()
-            return False
-        return True
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None

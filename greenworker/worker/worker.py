@@ -4,7 +4,7 @@ Components (each knows only what it is given):
 
 1. ``timer``    - green timers (ETA)
 2. ``pool``     - the resizable greenlet pool that runs requests
-3. ``consumer`` - the broker connection feeding :class:`~greenworker.request.MessageHandler`
+3. ``consumer`` - the broker connection feeding :class:`~greenworker.worker.handler.MessageHandler`
 
 ``start()`` returns at once with everything running in background greenlets,
 so a program that already monkeypatched can embed a worker.  ``run()`` is the
@@ -21,27 +21,29 @@ from typing import TYPE_CHECKING, Any
 
 from kombu.utils.url import maybe_sanitize_url
 
-from . import green
-from .app import App
+from .. import green
+from ..beat import Beat, beat_store_path
+from ..client.app import App
+from ..control.events import EventDispatcher, Gossip, Heart, TaskEvents, mingle
+from ..control.mailbox import RemoteControl
+from ..transport.consumer import Consumer
+from ..transport.reconnect import FailureBurst
 from .autoscale import Autoscaler, ScalingPolicy
-from .beat import Beat, beat_store_path
 from .canvas import CanvasMiddleware
-from .consumer import Consumer, FailureBurst
-from .control import RemoteControl
-from .events import EventDispatcher, Gossip, Heart, TaskEvents, mingle
+from .handler import MessageHandler
 from .hooks import Hooks, Middleware
 from .pool import GreenPool
 from .ratelimit import RateLimiter
-from .request import MessageHandler, Request
+from .request import Request
 from .state import RevokedSet, WorkerState
 from .store import StateStore
 from .timer import Timer
 from .watchdog import Watchdog
 
 if TYPE_CHECKING:
-    from .redis_consumer import NativeRedisConsumer
+    from ..transport.redis_consumer import NativeRedisConsumer
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("greenworker.worker")
 
 
 class Worker:
@@ -104,7 +106,9 @@ class Worker:
         self.handler = MessageHandler(self)
         consumer_class: type[Consumer] | type[NativeRedisConsumer] = Consumer
         if app.native_redis:
-            from .redis_consumer import NativeRedisConsumer  # needs redis-py: the redis extra
+            from ..transport.redis_consumer import (
+                NativeRedisConsumer,  # needs redis-py: the redis extra
+            )
 
             consumer_class = NativeRedisConsumer
         self.consumer = consumer_class(
@@ -259,7 +263,7 @@ class Worker:
 
     def _startup_notes(self) -> list[str]:
         """What this broker/backend combination cannot do, said once at startup."""
-        from .results import DisabledBackend
+        from ..backends.base import DisabledBackend
 
         notes = []
         if isinstance(self.app.backend, DisabledBackend):

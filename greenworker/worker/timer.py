@@ -15,9 +15,9 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from . import green
+from .. import green
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("greenworker.timer")
 
 
 class Entry:

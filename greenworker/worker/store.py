@@ -32,9 +32,9 @@ from typing import Any
 
 import lmdb
 
-from . import green
-from .exceptions import GreenworkerError
-from .lmdbenv import write
+from .. import green
+from ..exceptions import GreenworkerError
+from ..lmdbenv import write
 
 LAYOUT_VERSION = 1
 LOCK_FILE = "greenworker.lock"

@@ -15,17 +15,20 @@ from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
 from kombu.messaging import Producer
 
-from .config import POLLING_WAKE, REDIS_LAYOUT_OPTIONS, Settings
-from .exceptions import ImproperlyConfigured
-from .hooks import Middleware
-from .protocol import build_task_message
-from .results import AsyncResult, LMDBBackend, ResultBackend, backend_from_url
+from ..backends import backend_from_url
+from ..backends.base import ResultBackend
+from ..backends.lmdb import LMDBBackend
+from ..config import POLLING_WAKE, REDIS_LAYOUT_OPTIONS, Settings
+from ..exceptions import ImproperlyConfigured
+from ..protocol import build_task_message
+from ..worker.hooks import Middleware
+from .result import AsyncResult
 from .task import Task
 
 if TYPE_CHECKING:
-    from .beat import PeriodicEntry
-    from .redis_consumer import NativeRedisPublisher
-    from .worker import Worker
+    from ..beat import PeriodicEntry
+    from ..transport.redis_publisher import NativeRedisPublisher
+    from ..worker.worker import Worker
 
 EMBEDDED_BROKER = "filesystem://localhost/"
 
@@ -61,7 +64,7 @@ class App:
             self.conf.data_dir = data_dir
         self.conf.update_from_env()
         self.tasks: dict[str, Task] = {}
-        #: Middleware every worker of this app uses (see :mod:`greenworker.hooks`).
+        #: Middleware every worker of this app uses (see :mod:`greenworker.worker.hooks`).
         self.middleware: list[Middleware] = []
         #: Periodic tasks added in code (see :meth:`add_periodic_task`); beat also reads
         #: the ``beat_schedule`` setting.
@@ -194,7 +197,7 @@ class App:
     ) -> Task | Callable[[Callable[..., Any]], Task]:
         """Register a function as a task: ``@app.task`` or ``@app.task(name=..., bind=True)``.
 
-        Other keyword arguments are task options (see :class:`~greenworker.task.Task`).
+        Other keyword arguments are task options (see :class:`~greenworker.client.task.Task`).
         """
 
         def register(func: Callable[..., Any]) -> Task:
@@ -218,7 +221,7 @@ class App:
         """Run ``task`` on ``schedule`` (seconds, timedelta, :class:`~greenworker.beat.crontab`
         or a crontab string) whenever beat runs for this app.  ``options`` go to
         :meth:`send_task` (``queue``, ``expires``, ...)."""
-        from .beat import PeriodicEntry
+        from ..beat import PeriodicEntry
 
         task_name = task if isinstance(task, str) else task.name
         entry_name = name or f"{task_name}{tuple(args)!r}"
@@ -359,7 +362,7 @@ class App:
 
     def _native(self) -> NativeRedisPublisher:
         if self._native_publisher is None:
-            from .redis_consumer import NativeRedisPublisher  # needs redis-py
+            from ..transport.redis_publisher import NativeRedisPublisher  # needs redis-py
 
             self._native_publisher = NativeRedisPublisher(self)
         return self._native_publisher
@@ -384,8 +387,8 @@ class App:
     # ------------------------------------------------------------ worker
 
     def Worker(self, **options: Any) -> Worker:
-        """Build a worker for this app; see :class:`greenworker.worker.Worker`."""
-        from .worker import Worker
+        """Build a worker for this app; see :class:`greenworker.worker.worker.Worker`."""
+        from ..worker.worker import Worker
 
         self.check_client_libraries()
         return Worker(self, **options)

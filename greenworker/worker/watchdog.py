@@ -36,14 +36,14 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from . import green
+from .. import green
 
 if TYPE_CHECKING:
     from .request import Request
     from .timer import Entry
     from .worker import Worker
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("greenworker.watchdog")
 
 #: Exit status when a task blocked the hub past its hard time limit (EX_SOFTWARE).
 EXIT_HUB_BLOCKED = 70
@@ -213,8 +213,8 @@ class Watchdog:
             )
 
     def _store_failure(self, task_id: str, record: dict[str, Any]) -> bool:
+        from ..backends.base import FAILURE, build_meta
         from .request import celery_exception
-        from .results import FAILURE, build_meta
 
         hard = record.get("hard_limit")
         meta = build_meta(

@@ -29,18 +29,18 @@ from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
 from kombu.messaging import Consumer, Producer
 
-from . import __version__, green
-from .consumer import ConnectionRetry
-from .hooks import Middleware
+from .. import __version__, green
+from ..transport.reconnect import ConnectionRetry
+from ..worker.hooks import Middleware
 
 if TYPE_CHECKING:
     from kombu.message import Message
 
-    from .request import Request
-    from .timer import Entry
-    from .worker import Worker
+    from ..worker.request import Request
+    from ..worker.timer import Entry
+    from ..worker.worker import Worker
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("greenworker.events")
 
 EVENT_EXCHANGE = Exchange("celeryev", type="topic")
 #: A peer is gone when no heartbeat came for this many heartbeat intervals (Celery: 2).
@@ -413,7 +413,7 @@ def mingle(worker: Worker, timeout: float | None = None) -> int:
     """Ask the cluster for revoked ids and the clock; merge them.  Returns replies count."""
     if timeout is None:
         timeout = worker.app.conf.worker_mingle_timeout
-    from .control import broadcast
+    from .mailbox import broadcast
 
     try:
         with worker.app.connection() as conn:

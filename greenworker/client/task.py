@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from .exceptions import MaxRetriesExceededError, Retry
+from ..exceptions import MaxRetriesExceededError, Retry
 
 if TYPE_CHECKING:
     from .app import App
     from .canvas import Signature
-    from .results import AsyncResult
+    from .result import AsyncResult
 
 
 @dataclass
@@ -109,7 +109,7 @@ class Task:
                 value = tuple(value)
             setattr(self, key, value)
         if self.rate_limit is not None:
-            from .ratelimit import parse_rate
+            from ..worker.ratelimit import parse_rate
 
             parse_rate(self.rate_limit)  # fail at definition time, not at the first message
         self.__doc__ = fn.__doc__

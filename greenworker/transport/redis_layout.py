@@ -1,0 +1,64 @@
+"""kombu's Redis key layout, shared by the native consumer and publisher: key
+names, priority lists, the broker client.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import re
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+if TYPE_CHECKING:
+    from ..client.app import App
+
+log = logging.getLogger("greenworker.consumer")
+
+
+#: kombu's Redis defaults (``kombu.transport.redis``).
+UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
+PRIORITY_SEP = "\x06\x16"
+PRIORITY_STEPS = (0, 3, 6, 9)
+BINDING_KEY = "_kombu.binding.{}"  # a set of "routing_key<sep>pattern<sep>queue"
+# (kombu's separator between those fields is the same as its priority separator)
+#: The first Redis with ``BLMOVE`` (and ``ZRANGE ... BYSCORE``, which kombu 5.7's own
+#: visibility restore sends).
+BLMOVE_SINCE = (6, 2)
+
+
+def broker_client(app: App) -> redis.Redis:
+    """A redis-py client for the broker URL, with the app's connect timeout and pool size."""
+    return redis.Redis.from_url(
+        app.broker_url,
+        socket_connect_timeout=app.conf.broker_connection_timeout,
+        socket_keepalive=True,
+        max_connections=int(app.conf.broker_transport_options.get("max_connections", 50)),
+        health_check_interval=0,
+    )
+
+
+def server_has_blmove(version: str) -> bool | None:
+    """Whether a Redis reporting ``redis_version:<version>`` has ``BLMOVE`` (6.2 and
+    later); ``None`` when the version cannot be read (a Redis-compatible server)."""
+    found = re.match(r"\s*(\d+)\.(\d+)", version)
+    if found is None:
+        return None
+    return (int(found.group(1)), int(found.group(2))) >= BLMOVE_SINCE
+
+
+def _priority_list(queue: str, payload: dict[str, Any]) -> str:
+    """The list kombu puts ``payload`` on: its priority (0-9) rounded down to a step."""
+    try:
+        priority = max(min(int(payload["properties"]["priority"]), 9), 0)
+    except (KeyError, TypeError, ValueError):
+        priority = 0
+    step = PRIORITY_STEPS[bisect.bisect(PRIORITY_STEPS, priority) - 1]
+    return f"{queue}{PRIORITY_SEP}{step}" if step else queue
+
+
+def _priority_lists(queue: str) -> list[str]:
+    """The lists kombu keeps for one queue, highest priority first."""
+    return [f"{queue}{PRIORITY_SEP}{step}" if step else queue for step in PRIORITY_STEPS]
