@@ -457,6 +457,29 @@ def beat_store_path(app: App) -> str:
     return os.path.abspath(name) if name else os.path.join(app.data_dir, "beat")
 
 
+def open_embedded_beat(
+    app: App, timer: Timer, worker_store: StateStore | None
+) -> tuple[Beat, StateStore | None]:
+    """Beat for ``worker -B``: its store is the worker's when the paths agree, else one of
+    its own (locked), returned second so the worker closes it.  A locked store or a bad
+    ``beat_schedule`` fails here, before anything runs; then the stores are closed."""
+    path = beat_store_path(app)
+    own: StateStore | None = None
+    try:
+        if worker_store is not None and worker_store.path == path:
+            store = worker_store
+        else:
+            store = own = StateStore(path).open()
+        beat = Beat(app, store, timer)
+        beat.load_entries()
+    except BaseException:
+        for opened in (own, worker_store):
+            if opened is not None:
+                opened.close()
+        raise
+    return beat, own
+
+
 def run_beat(app: App, stop: green.Event, store_path: str | None = None) -> int:
     """Run beat alone until ``stop`` is set; returns how many tasks it sent."""
     from .worker.timer import Timer

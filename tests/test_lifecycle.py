@@ -16,9 +16,10 @@ from greenworker.exceptions import (
     TaskRevokedError,
     TimeLimitExceeded,
 )
+from greenworker.worker.executor import backoff_countdown
 from greenworker.worker.hooks import Middleware
 from greenworker.worker.ratelimit import parse_rate
-from greenworker.worker.request import Request, backoff_countdown
+from greenworker.worker.request import Request
 
 # ------------------------------------------------------------------ retries
 

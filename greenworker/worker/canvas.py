@@ -12,6 +12,7 @@ from ..backends.base import (
     FAILURE,
     SUCCESS,
     build_meta,
+    celery_exception,
     exception_from_meta,
     exception_to_meta,
 )
@@ -83,7 +84,7 @@ class CanvasMiddleware(Middleware):
             # New-style errback: called here with (request, exc, traceback), as Celery does.
             try:
                 args, kwargs = sig.merged()
-                local(request._context(), exc, None, *args, **kwargs)
+                local(request.context(), exc, None, *args, **kwargs)
             except Exception:
                 log.exception("errback %s of %s[%s] raised", sig.name, request.name, request.id)
             return
@@ -106,8 +107,6 @@ class CanvasMiddleware(Middleware):
                 reason = f"Dependency {task_id} raised {error!r}"
                 log.error("Chord %s: %s", msg.group, reason)
                 if body.id:
-                    from .request import celery_exception
-
                     meta = build_meta(body.id, FAILURE, celery_exception("ChordError", reason))
                     self.app.backend.store(body.id, meta)
                 return

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import greenlet as greenlet_module
 
 from .. import green
+from .executor import request_in_stack
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -97,8 +98,6 @@ def restart_in_place() -> None:
 
 def dump_stacks() -> str:
     """Every live greenlet's stack, headed by the task it runs (if any)."""
-    from .request import Request
-
     blocks = []
     for obj in gc.get_objects():
         if not isinstance(obj, greenlet_module.greenlet) or obj.dead:
@@ -106,14 +105,8 @@ def dump_stacks() -> str:
         frame = obj.gr_frame
         if frame is None:
             continue
-        task = "no task"
-        probe = frame
-        while probe is not None:
-            candidate = probe.f_locals.get("self")
-            if isinstance(candidate, Request) and probe.f_code.co_name == "_run":
-                task = f"task {candidate.name}[{candidate.id}]"
-                break
-            probe = probe.f_back
+        request = request_in_stack(frame)
+        task = "no task" if request is None else f"task {request.name}[{request.id}]"
         stack = "".join(traceback.format_stack(frame))
         blocks.append(f"--- greenlet {id(obj):#x} ({task})\n{stack}")
     return "\n".join(blocks) or "(no greenlets)"

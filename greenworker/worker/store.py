@@ -24,17 +24,24 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lmdb
 
 from .. import green
 from ..exceptions import GreenworkerError
 from ..lmdbenv import write
+
+if TYPE_CHECKING:
+    from .state import WorkerState
+
+#: the start line about the loaded state is the worker's
+worker_log = logging.getLogger("greenworker.worker")
 
 LAYOUT_VERSION = 1
 LOCK_FILE = "greenworker.lock"
@@ -300,3 +307,39 @@ class StateStore:
             txn.delete(b"clock", db=self._dbs["meta"])
 
         write(self.env, None, drop)
+
+
+class StateSaver:
+    """Keeps a worker's :class:`~greenworker.worker.state.WorkerState` in its store:
+    revoked ids, counters and clock loaded at start, counters and clock saved on a
+    timer (batched: only when they changed) and at stop."""
+
+    def __init__(self, store: StateStore, state: WorkerState) -> None:
+        self.store = store
+        self.state = state
+        self._flushed_processed = -1
+
+    def load(self) -> None:
+        store, state = self.store, self.state
+        revoked = store.revoked(state.revoked.expires)
+        state.revoked.update(revoked)
+        store.trim_revoked(set(state.revoked.as_dict()))  # over the maximum: oldest go
+        state.total.update(store.counters())
+        state.clock.adjust(store.clock())
+        worker_log.info(
+            "state store %s: %d revoked ids, %d tasks counted, clock %d",
+            store.path,
+            len(revoked),
+            state.processed,
+            state.clock.value,
+        )
+
+    def flush(self) -> None:
+        """Write counters and clock to the state store if they changed since the last time."""
+        if self.store.env is None:
+            return
+        processed = self.state.processed
+        if processed == self._flushed_processed:
+            return
+        self.store.save_counters(dict(self.state.total), self.state.clock.value)
+        self._flushed_processed = processed

@@ -37,6 +37,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from .. import green
+from .executor import request_in_stack
 
 if TYPE_CHECKING:
     from .request import Request
@@ -179,7 +180,7 @@ class Watchdog:
             "when": time.time(),
             "hard_limit": hard,
             "hostname": self.worker.hostname,
-            "store_result": request._store_errors(),
+            "store_result": request.store_errors(),
             "result_stored": False,
         }
         try:
@@ -213,8 +214,7 @@ class Watchdog:
             )
 
     def _store_failure(self, task_id: str, record: dict[str, Any]) -> bool:
-        from ..backends.base import FAILURE, build_meta
-        from .request import celery_exception
+        from ..backends.base import FAILURE, build_meta, celery_exception
 
         hard = record.get("hard_limit")
         meta = build_meta(
@@ -233,14 +233,7 @@ class Watchdog:
 
     def _running_request(self) -> Request | None:
         frame: FrameType | None = sys._current_frames().get(self._hub_thread)
-        from .request import Request
-
-        while frame is not None:
-            candidate = frame.f_locals.get("self")
-            if isinstance(candidate, Request) and frame.f_code.co_name == "_run":
-                return candidate
-            frame = frame.f_back
-        return None
+        return request_in_stack(frame)
 
 
 def _describe(request: Request | None) -> str:

@@ -1,10 +1,9 @@
 """The worker: builds its components in order, starts them, stops them in reverse.
 
-Components (each knows only what it is given):
-
-1. ``timer``    - green timers (ETA)
-2. ``pool``     - the resizable greenlet pool that runs requests
-3. ``consumer`` - the broker connection feeding :class:`~greenworker.worker.handler.MessageHandler`
+Orchestration only: each component gets what it uses, from the constructor.
+One message flows consumer -> :class:`~greenworker.worker.handler.MessageHandler`
+(decode, validate, ETA hold, rate limit) -> :class:`~greenworker.worker.pool.GreenPool`
+-> :class:`~greenworker.worker.executor.Executor` (run, result, ack).
 
 ``start()`` returns at once with everything running in background greenlets,
 so a program that already monkeypatched can embed a worker.  ``run()`` is the
@@ -15,33 +14,31 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from kombu.utils.url import maybe_sanitize_url
 
 from .. import green
-from ..beat import Beat, beat_store_path
-from ..client.app import App
+from ..beat import Beat, open_embedded_beat
 from ..control.events import EventDispatcher, Gossip, Heart, TaskEvents, mingle
 from ..control.mailbox import RemoteControl
 from ..transport.consumer import Consumer
-from ..transport.reconnect import FailureBurst
+from . import harness
 from .autoscale import Autoscaler, ScalingPolicy
 from .canvas import CanvasMiddleware
+from .executor import AppTaskRunner, Executor
 from .handler import MessageHandler
 from .hooks import Hooks, Middleware
 from .pool import GreenPool
-from .ratelimit import RateLimiter
-from .request import Request
 from .state import RevokedSet, WorkerState
-from .store import StateStore
+from .store import StateSaver, StateStore
 from .timer import Timer
 from .watchdog import Watchdog
 
 if TYPE_CHECKING:
-    from ..transport.redis_consumer import NativeRedisConsumer
+    from ..client.app import App
+    from .handler import TaskConsumer
 
 log = logging.getLogger("greenworker.worker")
 
@@ -96,37 +93,46 @@ class Worker:
         self.gossip = Gossip(self) if fanout and conf.worker_enable_gossip else None
         self.timer = Timer()
         self.pool = GreenPool(self.concurrency)
-        self._eta_held = 0
-        self.rate_limiter = RateLimiter(self.timer, self._submit, self._configured_rate)
         self.watchdog = Watchdog(self, conf.worker_block_threshold, conf.worker_block_policy)
         self.control = RemoteControl(self) if fanout and conf.worker_enable_remote_control else None
         path = app.state_db_path
         self.store = StateStore(path) if path else None
-        self._flushed_processed = -1
-        self.handler = MessageHandler(self)
-        consumer_class: type[Consumer] | type[NativeRedisConsumer] = Consumer
-        if app.native_redis:
-            from ..transport.redis_consumer import (
-                NativeRedisConsumer,  # needs redis-py: the redis extra
-            )
-
-            consumer_class = NativeRedisConsumer
-        self.consumer = consumer_class(
-            app, self.queues, self.handler.on_message, self._prefetch_count
+        self._saver = StateSaver(self.store, self.state) if self.store is not None else None
+        self.handler = MessageHandler(
+            settings=conf,
+            tasks=app.tasks,
+            backend=lambda: app.backend,  # opened on first use
+            state=self.state,
+            hooks=self.hooks,
+            timer=self.timer,
+            pool=self.pool,
+            watchdog=self.watchdog,
+            store=self.store,
+            broker_scheme=self.broker_scheme,
         )
+        self.rate_limiter = self.handler.rate_limiter
+        self.consumer = self._build_consumer()
+        self.executor = Executor(
+            runner=AppTaskRunner(lambda: app.backend),
+            settings=conf,
+            hostname=self.hostname,
+            state=self.state,
+            hooks=self.hooks,
+            timer=self.timer,
+            ack=self.consumer.ack,
+            reject=self.consumer.reject,
+            kill=lambda job_id, exc: self.pool.kill(job_id, exc, release=True),
+        )
+        # kombu's consumer on these brokers: what a lost connection held comes back from
+        # the broker, and our copies cannot be acked (the native Redis consumer's can)
+        lost_with_connection = isinstance(self.consumer, Consumer) and self.broker_scheme not in (
+            "filesystem",
+            "memory",
+        )
+        self.handler.attach(self.consumer, self.executor, lost_with_connection=lost_with_connection)
         self.pool.on_resize(self.consumer.update_prefetch)
         self.consumer.on_unreachable = self._waiting_for_broker
-        #: tasks not started because the connection they came on was gone by then
-        self._stale_dropped = FailureBurst("start", "the broker delivers them again")
         self._background: list[green.Greenlet] = []  # waiting for the broker; ended by stop
-        #: kombu's consumer on these brokers: what a lost connection held comes back from
-        #: the broker, and our copies cannot be acked (the native Redis consumer's can)
-        self._lost_with_connection = isinstance(
-            self.consumer, Consumer
-        ) and self.broker_scheme not in ("filesystem", "memory")
-        if self._lost_with_connection:
-            # keeping our copies would run them twice
-            self.consumer.on_connection_lost = self._forget_unstarted
         self.autoscaler = (
             Autoscaler(
                 self,
@@ -143,14 +149,21 @@ class Worker:
         self.beat: Beat | None = None
         self._beat_wanted = beat
         self._beat_store: StateStore | None = None
-        self._errors: deque[tuple[str, BaseException]] = deque(maxlen=100)
-        self._progress = green.new_event()
         self._stopped = green.new_event()
         #: Set once mingle has merged the other workers' revoked ids (or was skipped).
         self.mingled = green.new_event()
         self._started = False
         self._stopping = False
-        self._accepting = False
+
+    def _build_consumer(self) -> TaskConsumer:
+        app = self.app
+        if app.native_redis:
+            from ..transport.redis_consumer import NativeRedisConsumer  # needs the redis extra
+
+            return NativeRedisConsumer(
+                app, self.queues, self.handler.on_message, self._prefetch_count
+            )
+        return Consumer(app, self.queues, self.handler.on_message, self._prefetch_count)
 
     def __repr__(self) -> str:
         return f"<Worker {self.hostname} c={self.pool.size} queues={self.queues}>"
@@ -168,12 +181,13 @@ class Worker:
             return
         if self.store is not None:
             self.store.open()  # StoreLocked / StoreError: nothing else has started yet
-            self._load_state(self.store)
+            assert self._saver is not None
+            self._saver.load()
             self.watchdog.load_blockers()
         if self._beat_wanted:
-            self._open_beat()
+            self.beat, self._beat_store = open_embedded_beat(self.app, self.timer, self.store)
         self._started = True
-        self._accepting = True
+        self.handler.accepting = True
         self._stopped.clear()
         if self.app.embedded:
             self.app.purge_expired_results()
@@ -235,25 +249,6 @@ class Worker:
             maybe_sanitize_url(self.app.broker_url),
         )
 
-    def _open_beat(self) -> None:
-        """Beat's store: the worker's own when the paths agree, else its own (locked).
-        A locked store or a bad beat_schedule fails here, before anything runs."""
-        path = beat_store_path(self.app)
-        try:
-            if self.store is not None and self.store.path == path:
-                store = self.store
-            else:
-                store = self._beat_store = StateStore(path).open()
-            beat = Beat(self.app, store, self.timer)
-            beat.load_entries()
-        except BaseException:
-            for opened in (self._beat_store, self.store):
-                if opened is not None:
-                    opened.close()
-            self._beat_store = None
-            raise
-        self.beat = beat
-
     def _mingle(self) -> None:
         try:
             self.consumer.wait_ready(None)  # no one to ask before the broker answers
@@ -295,7 +290,7 @@ class Worker:
             return
         self._stopping = True
         timeout = self.app.conf.worker_shutdown_timeout if timeout is None else timeout
-        self._accepting = False
+        self.handler.accepting = False
         for waiting in self._background:
             waiting.kill()
         self._background.clear()
@@ -305,7 +300,7 @@ class Worker:
         if self.autoscaler is not None:
             self.autoscaler.stop()
         self.consumer.stop_consuming()
-        self._drop_unstarted()
+        self.handler.drop_unstarted()
         if not self.pool.join(timeout):
             log.warning("killing %d task(s) still running after %.1fs", self.pool.active, timeout)
             self.pool.kill_all()
@@ -321,7 +316,7 @@ class Worker:
             self.control.stop()
         self.watchdog.stop()
         self.timer.stop()
-        self._stale_dropped.flush()
+        self.handler.flush()
         if self.store is not None:
             self.flush_state()
             self.store.close()
@@ -350,42 +345,7 @@ class Worker:
     # ------------------------------------------------------------ hand-off
 
     def _prefetch_count(self) -> int:
-        return self.pool.size * max(self.prefetch_multiplier, 1) + self._eta_held
-
-    def _submit(self, request: Request) -> None:
-        if self.watchdog.paused:
-            self.watchdog.task_submitted()
-        request.job_id = self.pool.submit(self._execute, request)
-
-    def _execute(self, request: Request) -> None:
-        if not self._accepting:  # stopping: give it back for redelivery
-            self.state.task_discarded(request)
-            self.consumer.reject(request.message, requeue=True)
-            return
-        if self._lost_with_connection and not self.consumer.generation_alive(request.generation):
-            # its connection is gone (maybe before the consumer loop noticed): the broker
-            # delivers it again, and its ack could not be sent anyway
-            if self.state.reserved.get(request.id) is request:  # not a redelivered copy
-                self.state.task_discarded(request)
-            self._stale_dropped.add("their connection was lost")
-            return
-        try:
-            request.execute()
-        finally:
-            self._progress.set()
-
-    def hold_until_eta(self, request: Request) -> None:
-        """Keep a future task on the timer; raise prefetch so it does not block others."""
-        self._eta_held += 1
-        self.consumer.update_prefetch()
-        assert request.msg.eta is not None
-        self.timer.call_at(request.msg.eta, self._release_eta, request)
-
-    def _release_eta(self, request: Request) -> None:
-        self._eta_held -= 1
-        self.consumer.update_prefetch()
-        if self.state.reserved.get(request.id) is request:  # not dropped meanwhile
-            self.rate_limiter.submit(request)
+        return self.pool.size * max(self.prefetch_multiplier, 1) + self.handler.eta_held
 
     def _refresh_visibility(self) -> None:
         # Messages held here (ETA, rate limit, long tasks) stay invisible to other
@@ -400,61 +360,12 @@ class Worker:
 
         Returns the ids that were known to this worker (reserved or running).
         """
-        ids = [task_ids] if isinstance(task_ids, str) else list(task_ids)
-        now = time.time()
-        for task_id in ids:
-            self.state.revoked.add(task_id, now)
-        if self.store is not None and self.store.env is not None:
-            self.store.add_revoked(dict.fromkeys(ids, now))  # durable before we answer
-        known: list[str] = []
-        for task_id in ids:
-            waiting = self.state.reserved.get(task_id)
-            if waiting is not None:
-                known.append(task_id)
-                self.rate_limiter.drop(waiting)
-                if waiting.job_id is not None:
-                    self.pool.kill(waiting.job_id)
-                self.state.task_discarded(waiting)
-                waiting.revoke("revoked")
-            running = self.state.active.get(task_id)
-            if running is not None:
-                known.append(task_id)
-                if terminate:
-                    running.terminate()
-        return known
-
-    def _configured_rate(self, task_name: str) -> str | None:
-        conf = self.app.conf
-        if conf.worker_disable_rate_limits:
-            return None
-        task = self.app.tasks.get(task_name)
-        return (task.rate_limit if task else None) or conf.task_default_rate_limit
-
-    # ------------------------------------------------------------ state store
-
-    def _load_state(self, store: StateStore) -> None:
-        revoked = store.revoked(self.state.revoked.expires)
-        self.state.revoked.update(revoked)
-        store.trim_revoked(set(self.state.revoked.as_dict()))  # over the maximum: oldest go
-        self.state.total.update(store.counters())
-        self.state.clock.adjust(store.clock())
-        log.info(
-            "state store %s: %d revoked ids, %d tasks counted, clock %d",
-            store.path,
-            len(revoked),
-            self.state.processed,
-            self.state.clock.value,
-        )
+        return self.handler.revoke(task_ids, terminate)
 
     def flush_state(self) -> None:
         """Write counters and clock to the state store (batched: only when they changed)."""
-        if self.store is None or self.store.env is None:
-            return
-        processed = self.state.processed
-        if processed == self._flushed_processed:
-            return
-        self.store.save_counters(dict(self.state.total), self.state.clock.value)
-        self._flushed_processed = processed
+        if self._saver is not None:
+            self._saver.flush()
 
     def set_rate_limit(self, task_name: str, rate: str | float | None) -> None:
         """Change a task's rate limit while running (``None`` or 0 removes it)."""
@@ -467,48 +378,12 @@ class Worker:
         task = self.app.tasks[task_name]
         task.soft_time_limit, task.time_limit = soft, hard
 
-    def _forget_unstarted(self) -> None:
-        """The connection is gone: the broker redelivers every message it held, so the
-        requests not started yet are dropped here (their acks could not be sent anyway)."""
-        dropped = 0
-        for request in list(self.state.reserved.values()):
-            if self._unreserve(request):
-                dropped += 1
-        if dropped:
-            log.warning(
-                "connection lost: %d received task(s) not started are left to the broker "
-                "to deliver again; %d running task(s) carry on",
-                dropped,
-                self.pool.active,
-            )
-
-    def _drop_unstarted(self) -> None:
-        # Give received-but-unstarted messages back to the broker now (kombu's
-        # memory transport would drop them at close rather than requeue).
-        for request in list(self.state.reserved.values()):
-            if self._unreserve(request):
-                self.consumer.reject(request.message, requeue=True)
-
-    def _unreserve(self, request: Request) -> bool:
-        """Take a request that has not started out of the worker; False if it started
-        meanwhile (the loop that calls this yields on broker writes)."""
-        if self.state.reserved.get(request.id) is not request:
-            return False
-        if request.job_id is not None and not self.pool.cancel(request.job_id):
-            return False  # its greenlet runs already: _execute hands it back itself
-        self.rate_limiter.drop(request)
-        self.state.task_discarded(request)
-        return True
-
     # ------------------------------------------------------------ harness
-
-    def record_error(self, task_id: str, exc: BaseException) -> None:
-        self._errors.append((task_id, exc))
 
     @property
     def errors(self) -> list[tuple[str, BaseException]]:
         """Recent task errors, oldest first: ``(task id, exception)``."""
-        return list(self._errors)
+        return list(self.executor.errors)
 
     def join(self, fail_fast: bool = True, timeout: float | None = 60.0) -> None:
         """Wait until the queues are empty and no task is reserved or running.
@@ -516,27 +391,15 @@ class Worker:
         With ``fail_fast`` the first task error is raised here as soon as it
         happens.  Meant for tests (typically on ``memory://``).
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        settled = 0
-        while True:
-            if fail_fast and self._errors:
-                _, exc = self._errors.popleft()
-                raise exc
-            idle = (
-                self.state.in_flight == 0 and self.pool.active == 0 and not self.consumer.receiving
-            )
-            if idle and not any(self.consumer.queue_sizes().values()):
-                settled += 1
-                if settled >= 3:  # three times in a row: nothing was between fetch and hand-off
-                    return
-            else:
-                settled = 0
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"join: still busy after {timeout}s ({self.state.in_flight} in flight)"
-                )
-            self._progress.wait(0.02)
-            self._progress.clear()
+        harness.join(
+            state=self.state,
+            pool=self.pool,
+            consumer=self.consumer,
+            errors=self.executor.errors,
+            progress=self.handler.progress,
+            fail_fast=fail_fast,
+            timeout=timeout,
+        )
 
     # ------------------------------------------------------------ info
 
