@@ -65,6 +65,7 @@ def huey_sender() -> tuple[Sender, Callable[[], None]]:
 SENDERS: dict[str, Callable[[], tuple[Sender, Callable[[], None]]]] = {
     "greenworker": greenworker_sender,
     "greenworker-E": greenworker_sender,
+    "greenworker-base": greenworker_sender,
     "celery": celery_sender,
     "dramatiq": dramatiq_sender,
     "huey": huey_sender,

@@ -156,7 +156,7 @@ class Runner:
         self._runs += 1
         return Group(
             systems.worker_command(system, concurrency),
-            env=systems.worker_env(BROKERS[broker], self.slow_port, concurrency),
+            env=systems.worker_env(BROKERS[broker], self.slow_port, concurrency, system),
             cwd=ROOT,
             log_path=self.log_dir / f"{self._runs:04d}-{tag}-{system}-{broker}.log",
         )

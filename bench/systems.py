@@ -30,6 +30,9 @@ LATENCY_KEY = f"bench:{os.getpid()}:latency"
 SYSTEMS = ("greenworker", "celery", "dramatiq", "huey")
 #: Brokers each system cannot use, and why (the table says so).
 UNSUPPORTED = {("huey", "amqp"): "skipped: Huey has no RabbitMQ broker"}
+#: ``greenworker-base``: the same worker run from another checkout (``BENCH_BASELINE``, the
+#: path of a git worktree at an earlier commit), for before/after pairs in one run.
+BASELINE = os.environ.get("BENCH_BASELINE", "")
 KOMBU_QUEUE = "bench"  # greenworker and Celery: the same kombu queue
 #: Dramatiq's queue and its dead-letter queues on RabbitMQ (see bench/tasks_dramatiq.py).
 DRAMATIQ_QUEUES = ("bench_dq", "bench_dq.DQ", "bench_dq.XQ")
@@ -46,7 +49,7 @@ def script(name: str) -> str:
 
 
 def worker_command(system: str, concurrency: int) -> list[str]:
-    if system in ("greenworker", "greenworker-E"):
+    if system in ("greenworker", "greenworker-E", "greenworker-base"):
         events = ["-E"] if system == "greenworker-E" else []  # -E: task events on
         return [
             PY,
@@ -110,7 +113,14 @@ def worker_command(system: str, concurrency: int) -> list[str]:
     raise ValueError(f"unknown system {system}")
 
 
-def worker_env(broker: str, slow_port: int, concurrency: int = 100) -> dict[str, str]:
+def worker_env(
+    broker: str, slow_port: int, concurrency: int = 100, system: str = ""
+) -> dict[str, str]:
+    path = str(ROOT)
+    if system == "greenworker-base":
+        if not BASELINE:
+            raise SystemExit("greenworker-base needs BENCH_BASELINE=<checkout of the old commit>")
+        path = f"{BASELINE}{os.pathsep}{ROOT}"  # its greenworker, this bench
     return {
         **os.environ,
         "BENCH_CONCURRENCY": str(concurrency),
@@ -119,7 +129,7 @@ def worker_env(broker: str, slow_port: int, concurrency: int = 100) -> dict[str,
         "BENCH_COUNTER": COUNTER_KEY,
         "BENCH_LATENCY": LATENCY_KEY,
         "BENCH_SLOW_PORT": str(slow_port),
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": path,
     }
 
 
