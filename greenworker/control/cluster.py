@@ -52,11 +52,11 @@ class Heart:
         load: Callable[[], tuple[int, int]],
     ) -> None:
         self.events = dispatcher
-        self._timers = timer
+        self._timer = timer
         self.interval = interval
         self._wait_ready = wait_ready
         self._load = load
-        self._timer: Entry | None = None
+        self._beating: Entry | None = None
         self._stopped = False
         self._going_online: green.Greenlet | None = None
 
@@ -79,7 +79,7 @@ class Heart:
             return
         self.events.send_now("worker-online", **self._fields())
         if not self._stopped:  # a stop may have come while worker-online was sent
-            self._timer = self._timers.call_repeatedly(self.interval, self.beat)
+            self._beating = self._timer.call_repeatedly(self.interval, self.beat)
 
     def beat(self) -> None:
         active, processed = self._load()
@@ -96,8 +96,8 @@ class Heart:
         if self._going_online is not None:
             self._going_online.kill()  # still waiting for the broker: it never went online
             self._going_online = None
-        if self._timer is not None:
-            self._timer.cancel()
+        if self._beating is not None:
+            self._beating.cancel()
         self.events.send_now("worker-offline", **self._fields())
 
 

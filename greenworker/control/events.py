@@ -88,7 +88,7 @@ class EventDispatcher:
         self.hostname = hostname
         self._connect = connect
         self._clock = clock
-        self._timers = timer
+        self._timer = timer
         self._broker_ready = broker_ready
         self.pid = os.getpid()
         self.enabled = True
@@ -100,24 +100,24 @@ class EventDispatcher:
         self._producer: Producer | None = None
         self._exchange: Exchange | None = None
         self._lock = green.new_semaphore(1)
-        self._timer: Entry | None = None  # the pending flush of the buffered batch
+        self._pending_flush: Entry | None = None  # of the buffered batch
         self._started = False
         self.sent = 0
 
     def start(self) -> None:
         self._started = True
-        if self._buffer and self._timer is None:
-            self._timer = self._timers.call_after(self._flush_interval, self._flush_later)
+        if self._buffer and self._pending_flush is None:
+            self._pending_flush = self._timer.call_after(self._flush_interval, self._flush_later)
 
     def _flush_later(self) -> None:
-        self._timer = None
+        self._pending_flush = None
         self.flush()
 
     def stop(self) -> None:
         self._started = False
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._pending_flush is not None:
+            self._pending_flush.cancel()
+            self._pending_flush = None
         self.flush()
         with self._lock:
             if self._conn is not None:
@@ -149,9 +149,11 @@ class EventDispatcher:
             self._buffer.append(self.event(type_, **fields))
             if len(self._buffer) >= self._limit:
                 green.spawn(self.flush)
-            elif self._timer is None and self._started:
+            elif self._pending_flush is None and self._started:
                 # one timer per batch, not a repeating one: an idle worker never wakes
-                self._timer = self._timers.call_after(self._flush_interval, self._flush_later)
+                self._pending_flush = self._timer.call_after(
+                    self._flush_interval, self._flush_later
+                )
 
     def send_now(self, type_: str, **fields: Any) -> None:
         """Publish one event at once (worker events)."""
