@@ -1,5 +1,8 @@
 """Celery's remote-control commands, one function each, registered by name with
 :func:`command`; :class:`~greenworker.control.mailbox.CommandTable` serves them.
+
+Each command gets a :class:`ControlTarget`: the parts of the worker a command may
+read or change, and nothing else.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import resource
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from kombu.utils.url import maybe_sanitize_url
@@ -21,9 +25,98 @@ from .. import __version__, green
 from ..worker.state import RevokedStamps
 
 if TYPE_CHECKING:
-    from ..worker.worker import Worker
+    from kombu.connection import Connection
+    from kombu.entity import Queue
+
+    from ..client.task import Task
+    from ..config import Settings
+    from ..transport.base import TaskConsumer
+    from ..worker.autoscale import Autoscaler
+    from ..worker.pool import GreenPool
+    from ..worker.ratelimit import RateLimiter
+    from ..worker.state import WorkerState
+    from ..worker.watchdog import BlockStats
+    from .cluster import Heart
+    from .events import EventDispatcher
 
 log = logging.getLogger("greenworker.control")
+
+
+@dataclass
+class ControlTarget:
+    """What remote-control commands may read and change: the worker's components
+    and the few acts that are the worker's own (revoke, stop).  Built once by the
+    worker; kombu's pidbox node hands it to each command as its ``state``."""
+
+    hostname: str
+    app_name: str | None
+    #: The broker and result backend, as configured (commands show them sanitised).
+    broker_url: str
+    result_backend_url: str | None
+    settings: Settings
+    tasks: dict[str, Task]
+    #: A new (lazy) broker connection: ``stats`` shows how kombu parses the URL.
+    connect: Callable[[], Connection]
+    #: The declared queue of a name, as ``active_queues`` describes it.
+    queue: Callable[[str], Queue]
+    state: WorkerState
+    pool: GreenPool
+    consumer: TaskConsumer
+    rate_limiter: RateLimiter
+    hub_blocks: BlockStats
+    prefetch_multiplier: int
+    #: Revoke ids (``terminate``: end them if running); returns the ids known here.
+    revoke: Callable[[Sequence[str], bool], list[str]]
+    #: A warm stop, from any greenlet; returns at once.
+    request_stop: Callable[[], None]
+    #: ``50``, or with autoscaling ``10 {min=3, max=10}``.
+    describe_concurrency: Callable[[], str]
+    autoscaler: Autoscaler | None = None
+    events: EventDispatcher | None = None
+    heart: Heart | None = None
+
+
+def summary(target: ControlTarget) -> dict[str, Any]:
+    """The worker's own short stats (``Worker.stats()``): pool, prefetch, counters,
+    reconnects, hub blocks."""
+    state, pool, blocks = target.state, target.pool, target.hub_blocks
+    return {
+        "hostname": target.hostname,
+        "hub": green.hub_name(),
+        "pool": {"max-concurrency": pool.size, "active": pool.active, "waiting": pool.waiting},
+        "prefetch_count": target.consumer.prefetch,
+        "autoscaler": target.autoscaler.info() if target.autoscaler is not None else None,
+        "total": dict(state.total),
+        "succeeded": state.succeeded,
+        "failed": state.failed,
+        "retried": state.retried,
+        "revoked": state.revoked_count,
+        "rejected": state.rejected,
+        "uptime": int(time.time() - state.started_at),
+        "broker_reconnects": target.consumer.reconnects,
+        "hub_blocks": {
+            "count": blocks.count,
+            "longest_s": round(blocks.longest, 3),
+            "total_s": round(blocks.total, 3),
+        },
+    }
+
+
+def set_rate_limit(
+    tasks: dict[str, Task], limiter: RateLimiter, task_name: str, rate: str | float | None
+) -> None:
+    """Change a task's rate limit while running (``None`` or 0 removes it)."""
+    task = tasks[task_name]
+    task.rate_limit = str(rate) if rate else None
+    limiter.set_rate(task_name, rate)
+
+
+def set_time_limit(
+    tasks: dict[str, Task], task_name: str, soft: float | None, hard: float | None
+) -> None:
+    """Change a task's time limits for the runs that start from now on."""
+    task = tasks[task_name]
+    task.soft_time_limit, task.time_limit = soft, hard
 
 
 Handler = Callable[..., Any]
@@ -40,37 +133,36 @@ def command(fn: F) -> F:
 
 
 @command
-def ping(worker: Worker) -> dict[str, str]:
+def ping(target: ControlTarget) -> dict[str, str]:
     return {"ok": "pong"}
 
 
 @command
-def clock(worker: Worker) -> dict[str, int]:
-    return {"clock": worker.state.clock.value}
+def clock(target: ControlTarget) -> dict[str, int]:
+    return {"clock": target.state.clock.value}
 
 
 @command
-def stats(worker: Worker) -> dict[str, Any]:
-    app = worker.app
-    conn = app.connection()
+def stats(target: ControlTarget) -> dict[str, Any]:
+    conn = target.connect()
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    soft, hard = app.conf.task_soft_time_limit, app.conf.task_time_limit
-    base = worker.stats()
+    soft, hard = target.settings.task_soft_time_limit, target.settings.task_time_limit
+    base = summary(target)
     return {
-        "total": dict(worker.state.total),
+        "total": dict(target.state.total),
         "pid": os.getpid(),
-        "clock": str(worker.state.clock.value),
-        "uptime": int(time.time() - worker.state.started_at),
+        "clock": str(target.state.clock.value),
+        "uptime": int(time.time() - target.state.started_at),
         "pool": {
             "implementation": f"greenworker:{green.hub_name()}",
-            "max-concurrency": worker.pool.size,
+            "max-concurrency": target.pool.size,
             "processes": [os.getpid()],
-            "running": worker.pool.active,
-            "waiting": worker.pool.waiting,
+            "running": target.pool.active,
+            "waiting": target.pool.waiting,
             "timeouts": [soft or 0, hard or 0],
             "put-guarded-by-semaphore": False,
         },
-        "prefetch_count": worker.consumer.prefetch or 0,
+        "prefetch_count": target.consumer.prefetch or 0,
         "autoscaler": base["autoscaler"] or {},
         "broker": {
             "hostname": conn.hostname,
@@ -78,7 +170,7 @@ def stats(worker: Worker) -> dict[str, Any]:
             "transport": conn.transport_cls,
             "virtual_host": conn.virtual_host,
             "userid": conn.userid,
-            "uri": maybe_sanitize_url(app.broker_url),
+            "uri": maybe_sanitize_url(target.broker_url),
         },
         "rusage": {
             "utime": usage.ru_utime,
@@ -101,91 +193,91 @@ def stats(worker: Worker) -> dict[str, Any]:
 
 
 @command
-def active(worker: Worker, safe: bool = False) -> list[dict[str, Any]]:
-    return [r.describe() for r in list(worker.state.active.values())]
+def active(target: ControlTarget, safe: bool = False) -> list[dict[str, Any]]:
+    return [r.describe() for r in list(target.state.active.values())]
 
 
 @command
-def reserved(worker: Worker, safe: bool = False) -> list[dict[str, Any]]:
-    return [r.describe() for r in list(worker.state.reserved.values()) if r.msg.eta is None]
+def reserved(target: ControlTarget, safe: bool = False) -> list[dict[str, Any]]:
+    return [r.describe() for r in list(target.state.reserved.values()) if r.msg.eta is None]
 
 
 @command
-def scheduled(worker: Worker, safe: bool = False) -> list[dict[str, Any]]:
+def scheduled(target: ControlTarget, safe: bool = False) -> list[dict[str, Any]]:
     return [
         {"eta": r.msg.eta.isoformat(), "priority": 0, "request": r.describe()}
-        for r in list(worker.state.reserved.values())
+        for r in list(target.state.reserved.values())
         if r.msg.eta is not None
     ]
 
 
 @command
-def revoked(worker: Worker) -> list[str]:
-    return list(worker.state.revoked.as_dict())
+def revoked(target: ControlTarget) -> list[str]:
+    return list(target.state.revoked.as_dict())
 
 
 @command
-def registered(worker: Worker, taskinfoitems: list[str] | None = None) -> list[str]:
-    names = sorted(worker.app.tasks)
+def registered(target: ControlTarget, taskinfoitems: list[str] | None = None) -> list[str]:
+    names = sorted(target.tasks)
     if not taskinfoitems:
         return names
     out = []
     for name in names:
-        task = worker.app.tasks[name]
+        task = target.tasks[name]
         extra = [f"{k}={getattr(task, k, None)}" for k in taskinfoitems if hasattr(task, k)]
         out.append(" ".join([name, *(f"[{e}]" for e in extra)]))
     return out
 
 
 @command
-def query_task(worker: Worker, ids: list[str] | str) -> dict[str, Any]:
+def query_task(target: ControlTarget, ids: list[str] | str) -> dict[str, Any]:
     wanted = [ids] if isinstance(ids, str) else list(ids)
     found: dict[str, Any] = {}
     for task_id in wanted:
-        if task_id in worker.state.active:
-            found[task_id] = ["active", worker.state.active[task_id].describe()]
-        elif task_id in worker.state.reserved:
-            request = worker.state.reserved[task_id]
+        if task_id in target.state.active:
+            found[task_id] = ["active", target.state.active[task_id].describe()]
+        elif task_id in target.state.reserved:
+            request = target.state.reserved[task_id]
             kind = "scheduled" if request.msg.eta is not None else "reserved"
             found[task_id] = [kind, request.describe()]
     return found
 
 
 @command
-def active_queues(worker: Worker) -> list[dict[str, Any]]:
-    return [worker.app.queue(name).as_dict(recurse=True) for name in worker.consumer.queue_names]
+def active_queues(target: ControlTarget) -> list[dict[str, Any]]:
+    return [target.queue(name).as_dict(recurse=True) for name in target.consumer.queue_names]
 
 
 @command
-def conf(worker: Worker, with_defaults: bool = False) -> dict[str, Any]:
-    shown = safe_settings(worker.app.conf.as_dict())
+def conf(target: ControlTarget, with_defaults: bool = False) -> dict[str, Any]:
+    shown = safe_settings(target.settings.as_dict())
     # what this worker runs with, which -c / --autoscale / the constructor may override
-    shown["worker_concurrency"] = worker.pool.size
-    shown["worker_prefetch_multiplier"] = worker.prefetch_multiplier
+    shown["worker_concurrency"] = target.pool.size
+    shown["worker_prefetch_multiplier"] = target.prefetch_multiplier
     return shown
 
 
 @command
-def report(worker: Worker) -> dict[str, str]:
+def report(target: ControlTarget) -> dict[str, str]:
     lines = [
         f"software -> greenworker:{__version__} hub:{green.hub_name()}",
-        f"app -> {worker.app.main}",
-        f"broker -> {maybe_sanitize_url(worker.app.broker_url)}",
-        f"results -> {maybe_sanitize_url(worker.app.result_backend_url or 'disabled')}",
-        f"queues -> {', '.join(worker.consumer.queue_names)}",
-        f"concurrency -> {worker.describe_concurrency()}",
+        f"app -> {target.app_name}",
+        f"broker -> {maybe_sanitize_url(target.broker_url)}",
+        f"results -> {maybe_sanitize_url(target.result_backend_url or 'disabled')}",
+        f"queues -> {', '.join(target.consumer.queue_names)}",
+        f"concurrency -> {target.describe_concurrency()}",
     ]
     return {"ok": "\n".join(lines)}
 
 
 @command
-def hello(worker: Worker, from_node: str, revoked: dict[str, float] | None = None) -> Any:
+def hello(target: ControlTarget, from_node: str, revoked: dict[str, float] | None = None) -> Any:
     """Mingle: another worker starting asks for our revoked ids and clock."""
-    if from_node == worker.hostname:
+    if from_node == target.hostname:
         return None
     if revoked:
-        worker.state.revoked.update({k: float(v) for k, v in revoked.items()})
-    return {"revoked": worker.state.revoked.as_dict(), "clock": worker.state.clock.forward()}
+        target.state.revoked.update({k: float(v) for k, v in revoked.items()})
+    return {"revoked": target.state.revoked.as_dict(), "clock": target.state.clock.forward()}
 
 
 # ------------------------------------------------------------------ control
@@ -193,14 +285,14 @@ def hello(worker: Worker, from_node: str, revoked: dict[str, float] | None = Non
 
 @command
 def revoke(
-    worker: Worker,
+    target: ControlTarget,
     task_id: str | list[str] | None,
     terminate: bool = False,
     signal: str | None = None,
 ) -> dict[str, str]:
     """Revoke tasks by id; with ``terminate`` also end those running (Celery's replies)."""
     ids = _task_ids(task_id)
-    known = dict.fromkeys(worker.revoke(ids, terminate=bool(terminate)))
+    known = dict.fromkeys(target.revoke(ids, bool(terminate)))
     if terminate:
         if not known:
             return {"ok": "terminate: tasks unknown"}
@@ -210,14 +302,16 @@ def revoke(
 
 
 @command
-def terminate(worker: Worker, signal: str | None, task_id: str | list[str]) -> dict[str, str]:
+def terminate(
+    target: ControlTarget, signal: str | None, task_id: str | list[str]
+) -> dict[str, str]:
     """Revoke and end running tasks (the signal is accepted: a greenlet is simply killed)."""
-    return revoke(worker, task_id, terminate=True, signal=signal)
+    return revoke(target, task_id, terminate=True, signal=signal)
 
 
 @command
 def revoke_by_stamped_headers(
-    worker: Worker,
+    target: ControlTarget,
     headers: dict[str, Any] | list[str],
     terminate: bool = False,
     signal: str | None = None,
@@ -230,13 +324,13 @@ def revoke_by_stamped_headers(
     """
     wanted = _stamp_headers(headers)
     for name, values in wanted.items():
-        worker.state.revoked_stamps.add(name, values)
-    state = worker.state
+        target.state.revoked_stamps.add(name, values)
+    state = target.state
     waiting = [
         r.id for r in list(state.reserved.values()) if state.revoked_stamps.match(r.msg.headers)
     ]
     if waiting:
-        worker.revoke(waiting)
+        target.revoke(waiting, False)
     if not terminate:
         return {"ok": f"headers {wanted!r} flagged as revoked, but not terminated"}
     asked = RevokedStamps()
@@ -250,7 +344,7 @@ def revoke_by_stamped_headers(
                 ended.setdefault(name, [])
                 if value not in ended[name]:
                     ended[name].append(value)
-            worker.revoke([request.id], terminate=True)
+            target.revoke([request.id], True)
     if not ended:
         return {"ok": f"headers {wanted!r} were not terminated"}
     shown = ", ".join(f"{name!r}: {_set_text(values)}" for name, values in ended.items())
@@ -258,11 +352,13 @@ def revoke_by_stamped_headers(
 
 
 @command
-def rate_limit(worker: Worker, task_name: str, rate_limit: str | float | None) -> dict[str, str]:
-    if task_name not in worker.app.tasks:
+def rate_limit(
+    target: ControlTarget, task_name: str, rate_limit: str | float | None
+) -> dict[str, str]:
+    if task_name not in target.tasks:
         return {"error": f"unknown task {task_name!r}"}
     try:
-        worker.set_rate_limit(task_name, rate_limit)
+        set_rate_limit(target.tasks, target.rate_limiter, task_name, rate_limit)
     except ValueError as exc:
         return {"error": str(exc)}
     return {"ok": f"new rate limit set successfully: {task_name} {rate_limit}"}
@@ -270,86 +366,86 @@ def rate_limit(worker: Worker, task_name: str, rate_limit: str | float | None) -
 
 @command
 def time_limit(
-    worker: Worker, task_name: str, soft: float | None = None, hard: float | None = None
+    target: ControlTarget, task_name: str, soft: float | None = None, hard: float | None = None
 ) -> dict[str, str]:
-    if task_name not in worker.app.tasks:
+    if task_name not in target.tasks:
         return {"error": f"unknown task {task_name!r}"}
-    worker.set_time_limit(task_name, soft, hard)
+    set_time_limit(target.tasks, task_name, soft, hard)
     return {"ok": "time limits set successfully"}
 
 
 @command
-def pool_grow(worker: Worker, n: int = 1) -> dict[str, str]:
-    worker.pool.grow(int(n))
-    return {"ok": f"pool will grow to {worker.pool.size}"}
+def pool_grow(target: ControlTarget, n: int = 1) -> dict[str, str]:
+    target.pool.grow(int(n))
+    return {"ok": f"pool will grow to {target.pool.size}"}
 
 
 @command
-def pool_shrink(worker: Worker, n: int = 1) -> dict[str, str]:
-    worker.pool.shrink(int(n))
-    return {"ok": f"pool will shrink to {worker.pool.size}"}
+def pool_shrink(target: ControlTarget, n: int = 1) -> dict[str, str]:
+    target.pool.shrink(int(n))
+    return {"ok": f"pool will shrink to {target.pool.size}"}
 
 
 @command
-def pool_restart(worker: Worker, **kwargs: Any) -> dict[str, str]:
+def pool_restart(target: ControlTarget, **kwargs: Any) -> dict[str, str]:
     return {"error": "pool_restart is not supported: greenworker has no child processes"}
 
 
 @command
-def autoscale(worker: Worker, max: int, min: int) -> dict[str, str]:  # Celery's names
-    if worker.autoscaler is None:
+def autoscale(target: ControlTarget, max: int, min: int) -> dict[str, str]:  # Celery's names
+    if target.autoscaler is None:
         return {"error": "autoscale is not enabled on this worker (start it with --autoscale)"}
     try:
-        worker.autoscaler.update(maximum=int(max), minimum=int(min))
+        target.autoscaler.update(maximum=int(max), minimum=int(min))
     except ValueError as exc:
         return {"error": str(exc)}
-    return {"ok": f"autoscale now max={worker.autoscaler.maximum} min={worker.autoscaler.minimum}"}
+    return {"ok": f"autoscale now max={target.autoscaler.maximum} min={target.autoscaler.minimum}"}
 
 
 @command
-def add_consumer(worker: Worker, queue: str, **options: Any) -> dict[str, str]:
-    if queue in worker.consumer.queue_names:
+def add_consumer(target: ControlTarget, queue: str, **options: Any) -> dict[str, str]:
+    if queue in target.consumer.queue_names:
         return {"ok": f"already consuming from {queue!r}"}
-    worker.consumer.add_queue(queue)
+    target.consumer.add_queue(queue)
     return {"ok": f"add consumer {queue}"}
 
 
 @command
-def cancel_consumer(worker: Worker, queue: str, **options: Any) -> dict[str, str]:
-    if queue not in worker.consumer.queue_names:
+def cancel_consumer(target: ControlTarget, queue: str, **options: Any) -> dict[str, str]:
+    if queue not in target.consumer.queue_names:
         return {"error": f"not consuming from {queue!r}"}
-    worker.consumer.cancel_queue(queue)
+    target.consumer.cancel_queue(queue)
     return {"ok": f"no longer consuming from {queue}"}
 
 
 @command
-def enable_events(worker: Worker) -> dict[str, str]:
-    if worker.events is None:
+def enable_events(target: ControlTarget) -> dict[str, str]:
+    if target.events is None:
         return {"error": "events are not available on this transport"}
-    worker.events.task_events = True
+    target.events.task_events = True
     return {"ok": "task events enabled"}
 
 
 @command
-def disable_events(worker: Worker) -> dict[str, str]:
-    if worker.events is None:
+def disable_events(target: ControlTarget) -> dict[str, str]:
+    if target.events is None:
         return {"error": "events are not available on this transport"}
-    worker.events.task_events = False
+    target.events.task_events = False
     return {"ok": "task events disabled"}
 
 
 @command
-def heartbeat(worker: Worker) -> dict[str, str]:
-    if worker.heart is None:
+def heartbeat(target: ControlTarget) -> dict[str, str]:
+    if target.heart is None:
         return {"error": "heartbeats are off on this worker"}
-    worker.heart.beat()
+    target.heart.beat()
     return {"ok": "heartbeat sent"}
 
 
 @command
-def shutdown(worker: Worker, msg: str = "Got shutdown from remote") -> dict[str, str]:
+def shutdown(target: ControlTarget, msg: str = "Got shutdown from remote") -> dict[str, str]:
     log.warning("remote shutdown: %s", msg)
-    worker.request_stop()
+    target.request_stop()
     return {"ok": "shutting down"}
 
 
@@ -357,19 +453,19 @@ def shutdown(worker: Worker, msg: str = "Got shutdown from remote") -> dict[str,
 
 
 @command
-def memsample(worker: Worker) -> str:
+def memsample(target: ControlTarget) -> str:
     """Sample the worker's RSS now, for ``memdump``; the sample as text (``"58.469MB"``)."""
     rss, _current = _rss_bytes()
-    worker.state.memory_samples.append(rss)
+    target.state.memory_samples.append(rss)
     return _human_bytes(rss)
 
 
 @command
-def memdump(worker: Worker, samples: int = 10) -> str:
+def memdump(target: ControlTarget, samples: int = 10) -> str:
     """Celery's memory report: up to ``samples`` of the ``memsample`` samples (then
     forgotten), and the RSS after a garbage collection."""
-    taken = list(worker.state.memory_samples)
-    worker.state.memory_samples.clear()
+    taken = list(target.state.memory_samples)
+    target.state.memory_samples.clear()
     count = max(int(samples), 1)
     if len(taken) > count:  # evenly spread, as Celery picks them
         step = len(taken) // count
@@ -386,7 +482,7 @@ def memdump(worker: Worker, samples: int = 10) -> str:
 
 @command
 def objgraph(
-    worker: Worker,
+    target: ControlTarget,
     num: int = 200,
     max_depth: int = 10,
     type: str = "Request",  # Celery's argument name

@@ -1,50 +1,43 @@
-"""Events in Celery's format, the heartbeat, gossip and mingle.
+"""Events in Celery's format: the dispatcher, the task events, the event exchange.
 
-* Events go to the ``celeryev`` exchange (topic; fanout on Redis, as Celery
-  does) with Celery's names and fields, so ``celery events`` and Flower show
-  greenworker.  Task events are buffered and published together as one list
-  message (routing key ``task.multi``, which Celery's receiver expands), by a
-  timer on a connection of their own: the task path only appends a dict.
-* Heart: ``worker-online`` at start, ``worker-heartbeat`` every
-  ``worker_heartbeat`` seconds, ``worker-offline`` at stop.
-* Gossip: listens to other workers' events, keeps a table of peers (alive
-  while their heartbeats keep coming) and merges their clocks.
-* Mingle: at startup asks the cluster (pidbox ``hello``) for revoked ids and
-  the clock, and merges them.
+Events go to the ``celeryev`` exchange (topic; fanout on Redis, as Celery
+does) with Celery's names and fields, so ``celery events`` and Flower show
+greenworker.  Task events are buffered and published together as one list
+message (routing key ``task.multi``, which Celery's receiver expands), by a
+timer on a connection of their own: the task path only appends a dict.
+
+The heartbeat, gossip and mingle are in :mod:`greenworker.control.cluster`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import platform
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from copy import copy
 from traceback import format_exception
 from typing import TYPE_CHECKING, Any
 
 from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
-from kombu.messaging import Consumer, Producer
+from kombu.messaging import Producer
 
-from .. import __version__, green
-from ..transport.reconnect import ConnectionRetry
+from .. import green
 from ..worker.hooks import Middleware
 
 if TYPE_CHECKING:
     from kombu.message import Message
 
     from ..worker.request import Request
-    from ..worker.timer import Entry
-    from ..worker.worker import Worker
+    from ..worker.state import LamportClock
+    from ..worker.timer import Entry, Timer
 
 log = logging.getLogger("greenworker.events")
 
 EVENT_EXCHANGE = Exchange("celeryev", type="topic")
-#: A peer is gone when no heartbeat came for this many heartbeat intervals (Celery: 2).
-HEARTBEAT_EXPIRE_WINDOW = 2.0
 
 
 def event_exchange(connection: Connection) -> Exchange:
@@ -77,14 +70,29 @@ def utcoffset() -> float:
 
 class EventDispatcher:
     """Buffers task events and publishes each batch from a one-shot timer, on its own
-    connection; worker events go out at once."""
+    connection (from ``connect``); worker events go out at once.  Nothing is sent while
+    ``broker_ready()`` says the broker is away."""
 
-    def __init__(self, worker: Worker, *, flush_interval: float = 0.2, limit: int = 500) -> None:
-        self.worker = worker
-        self.hostname = worker.hostname
+    def __init__(
+        self,
+        hostname: str,
+        connect: Callable[[], Connection],
+        clock: LamportClock,
+        timer: Timer,
+        *,
+        task_events: bool,
+        broker_ready: Callable[[], bool],
+        flush_interval: float = 0.2,
+        limit: int = 500,
+    ) -> None:
+        self.hostname = hostname
+        self._connect = connect
+        self._clock = clock
+        self._timer = timer
+        self._broker_ready = broker_ready
         self.pid = os.getpid()
         self.enabled = True
-        self.task_events = worker.app.conf.worker_send_task_events
+        self.task_events = task_events
         self._buffer: deque[dict[str, Any]] = deque()
         self._limit = limit
         self._flush_interval = flush_interval
@@ -92,24 +100,24 @@ class EventDispatcher:
         self._producer: Producer | None = None
         self._exchange: Exchange | None = None
         self._lock = green.new_semaphore(1)
-        self._timer: Entry | None = None  # the pending flush of the buffered batch
+        self._pending_flush: Entry | None = None  # of the buffered batch
         self._started = False
         self.sent = 0
 
     def start(self) -> None:
         self._started = True
-        if self._buffer and self._timer is None:
-            self._timer = self.worker.timer.call_after(self._flush_interval, self._flush_later)
+        if self._buffer and self._pending_flush is None:
+            self._pending_flush = self._timer.call_after(self._flush_interval, self._flush_later)
 
     def _flush_later(self) -> None:
-        self._timer = None
+        self._pending_flush = None
         self.flush()
 
     def stop(self) -> None:
         self._started = False
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._pending_flush is not None:
+            self._pending_flush.cancel()
+            self._pending_flush = None
         self.flush()
         with self._lock:
             if self._conn is not None:
@@ -126,7 +134,7 @@ class EventDispatcher:
             "hostname": self.hostname,
             "utcoffset": utcoffset(),
             "pid": self.pid,
-            "clock": self.worker.state.clock.forward(),
+            "clock": self._clock.forward(),
             **fields,
         }
 
@@ -141,9 +149,11 @@ class EventDispatcher:
             self._buffer.append(self.event(type_, **fields))
             if len(self._buffer) >= self._limit:
                 green.spawn(self.flush)
-            elif self._timer is None and self._started:
+            elif self._pending_flush is None and self._started:
                 # one timer per batch, not a repeating one: an idle worker never wakes
-                self._timer = self.worker.timer.call_after(self._flush_interval, self._flush_later)
+                self._pending_flush = self._timer.call_after(
+                    self._flush_interval, self._flush_later
+                )
 
     def send_now(self, type_: str, **fields: Any) -> None:
         """Publish one event at once (worker events)."""
@@ -160,7 +170,7 @@ class EventDispatcher:
 
     def _publish(self, body: Any, routing_key: str) -> None:
         count = len(body) if isinstance(body, list) else 1
-        if not self.worker.consumer.ready:
+        if not self._broker_ready():
             # the broker is away (the consumer says so, once a retry): events are best
             # effort, and an attempt per event would only repeat its warning
             log.debug("broker away: %d event(s) not sent", count)
@@ -180,7 +190,7 @@ class EventDispatcher:
 
     def _send(self, body: Any, routing_key: str) -> None:
         if self._producer is None:
-            self._conn = self.worker.app.connection()
+            self._conn = self._connect()
             self._conn.ensure_connection(max_retries=0)  # best effort: no retries
             self._exchange = event_exchange(self._conn)
             self._producer = Producer(self._conn)
@@ -279,165 +289,3 @@ class TaskEvents(Middleware):
 def _safe_repr(value: Any, limit: int = 1024) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-class Heart:
-    """worker-online, worker-heartbeat every ``interval`` seconds, worker-offline."""
-
-    def __init__(self, worker: Worker, dispatcher: EventDispatcher, interval: float) -> None:
-        self.worker = worker
-        self.events = dispatcher
-        self.interval = interval
-        self._timer: Entry | None = None
-        self._stopped = False
-        self._going_online: green.Greenlet | None = None
-
-    def _fields(self) -> dict[str, Any]:
-        return {
-            "freq": self.interval,
-            "sw_ident": "greenworker",
-            "sw_ver": __version__,
-            "sw_sys": platform.system(),
-        }
-
-    def start(self) -> None:
-        """Send worker-online and start beating, in the background (returns at once)."""
-        self._stopped = False
-        self._going_online = green.spawn(self._go_online)
-
-    def _go_online(self) -> None:
-        self.worker.consumer.wait_ready(None)  # online means consuming
-        if self._stopped:
-            return
-        self.events.send_now("worker-online", **self._fields())
-        if not self._stopped:  # a stop may have come while worker-online was sent
-            self._timer = self.worker.timer.call_repeatedly(self.interval, self.beat)
-
-    def beat(self) -> None:
-        self.events.send_now(
-            "worker-heartbeat",
-            active=self.worker.pool.active,
-            processed=self.worker.state.processed,
-            loadavg=[round(x, 2) for x in os.getloadavg()],
-            **self._fields(),
-        )
-
-    def stop(self) -> None:
-        self._stopped = True
-        if self._going_online is not None:
-            self._going_online.kill()  # still waiting for the broker: it never went online
-            self._going_online = None
-        if self._timer is not None:
-            self._timer.cancel()
-        self.events.send_now("worker-offline", **self._fields())
-
-
-class Gossip:
-    """Watches other workers' events: who is alive, and their clocks."""
-
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-        self.peers: dict[str, dict[str, Any]] = {}
-        self._greenlet: green.Greenlet | None = None
-        self._stopping = False
-        self._ready = green.new_event()
-
-    def alive(self) -> list[str]:
-        now = time.time()
-        return sorted(
-            host
-            for host, info in self.peers.items()
-            if info["online"] and now - info["seen"] < info["freq"] * HEARTBEAT_EXPIRE_WINDOW
-        )
-
-    def start(self) -> None:
-        self._greenlet = green.spawn(self._run)
-
-    def wait_ready(self, timeout: float | None) -> bool:
-        return self._ready.wait(timeout)
-
-    def stop(self) -> None:
-        self._stopping = True
-        if self._greenlet is not None:
-            # events are transient (no_ack): nothing is lost by not waiting for the drain
-            self._greenlet.kill()
-            self._greenlet = None
-
-    def _run(self) -> None:
-        retry = ConnectionRetry("gossip", self.worker.consumer, self.worker.app)
-        while not self._stopping:
-            retry.wait_for_consumer()
-            try:
-                self._listen()
-            except green.GreenletExit:
-                raise
-            except Exception as exc:
-                self._ready.clear()
-                retry.failed(exc)
-
-    def _listen(self) -> None:
-        with self.worker.app.connection() as conn:
-            conn.ensure_connection(max_retries=0)  # one attempt: _run paces retries
-            queue = event_receiver_queue(conn, "gossip", "worker.#")
-            # no_ack: events are transient; unacked ones would pile up on Redis
-            with Consumer(conn, [queue], callbacks=[self._on_event], accept=["json"], no_ack=True):
-                self._ready.set()
-                while not self._stopping:
-                    try:
-                        conn.drain_events(timeout=self.worker.app.conf.worker_drain_interval)
-                    except TimeoutError:
-                        pass
-
-    def _on_event(self, body: Any, message: Message) -> None:
-        for event in body if isinstance(body, list) else [body]:
-            if not isinstance(event, dict):
-                continue
-            host = event.get("hostname")
-            kind = str(event.get("type", ""))
-            if not isinstance(host, str) or host == self.worker.hostname:
-                continue
-            clock = event.get("clock")
-            if isinstance(clock, int):
-                self.worker.state.clock.adjust(clock)
-            if kind.startswith("worker-"):
-                freq = event.get("freq")
-                self.peers[host] = {
-                    "online": kind != "worker-offline",
-                    "seen": time.time(),
-                    "freq": float(freq) if isinstance(freq, int | float) else 2.0,
-                    "sw": f"{event.get('sw_ident')} {event.get('sw_ver')}",
-                }
-
-
-def mingle(worker: Worker, timeout: float | None = None) -> int:
-    """Ask the cluster for revoked ids and the clock; merge them.  Returns replies count."""
-    if timeout is None:
-        timeout = worker.app.conf.worker_mingle_timeout
-    from .mailbox import broadcast
-
-    try:
-        with worker.app.connection() as conn:
-            replies = broadcast(
-                conn,
-                "hello",
-                {"from_node": worker.hostname, "revoked": worker.state.revoked.as_dict()},
-                timeout=timeout,
-            )
-    except Exception as exc:
-        log.warning("mingle: no answer from the cluster: %s", exc)
-        return 0
-    merged = 0
-    for reply in replies:
-        for host, value in reply.items():
-            if host == worker.hostname or not isinstance(value, dict):
-                continue
-            revoked = value.get("revoked")
-            if isinstance(revoked, dict):
-                worker.state.revoked.update({k: float(v) for k, v in revoked.items()})
-            clock = value.get("clock")
-            if isinstance(clock, int):
-                worker.state.clock.adjust(clock)
-            merged += 1
-    if merged:
-        log.info("mingle: synced with %d node(s)", merged)
-    return merged

@@ -18,18 +18,18 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 from kombu.connection import Connection
 from kombu.pidbox import Mailbox
 
 from .. import green
-from ..transport.reconnect import ConnectionRetry
-from .commands import HANDLERS, Handler
+from ..transport.reconnect import ConnectionRetry, retry_until_stopped
+from .commands import HANDLERS, ControlTarget, Handler
 
 if TYPE_CHECKING:
-    from ..worker.worker import Worker
+    from ..transport.base import TaskConsumer
 
 log = logging.getLogger("greenworker.control")
 
@@ -56,7 +56,7 @@ class CommandTable(dict[str, Handler]):
         else:
             reason = f"unknown command {name!r}"
 
-        def refuse(worker: Worker, **arguments: Any) -> dict[str, str]:
+        def refuse(target: ControlTarget, **arguments: Any) -> dict[str, str]:
             log.warning("remote control: refused %s", reason)
             return {"error": reason}
 
@@ -67,14 +67,14 @@ def _checked(name: str, fn: Handler) -> Handler:
     """``fn`` answering arguments that do not fit it with an error reply, not a traceback."""
     signature = inspect.signature(fn)
 
-    def handle(worker: Worker, **arguments: Any) -> Any:
+    def handle(target: ControlTarget, **arguments: Any) -> Any:
         try:
-            signature.bind(worker, **arguments)
+            signature.bind(target, **arguments)
         except TypeError as exc:
             log.warning("remote control: %s: bad arguments: %s", name, exc)
             return {"error": f"{name}: {exc}"}
         try:
-            return fn(worker, **arguments)
+            return fn(target, **arguments)
         except (TypeError, ValueError) as exc:  # a value of the wrong kind, e.g. n="many"
             log.warning("remote control: %s failed: %r", name, exc)
             return {"error": f"{name}: {exc}"}
@@ -100,26 +100,45 @@ def mailbox(namespace: str = "celery") -> Mailbox:
 
 
 class RemoteControl:
-    """Serves the worker's mailbox in a greenlet of its own."""
+    """Serves ``hostname``'s mailbox in a greenlet of its own, on a connection of its
+    own (from ``connect``): each command gets ``target``.  ``allow`` limits the
+    commands (``worker_control_allow``; None: all); the connection is retried as
+    :class:`~greenworker.transport.reconnect.ConnectionRetry` says, beside ``consumer``."""
 
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-        self.handlers = CommandTable(worker.app.conf.worker_control_allow)
+    def __init__(
+        self,
+        hostname: str,
+        connect: Callable[[], Connection],
+        target: ControlTarget,
+        *,
+        allow: Collection[str] | None,
+        drain_interval: float,
+        consumer: TaskConsumer,
+        max_backoff: float,
+    ) -> None:
+        self.hostname = hostname
+        self._connect = connect
+        self.target = target
+        self.handlers = CommandTable(allow)
         self.mailbox = mailbox()
+        self._drain_interval = drain_interval
         self._greenlet: green.Greenlet | None = None
-        self._stopping = False
+        self._stop = green.new_event()
         self._handling = False
         self._ready = green.new_event()
+        self._retry = ConnectionRetry(
+            "remote control", consumer, max_backoff, on_lost=self._ready.clear
+        )
 
     def start(self) -> None:
-        self._stopping = False
+        self._stop.clear()
         self._greenlet = green.spawn(self._run)
 
     def wait_ready(self, timeout: float | None) -> bool:
         return self._ready.wait(timeout)
 
     def stop(self) -> None:
-        self._stopping = True
+        self._stop.set()
         if self._greenlet is not None:
             # idle, the listener only waits in drain_events: end it now rather than
             # after the drain interval; a command being handled is let finish
@@ -128,26 +147,14 @@ class RemoteControl:
             self._greenlet = None
 
     def _run(self) -> None:
-        retry = ConnectionRetry("remote control", self.worker.consumer, self.worker.app)
-        while not self._stopping:
-            retry.wait_for_consumer()  # no broker, no commands: nothing to retry before
-            try:
-                self._serve()
-                return
-            except green.GreenletExit:
-                raise
-            except Exception as exc:
-                self._ready.clear()
-                if self._stopping:
-                    return
-                retry.failed(exc)
+        retry_until_stopped(self._serve, self._stop, self._retry)
 
     def _serve(self) -> None:
-        conn: Connection = self.worker.app.connection()
+        conn: Connection = self._connect()
         try:
             conn.ensure_connection(max_retries=0)  # one attempt: _run paces retries
             box = self.mailbox(conn)
-            node = box.Node(self.worker.hostname, state=self.worker, handlers=self.handlers)
+            node = box.Node(self.hostname, state=self.target, handlers=self.handlers)
             node.channel = conn.channel()
 
             def on_message(body: Any, message: Any) -> None:
@@ -165,10 +172,9 @@ class RemoteControl:
 
             node.listen(callback=on_message)
             self._ready.set()
-            interval = self.worker.app.conf.worker_drain_interval
-            while not self._stopping:
+            while not self._stop.is_set():
                 try:
-                    conn.drain_events(timeout=interval)
+                    conn.drain_events(timeout=self._drain_interval)
                 except TimeoutError:
                     pass
         finally:

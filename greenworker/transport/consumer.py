@@ -11,16 +11,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kombu.connection import Connection
 from kombu.message import Message
 from kombu.messaging import Consumer as KombuConsumer
 
 from .. import green
-from ..client.app import App
 from ..config import POLLING_WAKE
-from .reconnect import Backoff, FailureBurst
+from .reconnect import Backoff, FailureBurst, retry_until_stopped
+
+if TYPE_CHECKING:
+    from ..client.app import App  # at run time the app imports the worker, which imports us
 
 log = logging.getLogger("greenworker.consumer")
 
@@ -28,7 +30,8 @@ log = logging.getLogger("greenworker.consumer")
 class Reconnecting:
     """What both consumers share: their state, the consumer loop (consume until
     stopped; after a lost connection log it once, back off with :class:`Backoff`
-    and retry), the connection generations, and the batched-ack loop.
+    and retry: :func:`~.reconnect.retry_until_stopped` with :class:`ConsumerRetry`),
+    the connection generations, and the batched-ack loop.
 
     Each successful connection is a new ``connection_generation``; the messages of a
     generation can be acked only on that connection.  A generation is known gone
@@ -121,35 +124,48 @@ class Reconnecting:
         return self._ready.is_set()
 
     def _run(self) -> None:
-        backoff = Backoff(self.app.conf.broker_connection_max_backoff)
-        while not self._stopping:
-            attempt_started = time.monotonic()
-            try:
-                self._consume()
-                return
-            except green.GreenletExit:
-                raise
-            except Exception as exc:
-                # first of all: nothing more starts from the connection that is gone
-                self._mark_lost(self.connection_generation)
-                if self._ready.is_set():
-                    self._ready.clear()
-                    backoff.connected_for(time.monotonic() - attempt_started)
-                self._connection_lost()
-                if self._stopping:
-                    return
-                never_connected = self.connection_generation == 0 and self.reconnects == 0
-                if never_connected and self.on_unreachable is not None:
-                    self.on_unreachable()
-                self.reconnects += 1
-                pause = backoff.next_pause()
-                log.warning(
-                    "broker connection error: %s: %s; reconnecting in %.1fs",
-                    type(exc).__name__,
-                    exc,
-                    pause,
-                )
-                self._stop_requested.wait(pause)
+        retry = ConsumerRetry(self, Backoff(self.app.conf.broker_connection_max_backoff))
+        retry_until_stopped(self._consume, self._stop_requested, retry)
+
+
+class ConsumerRetry:
+    """The consumer's retry policy: the lost connection's generation is marked gone
+    first of all, the worker is told once that the broker is unreachable
+    (``on_unreachable``), and each retry is one warning with its pause."""
+
+    def __init__(self, consumer: Reconnecting, backoff: Backoff) -> None:
+        self.consumer = consumer
+        self.backoff = backoff
+
+    def before_attempt(self) -> None:
+        pass
+
+    def lost(self, exc: Exception, attempt_seconds: float) -> None:
+        consumer = self.consumer
+        # first of all: nothing more starts from the connection that is gone
+        consumer._mark_lost(consumer.connection_generation)
+        if consumer._ready.is_set():
+            consumer._ready.clear()
+            self.backoff.connected_for(attempt_seconds)
+        consumer._connection_lost()
+
+    def pause(self, exc: Exception) -> float:
+        consumer = self.consumer
+        never_connected = consumer.connection_generation == 0 and consumer.reconnects == 0
+        if never_connected and consumer.on_unreachable is not None:
+            consumer.on_unreachable()
+        consumer.reconnects += 1
+        pause = self.backoff.next_pause()
+        log.warning(
+            "broker connection error: %s: %s; reconnecting in %.1fs",
+            type(exc).__name__,
+            exc,
+            pause,
+        )
+        return pause
+
+    def paused(self, exc: Exception) -> None:
+        pass
 
 
 class Consumer(Reconnecting):

@@ -1,5 +1,6 @@
-"""Reconnecting to the broker: the backoff between attempts, the retries of the
-parts with a connection of their own, and one log line per burst of failed writes.
+"""Reconnecting to the broker: the one retry loop (:func:`retry_until_stopped`), the
+backoff between attempts, the retries of the parts with a connection of their own,
+and one log line per burst of failed writes.
 """
 
 from __future__ import annotations
@@ -7,13 +8,13 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 from .. import green
 
 if TYPE_CHECKING:
-    from ..client.app import App
-    from .consumer import Reconnecting
+    from .base import TaskConsumer
 
 log = logging.getLogger("greenworker.consumer")
 
@@ -22,6 +23,50 @@ log = logging.getLogger("greenworker.consumer")
 FIRST_BACKOFF = 0.5
 #: A connection that stayed up this long ends an outage: the next one backs off from the start.
 STABLE_AFTER = 2.0
+
+
+class RetryPolicy(Protocol):
+    """What one part does around the attempts of :func:`retry_until_stopped`."""
+
+    def before_attempt(self) -> None:
+        """Called before each attempt (it may wait)."""
+        ...
+
+    def lost(self, exc: Exception, attempt_seconds: float) -> None:
+        """The attempt failed after ``attempt_seconds``: clean up, even when stopping."""
+        ...
+
+    def pause(self, exc: Exception) -> float:
+        """Not stopping: log the failure as this part does; return the pause to take."""
+        ...
+
+    def paused(self, exc: Exception) -> None:
+        """The pause is over and the loop goes on: anything to say after it."""
+        ...
+
+
+def retry_until_stopped(
+    attempt: Callable[[], None], stop: green.Event, policy: RetryPolicy
+) -> None:
+    """Run ``attempt`` (connect, then consume until stopped) until it returns or ``stop``
+    is set; after each failure pause as ``policy`` says, then try again.  Setting
+    ``stop`` ends a pause at once: a part stopped without its broker exits now."""
+    while not stop.is_set():
+        policy.before_attempt()
+        started = time.monotonic()
+        try:
+            attempt()
+            return
+        except green.GreenletExit:
+            raise
+        except Exception as exc:
+            policy.lost(exc, time.monotonic() - started)
+            if stop.is_set():
+                return
+            stop.wait(policy.pause(exc))
+            if stop.is_set():
+                return
+            policy.paused(exc)
 
 
 class Backoff:
@@ -92,36 +137,49 @@ class FailureBurst:
 
 
 class ConnectionRetry:
-    """The retries of a part with a connection of its own beside the task consumer's
-    (remote control, gossip).
+    """The retry policy of a part with a connection of its own beside the task
+    consumer's (remote control, gossip), for :func:`retry_until_stopped`.
 
     It connects only while the consumer is connected, and backs off as the consumer
     does.  A broker outage is the consumer's to report (one line per retry for the
     whole worker), so a failure is logged as a warning only when the consumer kept its
-    connection through it: then the trouble is this part's own.
+    connection through it: then the trouble is this part's own.  ``on_lost`` is called
+    at each failure (the part is not ready any more).
     """
 
-    def __init__(self, part: str, consumer: Reconnecting, app: App) -> None:
+    def __init__(
+        self,
+        part: str,
+        consumer: TaskConsumer,
+        max_backoff: float,
+        *,
+        on_lost: Callable[[], None],
+    ) -> None:
         self.part = part
         self.consumer = consumer
-        self.backoff = Backoff(app.conf.broker_connection_max_backoff)
-        self._attempt_started = 0.0
+        self.backoff = Backoff(max_backoff)
+        self._on_lost = on_lost
         self._generation = 0
 
-    def wait_for_consumer(self) -> None:
-        """Block until the task consumer is connected (at once if it is)."""
+    def before_attempt(self) -> None:
+        """Block until the task consumer is connected (at once if it is): no broker,
+        nothing to retry before."""
         self.consumer.wait_ready(None)
-        self._attempt_started = time.monotonic()
         self._generation = self.consumer.connection_generation
 
-    def failed(self, exc: BaseException) -> None:
-        """The connection failed (or broke): pause, then say so if the consumer's did not."""
-        self.backoff.connected_for(time.monotonic() - self._attempt_started)
+    def lost(self, exc: Exception, attempt_seconds: float) -> None:
+        self._on_lost()
+        self.backoff.connected_for(attempt_seconds)
+
+    def pause(self, exc: Exception) -> float:
         pause = self.backoff.next_pause()
         log.debug(
             "%s connection error: %s: %s; again in %.1fs", self.part, type(exc).__name__, exc, pause
         )
-        green.sleep(pause)
+        return pause
+
+    def paused(self, exc: Exception) -> None:
+        """Say so if the consumer's connection did not fail too."""
         # judged after the pause: the consumer may see a shared outage a moment later
         if self.consumer.ready and self.consumer.generation_alive(self._generation):
             log.warning(

@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any
 
 from kombu.exceptions import ContentDisallowed, DecodeError
 from kombu.message import Message
@@ -31,8 +31,7 @@ from .watchdog import describe_blocker
 if TYPE_CHECKING:
     from ..client.task import Task
     from ..config import Settings
-    from ..transport.consumer import Consumer
-    from ..transport.redis_consumer import NativeRedisConsumer
+    from ..transport.base import TaskConsumer
     from .executor import Executor
     from .hooks import Hooks
     from .pool import GreenPool
@@ -40,8 +39,6 @@ if TYPE_CHECKING:
     from .store import StateStore
     from .timer import Timer
     from .watchdog import Watchdog
-
-    TaskConsumer: TypeAlias = Consumer | NativeRedisConsumer
 
 log = logging.getLogger("greenworker.request")
 
@@ -56,7 +53,6 @@ class MessageHandler:
         tasks: Mapping[str, Task],
         backend: Callable[[], ResultBackend],
         state: WorkerState,
-        hooks: Hooks,
         timer: Timer,
         pool: GreenPool,
         watchdog: Watchdog,
@@ -67,7 +63,6 @@ class MessageHandler:
         self.tasks = tasks
         self._backend = backend  # the app's, opened on first use
         self.state = state
-        self.hooks = hooks
         self.timer = timer
         self.pool = pool
         self.watchdog = watchdog
@@ -82,34 +77,32 @@ class MessageHandler:
         self.progress = green.new_event()
         #: tasks not started because the connection they came on was gone by then
         self._stale_dropped = FailureBurst("start", "the broker delivers them again")
-        self._consumer: TaskConsumer | None = None
-        self._executor: Executor | None = None
+        # given by attach(), once they are built
+        self.consumer: TaskConsumer
+        self.executor: Executor
+        self.hooks: Hooks
         #: kombu's consumer on a real broker: what a lost connection held comes back from
         #: the broker, and our copies cannot be acked (the native Redis consumer's can)
         self._lost_with_connection = False
 
     def attach(
-        self, consumer: TaskConsumer, executor: Executor, *, lost_with_connection: bool
+        self,
+        consumer: TaskConsumer,
+        executor: Executor,
+        hooks: Hooks,
+        *,
+        lost_with_connection: bool,
     ) -> None:
-        """The consumer that feeds :meth:`on_message`, and the executor that runs what it
-        delivers (both built after the handler: the consumer calls it, the executor acks
-        through the consumer)."""
-        self._consumer = consumer
-        self._executor = executor
+        """What the handler works with that is built after it: the consumer that calls
+        :meth:`on_message`, the executor that acks through that consumer, and the hooks
+        (task events among them need the consumer too)."""
+        self.consumer = consumer
+        self.executor = executor
+        self.hooks = hooks
         self._lost_with_connection = lost_with_connection
         if lost_with_connection:
             # keeping our copies would run them twice
             consumer.on_connection_lost = self.forget_unstarted
-
-    @property
-    def consumer(self) -> TaskConsumer:
-        assert self._consumer is not None, "MessageHandler.attach() was not called"
-        return self._consumer
-
-    @property
-    def executor(self) -> Executor:
-        assert self._executor is not None, "MessageHandler.attach() was not called"
-        return self._executor
 
     # ------------------------------------------------------------ arrival
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from .. import green
 
 if TYPE_CHECKING:
-    from .handler import TaskConsumer
+    from ..transport.base import TaskConsumer
     from .pool import GreenPool
     from .state import WorkerState
 

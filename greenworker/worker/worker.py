@@ -13,7 +13,6 @@ blocking form the CLI uses.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +20,11 @@ from kombu.utils.url import maybe_sanitize_url
 
 from .. import green
 from ..beat import Beat, open_embedded_beat
-from ..control.events import EventDispatcher, Gossip, Heart, TaskEvents, mingle
+from ..control.cluster import Gossip, Heart, mingle
+from ..control.commands import ControlTarget, set_rate_limit, set_time_limit, summary
+from ..control.events import EventDispatcher, TaskEvents
 from ..control.mailbox import RemoteControl
+from ..transport.base import TaskConsumer
 from ..transport.consumer import Consumer
 from . import harness
 from .autoscale import Autoscaler, ScalingPolicy
@@ -38,7 +40,6 @@ from .watchdog import Watchdog
 
 if TYPE_CHECKING:
     from ..client.app import App
-    from .handler import TaskConsumer
 
 log = logging.getLogger("greenworker.worker")
 
@@ -77,24 +78,9 @@ class Worker:
         )
         self.state = WorkerState()
         self.state.revoked = RevokedSet(conf.worker_revokes_max, conf.worker_revoke_expires)
-        # Remote control and events need fanout between processes: not on the
-        # filesystem transport of the embedded default.
-        fanout = self.broker_scheme != "filesystem"
-        self.events = EventDispatcher(self) if fanout else None
-        builtin: list[Middleware] = [CanvasMiddleware(app)]
-        if self.events is not None:
-            builtin.append(TaskEvents(self.events))
-        self.hooks = Hooks([*builtin, *app.middleware, *middleware])
-        self.heart = (
-            Heart(self, self.events, conf.worker_heartbeat)
-            if self.events is not None and conf.worker_heartbeat > 0
-            else None
-        )
-        self.gossip = Gossip(self) if fanout and conf.worker_enable_gossip else None
         self.timer = Timer()
         self.pool = GreenPool(self.concurrency)
         self.watchdog = Watchdog(self, conf.worker_block_threshold, conf.worker_block_policy)
-        self.control = RemoteControl(self) if fanout and conf.worker_enable_remote_control else None
         path = app.state_db_path
         self.store = StateStore(path) if path else None
         self._saver = StateSaver(self.store, self.state) if self.store is not None else None
@@ -103,7 +89,6 @@ class Worker:
             tasks=app.tasks,
             backend=lambda: app.backend,  # opened on first use
             state=self.state,
-            hooks=self.hooks,
             timer=self.timer,
             pool=self.pool,
             watchdog=self.watchdog,
@@ -112,26 +97,6 @@ class Worker:
         )
         self.rate_limiter = self.handler.rate_limiter
         self.consumer = self._build_consumer()
-        self.executor = Executor(
-            runner=AppTaskRunner(lambda: app.backend),
-            settings=conf,
-            hostname=self.hostname,
-            state=self.state,
-            hooks=self.hooks,
-            timer=self.timer,
-            ack=self.consumer.ack,
-            reject=self.consumer.reject,
-            kill=lambda job_id, exc: self.pool.kill(job_id, exc, release=True),
-        )
-        # kombu's consumer on these brokers: what a lost connection held comes back from
-        # the broker, and our copies cannot be acked (the native Redis consumer's can)
-        lost_with_connection = isinstance(self.consumer, Consumer) and self.broker_scheme not in (
-            "filesystem",
-            "memory",
-        )
-        self.handler.attach(self.consumer, self.executor, lost_with_connection=lost_with_connection)
-        self.pool.on_resize(self.consumer.update_prefetch)
-        self.consumer.on_unreachable = self._waiting_for_broker
         self._background: list[green.Greenlet] = []  # waiting for the broker; ended by stop
         self.autoscaler = (
             Autoscaler(
@@ -145,6 +110,12 @@ class Worker:
             if autoscale
             else None
         )
+        # Remote control and events need fanout between processes: not on the
+        # filesystem transport of the embedded default.
+        fanout = self.broker_scheme != "filesystem"
+        self._build_events(fanout, middleware)
+        self._build_execution()
+        self._build_control(fanout)
         #: Embedded beat (``-B``): sends the app's periodic tasks from this process.
         self.beat: Beat | None = None
         self._beat_wanted = beat
@@ -164,6 +135,114 @@ class Worker:
                 app, self.queues, self.handler.on_message, self._prefetch_count
             )
         return Consumer(app, self.queues, self.handler.on_message, self._prefetch_count)
+
+    def _build_execution(self) -> None:
+        """The executor, and the handler's links to it and to the consumer."""
+        self.executor = Executor(
+            runner=AppTaskRunner(lambda: self.app.backend),
+            settings=self.app.conf,
+            hostname=self.hostname,
+            state=self.state,
+            hooks=self.hooks,
+            timer=self.timer,
+            ack=self.consumer.ack,
+            reject=self.consumer.reject,
+            kill=lambda job_id, exc: self.pool.kill(job_id, exc, release=True),
+        )
+        # kombu's consumer on these brokers: what a lost connection held comes back from
+        # the broker, and our copies cannot be acked (the native Redis consumer's can)
+        lost_with_connection = isinstance(self.consumer, Consumer) and self.broker_scheme not in (
+            "filesystem",
+            "memory",
+        )
+        self.handler.attach(
+            self.consumer, self.executor, self.hooks, lost_with_connection=lost_with_connection
+        )
+        self.pool.on_resize(self.consumer.update_prefetch)
+        self.consumer.on_unreachable = self._waiting_for_broker
+
+    def _build_events(self, fanout: bool, middleware: Sequence[Middleware]) -> None:
+        """Events, the heartbeat and gossip; the hooks (task events among them)."""
+        app, conf, state, consumer = self.app, self.app.conf, self.state, self.consumer
+        self.events = (
+            EventDispatcher(
+                self.hostname,
+                app.connection,
+                state.clock,
+                self.timer,
+                task_events=conf.worker_send_task_events,
+                broker_ready=lambda: consumer.ready,
+            )
+            if fanout
+            else None
+        )
+        builtin: list[Middleware] = [CanvasMiddleware(app)]
+        if self.events is not None:
+            builtin.append(TaskEvents(self.events))
+        self.hooks = Hooks([*builtin, *app.middleware, *middleware])
+        self.heart = (
+            Heart(
+                self.events,
+                self.timer,
+                conf.worker_heartbeat,
+                wait_ready=consumer.wait_ready,
+                load=lambda: (self.pool.active, state.processed),
+            )
+            if self.events is not None and conf.worker_heartbeat > 0
+            else None
+        )
+        self.gossip = (
+            Gossip(
+                self.hostname,
+                app.connection,
+                state.clock,
+                drain_interval=conf.worker_drain_interval,
+                consumer=consumer,
+                max_backoff=conf.broker_connection_max_backoff,
+            )
+            if fanout and conf.worker_enable_gossip
+            else None
+        )
+
+    def _build_control(self, fanout: bool) -> None:
+        """What remote-control commands read and change, and the mailbox serving them."""
+        app, conf, state, consumer = self.app, self.app.conf, self.state, self.consumer
+        #: What remote-control commands read and change.
+        self.control_target = ControlTarget(
+            hostname=self.hostname,
+            app_name=app.main,
+            broker_url=app.broker_url,
+            result_backend_url=app.result_backend_url,
+            settings=conf,
+            tasks=app.tasks,
+            connect=app.connection,
+            queue=app.queue,
+            state=state,
+            pool=self.pool,
+            consumer=consumer,
+            rate_limiter=self.rate_limiter,
+            hub_blocks=self.watchdog.stats,
+            prefetch_multiplier=self.prefetch_multiplier,
+            revoke=self.revoke,
+            request_stop=self.request_stop,
+            describe_concurrency=self.describe_concurrency,
+            autoscaler=self.autoscaler,
+            events=self.events,
+            heart=self.heart,
+        )
+        self.control = (
+            RemoteControl(
+                self.hostname,
+                app.connection,
+                self.control_target,
+                allow=conf.worker_control_allow,
+                drain_interval=conf.worker_drain_interval,
+                consumer=consumer,
+                max_backoff=conf.broker_connection_max_backoff,
+            )
+            if fanout and conf.worker_enable_remote_control
+            else None
+        )
 
     def __repr__(self) -> str:
         return f"<Worker {self.hostname} c={self.pool.size} queues={self.queues}>"
@@ -252,7 +331,14 @@ class Worker:
     def _mingle(self) -> None:
         try:
             self.consumer.wait_ready(None)  # no one to ask before the broker answers
-            mingle(self)
+            with self.app.connection() as conn:
+                mingle(
+                    conn,
+                    self.hostname,
+                    self.state.revoked,
+                    self.state.clock,
+                    self.app.conf.worker_mingle_timeout,
+                )
         finally:
             self.mingled.set()
 
@@ -369,14 +455,11 @@ class Worker:
 
     def set_rate_limit(self, task_name: str, rate: str | float | None) -> None:
         """Change a task's rate limit while running (``None`` or 0 removes it)."""
-        task = self.app.tasks[task_name]
-        task.rate_limit = str(rate) if rate else None
-        self.rate_limiter.set_rate(task_name, rate)
+        set_rate_limit(self.app.tasks, self.rate_limiter, task_name, rate)
 
     def set_time_limit(self, task_name: str, soft: float | None, hard: float | None) -> None:
         """Change a task's time limits for the runs that start from now on."""
-        task = self.app.tasks[task_name]
-        task.soft_time_limit, task.time_limit = soft, hard
+        set_time_limit(self.app.tasks, task_name, soft, hard)
 
     # ------------------------------------------------------------ harness
 
@@ -411,27 +494,5 @@ class Worker:
         return f"{self.pool.size} {bounds}"
 
     def stats(self) -> dict[str, Any]:
-        return {
-            "hostname": self.hostname,
-            "hub": green.hub_name(),
-            "pool": {
-                "max-concurrency": self.pool.size,
-                "active": self.pool.active,
-                "waiting": self.pool.waiting,
-            },
-            "prefetch_count": self.consumer.prefetch,
-            "autoscaler": self.autoscaler.info() if self.autoscaler is not None else None,
-            "total": dict(self.state.total),
-            "succeeded": self.state.succeeded,
-            "failed": self.state.failed,
-            "retried": self.state.retried,
-            "revoked": self.state.revoked_count,
-            "rejected": self.state.rejected,
-            "uptime": int(time.time() - self.state.started_at),
-            "broker_reconnects": self.consumer.reconnects,
-            "hub_blocks": {
-                "count": self.watchdog.stats.count,
-                "longest_s": round(self.watchdog.stats.longest, 3),
-                "total_s": round(self.watchdog.stats.total, 3),
-            },
-        }
+        """Pool, prefetch, counters, reconnects, hub blocks (what ``stats`` replies builds on)."""
+        return summary(self.control_target)
