@@ -8,6 +8,7 @@ or the app at module level.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -297,7 +298,11 @@ def _run_worker(
             beat=embed_beat,
         )
         _print_banner(app, worker)
-        supervisor = SignalSupervisor(worker)
+        supervisor = SignalSupervisor(
+            warm_stop=worker.request_stop,
+            cold_stop=functools.partial(worker.stop, 0),
+            running_tasks=lambda: worker.pool.active,
+        )
         supervisor.install()
         worker.run()
         if supervisor.restart:

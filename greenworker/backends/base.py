@@ -104,6 +104,11 @@ def exception_to_meta(exc: BaseException) -> dict[str, Any]:
     }
 
 
+def celery_exception(name: str, *args: Any) -> dict[str, Any]:
+    """A stored exception that Celery clients rebuild into their own class."""
+    return {"exc_type": name, "exc_message": list(args), "exc_module": "celery.exceptions"}
+
+
 def exception_from_meta(value: Any) -> BaseException:
     """Rebuild an exception from its stored form.
 

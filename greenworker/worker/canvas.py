@@ -12,6 +12,7 @@ from ..backends.base import (
     FAILURE,
     SUCCESS,
     build_meta,
+    celery_exception,
     exception_from_meta,
     exception_to_meta,
 )
@@ -106,8 +107,6 @@ class CanvasMiddleware(Middleware):
                 reason = f"Dependency {task_id} raised {error!r}"
                 log.error("Chord %s: %s", msg.group, reason)
                 if body.id:
-                    from .request import celery_exception
-
                     meta = build_meta(body.id, FAILURE, celery_exception("ChordError", reason))
                     self.app.backend.store(body.id, meta)
                 return

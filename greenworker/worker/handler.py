@@ -12,9 +12,10 @@ from kombu.message import Message
 from ..backends.base import (
     FAILURE,
     build_meta,
+    celery_exception,
 )
 from ..protocol import MalformedMessage, TaskMessage, decode_task_message, utcnow
-from .request import Request, celery_exception
+from .request import Request
 from .watchdog import describe_blocker
 
 if TYPE_CHECKING:

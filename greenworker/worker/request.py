@@ -31,6 +31,7 @@ from ..backends.base import (
     STARTED,
     SUCCESS,
     build_meta,
+    celery_exception,
     encode_meta,
     exception_to_meta,
 )
@@ -43,11 +44,6 @@ if TYPE_CHECKING:
     from .worker import Worker
 
 log = logging.getLogger("greenworker.request")
-
-
-def celery_exception(name: str, *args: Any) -> dict[str, Any]:
-    """A stored exception that Celery clients rebuild into their own class."""
-    return {"exc_type": name, "exc_message": list(args), "exc_module": "celery.exceptions"}
 
 
 def backoff_countdown(factor: bool | float, retries: int, maximum: float, jitter: bool) -> float:

@@ -22,21 +22,30 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import greenlet as greenlet_module
 
 from .. import green
-
-if TYPE_CHECKING:
-    from .worker import Worker
+from .watchdog import running_task
 
 log = logging.getLogger("greenworker.signals")
 
 
 class SignalSupervisor:
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
+    """Turns signals into calls: ``warm_stop()`` must return at once (the worker's
+    ``request_stop``); ``cold_stop()`` runs in its own greenlet and kills what runs;
+    ``running_tasks()`` counts the tasks running, for the log line."""
+
+    def __init__(
+        self,
+        *,
+        warm_stop: Callable[[], None],
+        cold_stop: Callable[[], None],
+        running_tasks: Callable[[], int],
+    ) -> None:
+        self.warm_stop = warm_stop
+        self.cold_stop = cold_stop
+        self.running_tasks = running_tasks
         self.pending: list[int] = []
         self.restart = False
         self._wake = green.new_event()
@@ -73,18 +82,16 @@ class SignalSupervisor:
             log.warning("%s: greenlet stacks follow\n%s", name, dump_stacks())
             return
         if signum == signal.SIGQUIT or (self._stopping and signum != signal.SIGHUP):
-            log.warning(
-                "%s: cold shutdown, killing %d running task(s)", name, self.worker.pool.active
-            )
+            log.warning("%s: cold shutdown, killing %d running task(s)", name, self.running_tasks())
             self._stopping = True
-            green.spawn(self.worker.stop, 0)
+            green.spawn(self.cold_stop)
             return
         if self._stopping:
             return
         self._stopping = True
         self.restart = signum == signal.SIGHUP
         log.info("%s: warm shutdown%s", name, " and restart" if self.restart else "")
-        self.worker.request_stop()
+        self.warm_stop()
 
 
 def restart_in_place() -> None:
@@ -97,8 +104,6 @@ def restart_in_place() -> None:
 
 def dump_stacks() -> str:
     """Every live greenlet's stack, headed by the task it runs (if any)."""
-    from .request import Request
-
     blocks = []
     for obj in gc.get_objects():
         if not isinstance(obj, greenlet_module.greenlet) or obj.dead:
@@ -106,14 +111,8 @@ def dump_stacks() -> str:
         frame = obj.gr_frame
         if frame is None:
             continue
-        task = "no task"
-        probe = frame
-        while probe is not None:
-            candidate = probe.f_locals.get("self")
-            if isinstance(candidate, Request) and probe.f_code.co_name == "_run":
-                task = f"task {candidate.name}[{candidate.id}]"
-                break
-            probe = probe.f_back
+        request = running_task(frame)
+        task = "no task" if request is None else f"task {request.name}[{request.id}]"
         stack = "".join(traceback.format_stack(frame))
         blocks.append(f"--- greenlet {id(obj):#x} ({task})\n{stack}")
     return "\n".join(blocks) or "(no greenlets)"

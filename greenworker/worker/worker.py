@@ -98,7 +98,6 @@ class Worker:
         self.pool = GreenPool(self.concurrency)
         self._eta_held = 0
         self.rate_limiter = RateLimiter(self.timer, self._submit, self._configured_rate)
-        self.watchdog = Watchdog(self, conf.worker_block_threshold, conf.worker_block_policy)
         self.control = RemoteControl(self) if fanout and conf.worker_enable_remote_control else None
         path = app.state_db_path
         self.store = StateStore(path) if path else None
@@ -115,6 +114,19 @@ class Worker:
             app, self.queues, self.handler.on_message, self._prefetch_count
         )
         self.pool.on_resize(self.consumer.update_prefetch)
+        self.watchdog = Watchdog(
+            self.timer,
+            self.pool,
+            conf.worker_block_threshold,
+            conf.worker_block_policy,
+            hostname=self.hostname,
+            hub_blockers=self.state.hub_blockers,
+            store=self.store,
+            store_result=lambda task_id, meta: app.backend.store(task_id, meta),  # lazy backend
+            broker_scheme=self.broker_scheme,
+            visibility_timeout=conf.broker_transport_options.get("visibility_timeout", 3600),
+            ack_pending=self.consumer.ack_pending,
+        )
         self.consumer.on_unreachable = self._waiting_for_broker
         #: tasks not started because the connection they came on was gone by then
         self._stale_dropped = FailureBurst("start", "the broker delivers them again")
@@ -129,7 +141,8 @@ class Worker:
             self.consumer.on_connection_lost = self._forget_unstarted
         self.autoscaler = (
             Autoscaler(
-                self,
+                self.pool,
+                self.timer,
                 autoscale[0],
                 autoscale[1],
                 policy=autoscale_policy,
