@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from greenworker import App, Task, Worker, green
+from greenworker.config import parse_rate
 from greenworker.exceptions import (
     MaxRetriesExceededError,
     SoftTimeLimitExceeded,
@@ -17,7 +18,6 @@ from greenworker.exceptions import (
     TimeLimitExceeded,
 )
 from greenworker.worker.hooks import Middleware
-from greenworker.worker.ratelimit import parse_rate
 from greenworker.worker.request import Request, backoff_countdown
 
 # ------------------------------------------------------------------ retries

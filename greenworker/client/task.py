@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from ..config import parse_rate
 from ..exceptions import MaxRetriesExceededError, Retry
 
 if TYPE_CHECKING:
@@ -109,8 +110,6 @@ class Task:
                 value = tuple(value)
             setattr(self, key, value)
         if self.rate_limit is not None:
-            from ..worker.ratelimit import parse_rate
-
             parse_rate(self.rate_limit)  # fail at definition time, not at the first message
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
