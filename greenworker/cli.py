@@ -1,9 +1,11 @@
 """The ``greenworker`` command.
 
-``greenworker -A proj [-P gevent|eventlet] [-c N] [-Q q1,q2]`` runs a worker;
-subcommands (``call``, ``purge``) act as clients.  The chosen hub patches the
-process before the user's module is imported, so nothing here imports kombu
-or the app at module level.
+``greenworker -A proj [-P gevent|eventlet] [-c N] [-Q q1,q2]`` runs a worker.
+Eight subcommands: ``call``, ``purge``, ``inspect``, ``control``, ``status`` and
+``events`` act as clients; ``beat`` runs the scheduler alone; ``statedb`` shows,
+compacts or clears a state store.  The chosen hub patches the process before the
+user's module is imported, so nothing here imports kombu or the app at module
+level.
 """
 
 from __future__ import annotations
