@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from ..config import parse_rate
@@ -64,7 +65,7 @@ class Task:
     default_retry_delay: float = 180.0
     autoretry_for: tuple[type[BaseException], ...] = ()
     dont_autoretry_for: tuple[type[BaseException], ...] = ()
-    retry_kwargs: dict[str, Any] = {}
+    retry_kwargs: Mapping[str, Any] = MappingProxyType({})  # read-only: shared by every task
     retry_backoff: bool | float = False
     retry_backoff_max: float = 600.0
     retry_jitter: bool = True
