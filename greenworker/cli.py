@@ -1,13 +1,16 @@
 """The ``greenworker`` command.
 
-``greenworker -A proj [-P gevent|eventlet] [-c N] [-Q q1,q2]`` runs a worker;
-subcommands (``call``, ``purge``) act as clients.  The chosen hub patches the
-process before the user's module is imported, so nothing here imports kombu
-or the app at module level.
+``greenworker -A proj [-P gevent|eventlet] [-c N] [-Q q1,q2]`` runs a worker.
+Eight subcommands: ``call``, ``purge``, ``inspect``, ``control``, ``status`` and
+``events`` act as clients; ``beat`` runs the scheduler alone; ``statedb`` shows,
+compacts or clears a state store.  The chosen hub patches the process before the
+user's module is imported, so nothing here imports kombu or the app at module
+level.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -15,7 +18,7 @@ import re
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -105,111 +108,136 @@ def _json_arg(value: str | None, what: str, kind: type) -> Any:
     return parsed
 
 
+#: The main command's options, in the order ``--help`` lists them.
+_MAIN_OPTIONS: tuple[Callable[[Any], Any], ...] = (
+    click.option(
+        "-A",
+        "--app",
+        "app_spec",
+        metavar="MODULE[:ATTR]",
+        help="The app: module (attribute `app`) or module:attr.",
+    ),
+    click.option(
+        "-P",
+        "--pool",
+        "hub",
+        type=click.Choice(green.HUBS),
+        default="gevent",
+        show_default=True,
+        help="The green hub that patches the process.",
+    ),
+    click.option(
+        "-c",
+        "--concurrency",
+        type=click.IntRange(min=1),
+        help="Tasks run at once (greenlets).  [default: worker_concurrency, 100]",
+    ),
+    click.option("-Q", "--queues", help="Comma-separated queues to consume.  [default: celery]"),
+    click.option(
+        "-b",
+        "--broker",
+        help="Broker URL (redis://, amqp://, filesystem://, memory://).  [default: embedded]",
+    ),
+    click.option("--result-backend", help="Result backend URL (redis://, lmdb:///dir, memory://)."),
+    click.option(
+        "--data-dir",
+        type=click.Path(file_okay=False),
+        help="Data directory of the embedded default.  [default: ./.greenworker]",
+    ),
+    click.option("-n", "--hostname", help="Worker name.  [default: greenworker@<host>]"),
+    click.option(
+        "--prefetch-multiplier",
+        type=click.IntRange(min=1),
+        help="Prefetch = concurrency x this.  [default: 4]",
+    ),
+    click.option(
+        "--soft-shutdown-timeout",
+        type=click.FloatRange(min=0),
+        help="Seconds a warm shutdown waits for running tasks.  [default: 30]",
+    ),
+    click.option(
+        "--autoscale",
+        metavar="MAX,MIN",
+        help="Grow the pool up to MAX when tasks wait, shrink to MIN when idle.",
+    ),
+    click.option("-E", "--task-events", is_flag=True, help="Send task events (for Flower)."),
+    click.option(
+        "-B", "--beat", "embed_beat", is_flag=True, help="Also run beat (periodic tasks) here."
+    ),
+    click.option("--without-gossip", is_flag=True, help="Do not watch other workers' events."),
+    click.option("--without-mingle", is_flag=True, help="Do not sync with the cluster at startup."),
+    click.option("--without-heartbeat", is_flag=True, help="Send no worker-heartbeat events."),
+    click.option(
+        "--statedb",
+        type=click.Path(file_okay=False),
+        help="LMDB state store directory (revoked ids, hub blockers, counters, clock).  "
+        "[default: DATA_DIR/state on the embedded default, none otherwise]",
+    ),
+    click.option(
+        "--soft-time-limit",
+        type=click.FloatRange(min=0, min_open=True),
+        help="Seconds before SoftTimeLimitExceeded is raised in a task (task_soft_time_limit).",
+    ),
+    click.option(
+        "--time-limit",
+        type=click.FloatRange(min=0, min_open=True),
+        help="Seconds before a task is killed and fails (task_time_limit).",
+    ),
+    click.option(
+        "-l",
+        "--loglevel",
+        type=click.Choice(["debug", "info", "warning", "error", "critical"], case_sensitive=False),
+        default="info",
+        show_default=True,
+    ),
+)
+
+
+def _with_options(options: tuple[Callable[[Any], Any], ...]) -> Callable[[Any], Any]:
+    """Apply click options as if stacked as decorators, first listed first in ``--help``."""
+
+    def apply(fn: Any) -> Any:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return apply
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """The worker's own options of the main command (ignored before a subcommand)."""
+
+    concurrency: int | None
+    queues: str | None
+    hostname: str | None
+    prefetch_multiplier: int | None
+    soft_shutdown_timeout: float | None
+    autoscale: str | None
+    task_events: bool
+    embed_beat: bool
+    without_gossip: bool
+    without_mingle: bool
+    without_heartbeat: bool
+    statedb: str | None
+    soft_time_limit: float | None
+    time_limit: float | None
+
+
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "-A",
-    "--app",
-    "app_spec",
-    metavar="MODULE[:ATTR]",
-    help="The app: module (attribute `app`) or module:attr.",
-)
-@click.option(
-    "-P",
-    "--pool",
-    "hub",
-    type=click.Choice(green.HUBS),
-    default="gevent",
-    show_default=True,
-    help="The green hub that patches the process.",
-)
-@click.option(
-    "-c",
-    "--concurrency",
-    type=click.IntRange(min=1),
-    help="Tasks run at once (greenlets).  [default: worker_concurrency, 100]",
-)
-@click.option("-Q", "--queues", help="Comma-separated queues to consume.  [default: celery]")
-@click.option(
-    "-b",
-    "--broker",
-    help="Broker URL (redis://, amqp://, filesystem://, memory://).  [default: embedded]",
-)
-@click.option("--result-backend", help="Result backend URL (redis://, lmdb:///dir, memory://).")
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False),
-    help="Data directory of the embedded default.  [default: ./.greenworker]",
-)
-@click.option("-n", "--hostname", help="Worker name.  [default: greenworker@<host>]")
-@click.option(
-    "--prefetch-multiplier",
-    type=click.IntRange(min=1),
-    help="Prefetch = concurrency x this.  [default: 4]",
-)
-@click.option(
-    "--soft-shutdown-timeout",
-    type=click.FloatRange(min=0),
-    help="Seconds a warm shutdown waits for running tasks.  [default: 30]",
-)
-@click.option(
-    "--autoscale",
-    metavar="MAX,MIN",
-    help="Grow the pool up to MAX when tasks wait, shrink to MIN when idle.",
-)
-@click.option("-E", "--task-events", is_flag=True, help="Send task events (for Flower).")
-@click.option(
-    "-B", "--beat", "embed_beat", is_flag=True, help="Also run beat (periodic tasks) here."
-)
-@click.option("--without-gossip", is_flag=True, help="Do not watch other workers' events.")
-@click.option("--without-mingle", is_flag=True, help="Do not sync with the cluster at startup.")
-@click.option("--without-heartbeat", is_flag=True, help="Send no worker-heartbeat events.")
-@click.option(
-    "--statedb",
-    type=click.Path(file_okay=False),
-    help="LMDB state store directory (revoked ids, hub blockers, counters, clock).  "
-    "[default: DATA_DIR/state on the embedded default, none otherwise]",
-)
-@click.option(
-    "--soft-time-limit",
-    type=click.FloatRange(min=0, min_open=True),
-    help="Seconds before SoftTimeLimitExceeded is raised in a task (task_soft_time_limit).",
-)
-@click.option(
-    "--time-limit",
-    type=click.FloatRange(min=0, min_open=True),
-    help="Seconds before a task is killed and fails (task_time_limit).",
-)
-@click.option(
-    "-l",
-    "--loglevel",
-    type=click.Choice(["debug", "info", "warning", "error", "critical"], case_sensitive=False),
-    default="info",
-    show_default=True,
-)
+@_with_options(_MAIN_OPTIONS)
 @click.version_option(__version__, prog_name="greenworker")
 @click.pass_context
 def main(
     ctx: click.Context,
+    /,
     app_spec: str | None,
     hub: green.HubName,
-    concurrency: int | None,
-    queues: str | None,
     broker: str | None,
     result_backend: str | None,
     data_dir: str | None,
-    hostname: str | None,
-    prefetch_multiplier: int | None,
-    soft_shutdown_timeout: float | None,
-    autoscale: str | None,
-    task_events: bool,
-    embed_beat: bool,
-    without_gossip: bool,
-    without_mingle: bool,
-    without_heartbeat: bool,
-    statedb: str | None,
-    soft_time_limit: float | None,
-    time_limit: float | None,
     loglevel: str,
+    **worker: Any,
 ) -> None:
     """Run a greenworker worker (with no command), or a client command."""
     if ctx.resilient_parsing:
@@ -223,81 +251,59 @@ def main(
     ctx.obj = loader
     if ctx.invoked_subcommand is not None:
         return  # the subcommand loads the app once its own options (and --help) are parsed
+    options = WorkerOptions(**worker)
     app = loader.load()
-    if soft_shutdown_timeout is not None:
-        app.conf.worker_shutdown_timeout = soft_shutdown_timeout
+    if options.soft_shutdown_timeout is not None:
+        app.conf.worker_shutdown_timeout = options.soft_shutdown_timeout
     try:
-        _run_worker(
-            app,
-            concurrency=concurrency,
-            queues=queues,
-            hostname=hostname,
-            prefetch_multiplier=prefetch_multiplier,
-            autoscale=_autoscale_bounds(autoscale),
-            task_events=task_events,
-            embed_beat=embed_beat,
-            without_gossip=without_gossip,
-            without_mingle=without_mingle,
-            without_heartbeat=without_heartbeat,
-            statedb=statedb,
-            soft_time_limit=soft_time_limit,
-            time_limit=time_limit,
-        )
+        _run_worker(app, options)
     finally:
         app.close()
 
 
-def _run_worker(
-    app: App,
-    *,
-    concurrency: int | None,
-    queues: str | None,
-    hostname: str | None,
-    prefetch_multiplier: int | None,
-    autoscale: tuple[int, int] | None,
-    task_events: bool,
-    embed_beat: bool,
-    without_gossip: bool,
-    without_mingle: bool,
-    without_heartbeat: bool,
-    statedb: str | None,
-    soft_time_limit: float | None,
-    time_limit: float | None,
-) -> None:
+def _run_worker(app: App, options: WorkerOptions) -> None:
     from .exceptions import ImproperlyConfigured
     from .worker.signals import SignalSupervisor, restart_in_place
     from .worker.store import StoreError
 
-    if soft_time_limit is not None:
-        app.conf.task_soft_time_limit = soft_time_limit
-    if time_limit is not None:
-        app.conf.task_time_limit = time_limit
+    autoscale = _autoscale_bounds(options.autoscale)
+    if options.soft_time_limit is not None:
+        app.conf.task_soft_time_limit = options.soft_time_limit
+    if options.time_limit is not None:
+        app.conf.task_time_limit = options.time_limit
+    hostname = options.hostname
     if hostname:
         hostname = expand_node_name(hostname)
     elif app.conf.worker_hostname:
         hostname = expand_node_name(app.conf.worker_hostname, what="worker_hostname")
-    state_db = statedb if statedb is not None else app.conf.worker_state_db
+    state_db = options.statedb if options.statedb is not None else app.conf.worker_state_db
     if state_db:
         app.conf.worker_state_db = expand_node_path(state_db, hostname or app.hostname, "--statedb")
-    if task_events:
+    if options.task_events:
         app.conf.worker_send_task_events = True
-    if without_gossip:
+    if options.without_gossip:
         app.conf.worker_enable_gossip = False
-    if without_mingle:
+    if options.without_mingle:
         app.conf.worker_enable_mingle = False
-    if without_heartbeat:
+    if options.without_heartbeat:
         app.conf.worker_heartbeat = 0
     try:
         worker = app.Worker(
-            concurrency=concurrency,
-            queues=[q.strip() for q in queues.split(",") if q.strip()] if queues else None,
+            concurrency=options.concurrency,
+            queues=[q.strip() for q in options.queues.split(",") if q.strip()]
+            if options.queues
+            else None,
             hostname=hostname,
-            prefetch_multiplier=prefetch_multiplier,
+            prefetch_multiplier=options.prefetch_multiplier,
             autoscale=autoscale,
-            beat=embed_beat,
+            beat=options.embed_beat,
         )
         _print_banner(app, worker)
-        supervisor = SignalSupervisor(worker)
+        supervisor = SignalSupervisor(
+            warm_stop=worker.request_stop,
+            cold_stop=functools.partial(worker.stop, 0),
+            running_tasks=lambda: worker.pool.active,
+        )
         supervisor.install()
         worker.run()
         if supervisor.restart:

@@ -398,3 +398,28 @@ REDIS_LAYOUT_OPTIONS = (
     "unacked_index_key",
     "unacked_mutex_key",
 )
+
+
+_RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_rate(rate: str | float | None) -> float:
+    """Tasks per second from ``"N/s"``, ``"N/m"``, ``"N/h"`` or a number (per second).
+
+    0 or None means no limit.  Raises ValueError for anything else.
+    """
+    if rate is None:
+        return 0.0
+    if isinstance(rate, int | float) and not isinstance(rate, bool):
+        if rate < 0:
+            raise ValueError(f"rate limit must not be negative: {rate!r}")
+        return float(rate)
+    text = str(rate).strip()
+    count, _, unit = text.partition("/")
+    try:
+        value = float(count)
+    except ValueError:
+        raise ValueError(f"bad rate limit {rate!r}: expected like '10/s', '100/m', '5/h'") from None
+    if value < 0 or (unit and unit not in _RATE_UNITS):
+        raise ValueError(f"bad rate limit {rate!r}: expected like '10/s', '100/m', '5/h'")
+    return value / _RATE_UNITS[unit or "s"]

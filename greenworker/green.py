@@ -62,14 +62,6 @@ class Semaphore(Protocol):
     def __exit__(self, *exc: object) -> Any: ...
 
 
-class Queue(Protocol):
-    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None: ...
-
-    def get(self, block: bool = True, timeout: float | None = None) -> Any: ...
-
-    def qsize(self) -> int: ...
-
-
 class _Backend(Protocol):
     name: HubName
 
@@ -80,8 +72,6 @@ class _Backend(Protocol):
     def event(self) -> Event: ...
 
     def semaphore(self, value: int) -> Semaphore: ...
-
-    def queue(self, maxsize: int) -> Queue: ...
 
     def timeout(self, seconds: float | None, exc: BaseException) -> _TimeoutContext: ...
 
@@ -122,12 +112,10 @@ class _GeventBackend:
         import gevent
         import gevent.event
         import gevent.lock
-        import gevent.queue
 
         self._gevent = gevent
         self._event = gevent.event.Event
         self._semaphore = gevent.lock.Semaphore
-        self._queue = gevent.queue.Queue
 
     def spawn(self, fn: Callable[..., Any], *args: Any) -> Greenlet:
         return _GeventGreenlet(self._gevent.spawn(fn, *args))
@@ -140,9 +128,6 @@ class _GeventBackend:
 
     def semaphore(self, value: int) -> Semaphore:
         return cast(Semaphore, self._semaphore(value))
-
-    def queue(self, maxsize: int) -> Queue:
-        return cast(Queue, self._queue(maxsize or None))
 
     def timeout(self, seconds: float | None, exc: BaseException) -> _TimeoutContext:
         return cast(_TimeoutContext, self._gevent.Timeout(seconds, exc))
@@ -247,10 +232,8 @@ class _EventletBackend:
 
     def __init__(self) -> None:
         import eventlet
-        import eventlet.queue
 
         self._eventlet = eventlet
-        self._queue = eventlet.queue.Queue
 
     def spawn(self, fn: Callable[..., Any], *args: Any) -> Greenlet:
         done = _EventletEvent()
@@ -265,9 +248,6 @@ class _EventletBackend:
 
     def semaphore(self, value: int) -> Semaphore:
         return _EventletSemaphore(value)
-
-    def queue(self, maxsize: int) -> Queue:
-        return cast(Queue, self._queue(maxsize or None))
 
     def timeout(self, seconds: float | None, exc: BaseException) -> _TimeoutContext:
         return _EventletTimeout(self._eventlet, seconds, exc)
@@ -402,10 +382,6 @@ def new_event() -> Event:
 
 def new_semaphore(value: int = 1) -> Semaphore:
     return backend().semaphore(value)
-
-
-def new_queue(maxsize: int = 0) -> Queue:
-    return backend().queue(maxsize)
 
 
 def timeout(seconds: float | None, exc: BaseException | None = None) -> _TimeoutContext:

@@ -8,6 +8,8 @@ import pytest
 
 from greenworker import App, green
 from greenworker.worker.autoscale import Autoscaler, LoadSample, PressurePolicy
+from greenworker.worker.pool import GreenPool
+from greenworker.worker.timer import Timer
 
 
 def test_pressure_policy_decisions() -> None:
@@ -19,9 +21,9 @@ def test_pressure_policy_decisions() -> None:
     assert policy.target(LoadSample(3, 0, 0, now + 30), 2, 20) == 2  # never under min
 
 
-def test_bad_bounds_are_refused(memory_app: App) -> None:
+def test_bad_bounds_are_refused() -> None:
     with pytest.raises(ValueError, match="min <= max"):
-        Autoscaler(memory_app.Worker(), 2, 5)
+        Autoscaler(GreenPool(1), Timer(), 2, 5)
 
 
 @pytest.mark.timeout(60)

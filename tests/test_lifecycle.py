@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from greenworker import App, Task, Worker, green
+from greenworker.config import parse_rate
 from greenworker.exceptions import (
     MaxRetriesExceededError,
     SoftTimeLimitExceeded,
@@ -18,7 +19,6 @@ from greenworker.exceptions import (
 )
 from greenworker.worker.executor import backoff_countdown
 from greenworker.worker.hooks import Middleware
-from greenworker.worker.ratelimit import parse_rate
 from greenworker.worker.request import Request
 
 # ------------------------------------------------------------------ retries

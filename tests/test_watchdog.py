@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from greenworker import App
+from greenworker.worker.pool import GreenPool
+from greenworker.worker.timer import Timer
 from greenworker.worker.watchdog import EXIT_HUB_BLOCKED, Watchdog
 
 from .conftest import AMQP_URL, _port_open, run_cli, start_cli
@@ -47,9 +49,21 @@ def test_block_is_logged_with_the_task_and_counted(
     assert worker.stats()["hub_blocks"]["count"] >= 1
 
 
-def test_bad_policy_is_refused(memory_app: App) -> None:
+def test_bad_policy_is_refused() -> None:
     with pytest.raises(ValueError, match="worker_block_policy"):
-        Watchdog(memory_app.Worker(), 1.0, "ignore")
+        Watchdog(
+            Timer(),
+            GreenPool(1),
+            1.0,
+            "ignore",
+            hostname="wd@test",
+            hub_blockers={},
+            store=None,
+            store_result=lambda task_id, meta: None,
+            broker_scheme="memory",
+            visibility_timeout=3600,
+            ack_pending=lambda message: False,
+        )
 
 
 @pytest.mark.timeout(60)

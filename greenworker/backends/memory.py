@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 from .base import _LocalChords, decode_meta, encode_meta
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger("greenworker.results")
 
@@ -16,8 +13,9 @@ log = logging.getLogger("greenworker.results")
 class MemoryBackend:
     """Results in this process's memory (tests, the ``memory://`` harness)."""
 
-    _shared: dict[str, dict[str, bytes]] = {}
-    _chords: dict[str, _LocalChords] = {}
+    #: One store per URL for the whole process: every App on ``memory://`` sees it.
+    _shared: ClassVar[dict[str, dict[str, bytes]]] = {}
+    _chords: ClassVar[dict[str, _LocalChords]] = {}
 
     def __init__(self, url: str = "memory://") -> None:
         self.url = url

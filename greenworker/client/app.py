@@ -21,13 +21,13 @@ from ..backends.lmdb import LMDBBackend
 from ..config import POLLING_WAKE, REDIS_LAYOUT_OPTIONS, Settings
 from ..exceptions import ImproperlyConfigured
 from ..protocol import build_task_message
-from ..worker.hooks import Middleware
 from .result import AsyncResult
 from .task import Task
 
 if TYPE_CHECKING:
     from ..beat import PeriodicEntry
     from ..transport.redis_publisher import NativeRedisPublisher
+    from ..worker.hooks import Middleware
     from ..worker.worker import Worker
 
 EMBEDDED_BROKER = "filesystem://localhost/"

@@ -26,8 +26,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("greenworker.canvas")
 
-_OPTION_KEYS = ("task_id", "queue", "countdown", "eta", "expires", "soft_time_limit", "time_limit")
-
 
 class Signature(dict[str, Any]):
     """A task call that can be sent later: ``add.s(2, 2)``, ``app.signature("name", ...)``."""

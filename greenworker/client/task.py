@@ -6,8 +6,10 @@ from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from ..config import parse_rate
 from ..exceptions import MaxRetriesExceededError, Retry
 
 if TYPE_CHECKING:
@@ -63,7 +65,7 @@ class Task:
     default_retry_delay: float = 180.0
     autoretry_for: tuple[type[BaseException], ...] = ()
     dont_autoretry_for: tuple[type[BaseException], ...] = ()
-    retry_kwargs: dict[str, Any] = {}
+    retry_kwargs: Mapping[str, Any] = MappingProxyType({})  # read-only: shared by every task
     retry_backoff: bool | float = False
     retry_backoff_max: float = 600.0
     retry_jitter: bool = True
@@ -109,8 +111,6 @@ class Task:
                 value = tuple(value)
             setattr(self, key, value)
         if self.rate_limit is not None:
-            from ..worker.ratelimit import parse_rate
-
             parse_rate(self.rate_limit)  # fail at definition time, not at the first message
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from .timer import Entry
-    from .worker import Worker
+    from .pool import GreenPool
+    from .timer import Entry, Timer
 
 log = logging.getLogger("greenworker.autoscale")
 
@@ -52,9 +52,12 @@ class PressurePolicy:
 
 
 class Autoscaler:
+    """Resizes ``pool`` between ``minimum`` and ``maximum`` every ``interval`` on ``timer``."""
+
     def __init__(
         self,
-        worker: Worker,
+        pool: GreenPool,
+        timer: Timer,
         maximum: int,
         minimum: int,
         *,
@@ -64,7 +67,8 @@ class Autoscaler:
     ) -> None:
         if not 1 <= minimum <= maximum:
             raise ValueError(f"autoscale needs 1 <= min <= max, got max={maximum} min={minimum}")
-        self.worker = worker
+        self.pool = pool
+        self.timer = timer
         self.maximum = maximum
         self.minimum = minimum
         self.policy = policy or PressurePolicy(keepalive)
@@ -74,11 +78,11 @@ class Autoscaler:
         self._timer: Entry | None = None
 
     def start(self) -> None:
-        pool = self.worker.pool
+        pool = self.pool
         if not self.minimum <= pool.size <= self.maximum:
             pool.resize(max(self.minimum, min(pool.size, self.maximum)))
         self.history.append((time.time(), pool.size))
-        self._timer = self.worker.timer.call_repeatedly(self.interval, self.tick)
+        self._timer = self.timer.call_repeatedly(self.interval, self.tick)
 
     def stop(self) -> None:
         if self._timer is not None:
@@ -94,7 +98,7 @@ class Autoscaler:
         self.tick()
 
     def tick(self) -> None:
-        pool = self.worker.pool
+        pool = self.pool
         sample = LoadSample(pool.size, pool.active, pool.waiting, time.monotonic())
         target = max(
             self.minimum, min(self.maximum, self.policy.target(sample, self.minimum, self.maximum))
@@ -116,6 +120,6 @@ class Autoscaler:
         return {
             "max": self.maximum,
             "min": self.minimum,
-            "qty": self.worker.pool.size,
+            "qty": self.pool.size,
             "history": [[round(t, 3), size] for t, size in self.history],
         }

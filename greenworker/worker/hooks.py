@@ -1,7 +1,8 @@
 """Typed extension hooks: subclass :class:`Middleware`, override what you need.
 
-Features of greenworker itself (tracking STARTED, canvas callbacks, events)
-are middleware too, so the worker core only says *when* things happen.  A
+Canvas callbacks (:mod:`greenworker.worker.canvas`) and task events
+(:mod:`greenworker.control.events`) are middleware too; the ``STARTED`` state
+(``track_started``) is stored by the request itself, before ``before_task``.  A
 hook that raises is logged and ignored: an extension never stops the worker.
 """
 
@@ -86,6 +87,3 @@ class Hooks:
                 log.exception(
                     "middleware hook %s raised; ignored", getattr(hook, "__qualname__", hook)
                 )
-
-    def wants(self, name: str) -> bool:
-        return bool(self._bound[name])

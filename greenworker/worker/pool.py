@@ -48,10 +48,6 @@ class GreenPool:
         """Jobs accepted but not started (the pool was full)."""
         return len(self._waiting)
 
-    @property
-    def free_slots(self) -> int:
-        return max(self._size - len(self._running), 0)
-
     def on_resize(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` after every change of size (the consumer adjusts its prefetch)."""
         self._on_change.append(callback)

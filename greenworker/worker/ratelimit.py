@@ -11,33 +11,11 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ..config import parse_rate
+
 if TYPE_CHECKING:
     from .request import Request
     from .timer import Timer
-
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_rate(rate: str | float | None) -> float:
-    """Tasks per second from ``"N/s"``, ``"N/m"``, ``"N/h"`` or a number (per second).
-
-    0 or None means no limit.  Raises ValueError for anything else.
-    """
-    if rate is None:
-        return 0.0
-    if isinstance(rate, int | float) and not isinstance(rate, bool):
-        if rate < 0:
-            raise ValueError(f"rate limit must not be negative: {rate!r}")
-        return float(rate)
-    text = str(rate).strip()
-    count, _, unit = text.partition("/")
-    try:
-        value = float(count)
-    except ValueError:
-        raise ValueError(f"bad rate limit {rate!r}: expected like '10/s', '100/m', '5/h'") from None
-    if value < 0 or (unit and unit not in _UNITS):
-        raise ValueError(f"bad rate limit {rate!r}: expected like '10/s', '100/m', '5/h'")
-    return value / _UNITS[unit or "s"]
 
 
 class TokenBucket:

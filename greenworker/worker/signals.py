@@ -22,22 +22,30 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import greenlet as greenlet_module
 
 from .. import green
 from .executor import request_in_stack
 
-if TYPE_CHECKING:
-    from .worker import Worker
-
 log = logging.getLogger("greenworker.signals")
 
 
 class SignalSupervisor:
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
+    """Turns signals into calls: ``warm_stop()`` must return at once (the worker's
+    ``request_stop``); ``cold_stop()`` runs in its own greenlet and kills what runs;
+    ``running_tasks()`` counts the tasks running, for the log line."""
+
+    def __init__(
+        self,
+        *,
+        warm_stop: Callable[[], None],
+        cold_stop: Callable[[], None],
+        running_tasks: Callable[[], int],
+    ) -> None:
+        self.warm_stop = warm_stop
+        self.cold_stop = cold_stop
+        self.running_tasks = running_tasks
         self.pending: list[int] = []
         self.restart = False
         self._wake = green.new_event()
@@ -74,18 +82,16 @@ class SignalSupervisor:
             log.warning("%s: greenlet stacks follow\n%s", name, dump_stacks())
             return
         if signum == signal.SIGQUIT or (self._stopping and signum != signal.SIGHUP):
-            log.warning(
-                "%s: cold shutdown, killing %d running task(s)", name, self.worker.pool.active
-            )
+            log.warning("%s: cold shutdown, killing %d running task(s)", name, self.running_tasks())
             self._stopping = True
-            green.spawn(self.worker.stop, 0)
+            green.spawn(self.cold_stop)
             return
         if self._stopping:
             return
         self._stopping = True
         self.restart = signum == signal.SIGHUP
         log.info("%s: warm shutdown%s", name, " and restart" if self.restart else "")
-        self.worker.request_stop()
+        self.warm_stop()
 
 
 def restart_in_place() -> None:

@@ -31,18 +31,22 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from .. import green
+from ..backends.base import FAILURE, build_meta, celery_exception
 from .executor import request_in_stack
 
 if TYPE_CHECKING:
+    from kombu.message import Message
+
+    from .pool import GreenPool
     from .request import Request
-    from .timer import Entry
-    from .worker import Worker
+    from .store import StateStore
+    from .timer import Entry, Timer
 
 log = logging.getLogger("greenworker.watchdog")
 
@@ -61,10 +65,41 @@ class BlockStats:
 
 
 class Watchdog:
-    def __init__(self, worker: Worker, threshold: float, policy: str = "exit") -> None:
+    """Watches the hub from a real thread; see the module docstring.
+
+    ``hub_blockers`` is the worker state's mapping that the recorded blockers go
+    into at start; ``store`` the state store (opened before :meth:`load_blockers`;
+    None without ``--statedb``); ``store_result(task_id, meta)`` stores a blocker's
+    ``FAILURE``; ``broker_scheme``, ``visibility_timeout`` and ``ack_pending`` say
+    what becomes of the blocking task's message in the exit line.
+    """
+
+    def __init__(
+        self,
+        timer: Timer,
+        pool: GreenPool,
+        threshold: float,
+        policy: str = "exit",
+        *,
+        hostname: str,
+        hub_blockers: dict[str, dict[str, Any]],
+        store: StateStore | None,
+        store_result: Callable[[str, dict[str, Any]], None],
+        broker_scheme: str,
+        visibility_timeout: float,
+        ack_pending: Callable[[Message], bool],
+    ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"worker_block_policy must be one of {POLICIES}, not {policy!r}")
-        self.worker = worker
+        self.timer = timer
+        self.pool = pool
+        self.hostname = hostname
+        self.hub_blockers = hub_blockers
+        self.store = store
+        self.store_result = store_result
+        self.broker_scheme = broker_scheme
+        self.visibility_timeout = visibility_timeout
+        self.ack_pending = ack_pending
         self.threshold = threshold
         self.policy = policy
         self.stats = BlockStats()
@@ -80,7 +115,7 @@ class Watchdog:
         self._running = True
         self._hub_thread = green.real_thread_ident()
         self._stamp = time.monotonic()
-        self._ticker = self.worker.timer.call_repeatedly(self.threshold / 4, self._tick)
+        self._ticker = self.timer.call_repeatedly(self.threshold / 4, self._tick)
         green.start_real_thread(self._watch)
 
     def stop(self) -> None:
@@ -94,11 +129,11 @@ class Watchdog:
         if self.paused and self._running:
             self.paused = False
             self._stamp = time.monotonic()
-            self._ticker = self.worker.timer.call_repeatedly(self.threshold / 4, self._tick)
+            self._ticker = self.timer.call_repeatedly(self.threshold / 4, self._tick)
 
     def _tick(self) -> None:
         self._stamp = time.monotonic()
-        if self.worker.pool.active == 0 and self.worker.pool.waiting == 0:
+        if self.pool.active == 0 and self.pool.waiting == 0:
             self.paused = True  # nothing can block the hub for a task: stop waking
             if self._ticker is not None:
                 self._ticker.cancel()
@@ -159,7 +194,7 @@ class Watchdog:
                 running_for,
                 hard,
                 EXIT_HUB_BLOCKED,
-                _message_fate(self.worker, request),
+                self._message_fate(request),
                 self._record(request, hard),
             )
             for handler in logging.getLogger().handlers:
@@ -169,7 +204,7 @@ class Watchdog:
     def _record(self, request: Request, hard: float) -> str:
         """Commit ``request`` as a hub blocker (from this thread: the hub is stuck in
         it); return what that means for the next worker, for the exit line."""
-        store = self.worker.store
+        store = self.store
         if store is None or store.env is None:
             return (
                 "no state store (--statedb) to record it in: if its message comes back "
@@ -179,7 +214,7 @@ class Watchdog:
             "task": request.name,
             "when": time.time(),
             "hard_limit": hard,
-            "hostname": self.worker.hostname,
+            "hostname": self.hostname,
             "store_result": request.store_errors(),
             "result_stored": False,
         }
@@ -196,11 +231,11 @@ class Watchdog:
         """At start: take the recorded hub blockers into the worker's state (so their
         messages are refused on arrival) and store the FAILURE of those whose result
         is not stored yet -- also when the broker lost their message."""
-        store = self.worker.store
+        store = self.store
         if store is None or store.env is None:
             return
         blockers = store.blockers(BLOCKER_RETENTION)
-        self.worker.state.hub_blockers.update(blockers)
+        self.hub_blockers.update(blockers)
         for task_id, record in blockers.items():
             due = record.get("store_result", True) and not record.get("result_stored")
             if due and self._store_failure(task_id, record):
@@ -214,8 +249,6 @@ class Watchdog:
             )
 
     def _store_failure(self, task_id: str, record: dict[str, Any]) -> bool:
-        from ..backends.base import FAILURE, build_meta, celery_exception
-
         hard = record.get("hard_limit")
         meta = build_meta(
             task_id,
@@ -225,15 +258,33 @@ class Watchdog:
             f"{record.get('hostname')}; the worker exited with status {EXIT_HUB_BLOCKED}",
         )
         try:
-            self.worker.app.backend.store(task_id, meta)
+            self.store_result(task_id, meta)
         except Exception as exc:
             log.error("could not store the FAILURE of hub blocker %s: %s", task_id, exc)
             return False
         return True
 
     def _running_request(self) -> Request | None:
-        frame: FrameType | None = sys._current_frames().get(self._hub_thread)
-        return request_in_stack(frame)
+        return request_in_stack(sys._current_frames().get(self._hub_thread))
+
+    def _message_fate(self, request: Request) -> str:
+        """What becomes of the blocking task's message once this process is gone."""
+        scheme = self.broker_scheme
+        if scheme == "filesystem":
+            return (
+                "its message is lost: kombu's filesystem transport (the embedded default) "
+                "keeps no copy of a message it delivered"
+            )
+        if scheme == "memory":
+            return "its message is lost with the process (memory transport)"
+        if request.acked and not self.ack_pending(request.message):
+            return "its message was acked before it ran (acks_late off): it is not delivered again"
+        if scheme.startswith(("amqp", "pyamqp")):
+            return "RabbitMQ delivers its unacked message again as soon as this process is gone"
+        if scheme.startswith("redis"):
+            timeout = self.visibility_timeout
+            return f"Redis gives its unacked message back after the visibility timeout ({timeout}s)"
+        return f"{scheme} delivers its unacked message again if it keeps one"
 
 
 def _describe(request: Request | None) -> str:
@@ -250,23 +301,3 @@ def describe_blocker(record: dict[str, Any]) -> str:
         f"{record.get('hostname')} at {when:%Y-%m-%d %H:%M:%S} UTC and the worker exited "
         f"with status {EXIT_HUB_BLOCKED}"
     )
-
-
-def _message_fate(worker: Worker, request: Request) -> str:
-    """What becomes of the blocking task's message once this process is gone."""
-    scheme = worker.broker_scheme
-    if scheme == "filesystem":
-        return (
-            "its message is lost: kombu's filesystem transport (the embedded default) "
-            "keeps no copy of a message it delivered"
-        )
-    if scheme == "memory":
-        return "its message is lost with the process (memory transport)"
-    if request.acked and not worker.consumer.ack_pending(request.message):
-        return "its message was acked before it ran (acks_late off): it is not delivered again"
-    if scheme.startswith(("amqp", "pyamqp")):
-        return "RabbitMQ delivers its unacked message again as soon as this process is gone"
-    if scheme.startswith("redis"):
-        timeout = worker.app.conf.broker_transport_options.get("visibility_timeout", 3600)
-        return f"Redis gives its unacked message back after the visibility timeout ({timeout}s)"
-    return f"{scheme} delivers its unacked message again if it keeps one"

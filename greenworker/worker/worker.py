@@ -80,10 +80,23 @@ class Worker:
         self.state.revoked = RevokedSet(conf.worker_revokes_max, conf.worker_revoke_expires)
         self.timer = Timer()
         self.pool = GreenPool(self.concurrency)
-        self.watchdog = Watchdog(self, conf.worker_block_threshold, conf.worker_block_policy)
         path = app.state_db_path
         self.store = StateStore(path) if path else None
         self._saver = StateSaver(self.store, self.state) if self.store is not None else None
+        self.watchdog = Watchdog(
+            self.timer,
+            self.pool,
+            conf.worker_block_threshold,
+            conf.worker_block_policy,
+            hostname=self.hostname,
+            hub_blockers=self.state.hub_blockers,
+            store=self.store,
+            store_result=lambda task_id, meta: app.backend.store(task_id, meta),  # lazy backend
+            broker_scheme=self.broker_scheme,
+            visibility_timeout=conf.broker_transport_options.get("visibility_timeout", 3600),
+            # the consumer is built after the handler, which needs the watchdog
+            ack_pending=lambda message: self.consumer.ack_pending(message),
+        )
         self.handler = MessageHandler(
             settings=conf,
             tasks=app.tasks,
@@ -96,11 +109,12 @@ class Worker:
             broker_scheme=self.broker_scheme,
         )
         self.rate_limiter = self.handler.rate_limiter
-        self.consumer = self._build_consumer()
+        self.consumer: TaskConsumer = self._build_consumer()
         self._background: list[green.Greenlet] = []  # waiting for the broker; ended by stop
         self.autoscaler = (
             Autoscaler(
-                self,
+                self.pool,
+                self.timer,
                 autoscale[0],
                 autoscale[1],
                 policy=autoscale_policy,
@@ -179,7 +193,7 @@ class Worker:
         builtin: list[Middleware] = [CanvasMiddleware(app)]
         if self.events is not None:
             builtin.append(TaskEvents(self.events))
-        self.hooks = Hooks([*builtin, *app.middleware, *middleware])
+        self.hooks: Hooks = Hooks([*builtin, *app.middleware, *middleware])
         self.heart = (
             Heart(
                 self.events,
