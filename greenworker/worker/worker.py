@@ -63,12 +63,7 @@ class Worker:
         self.app = app
         conf = app.conf
         self.broker_scheme = app.broker_url.split("://", 1)[0]
-        if autoscale:
-            # the pool starts at the minimum (or -c, kept within the bounds) and follows load
-            maximum, minimum = autoscale
-            self.concurrency = max(minimum, min(concurrency or minimum, maximum))
-        else:
-            self.concurrency = concurrency or conf.worker_concurrency
+        self.concurrency = _pool_size(concurrency, autoscale, conf.worker_concurrency)
         self.queues = list(queues or [conf.task_default_queue])
         self.hostname = hostname or app.hostname
         self.prefetch_multiplier = (
@@ -83,20 +78,7 @@ class Worker:
         path = app.state_db_path
         self.store = StateStore(path) if path else None
         self._saver = StateSaver(self.store, self.state) if self.store is not None else None
-        self.watchdog = Watchdog(
-            self.timer,
-            self.pool,
-            conf.worker_block_threshold,
-            conf.worker_block_policy,
-            hostname=self.hostname,
-            hub_blockers=self.state.hub_blockers,
-            store=self.store,
-            store_result=lambda task_id, meta: app.backend.store(task_id, meta),  # lazy backend
-            broker_scheme=self.broker_scheme,
-            visibility_timeout=conf.broker_transport_options.get("visibility_timeout", 3600),
-            # the consumer is built after the handler, which needs the watchdog
-            ack_pending=lambda message: self.consumer.ack_pending(message),
-        )
+        self.watchdog = self._build_watchdog()
         self.handler = MessageHandler(
             settings=conf,
             tasks=app.tasks,
@@ -111,19 +93,7 @@ class Worker:
         self.rate_limiter = self.handler.rate_limiter
         self.consumer: TaskConsumer = self._build_consumer()
         self._background: list[green.Greenlet] = []  # waiting for the broker; ended by stop
-        self.autoscaler = (
-            Autoscaler(
-                self.pool,
-                self.timer,
-                autoscale[0],
-                autoscale[1],
-                policy=autoscale_policy,
-                interval=conf.worker_autoscale_interval,
-                keepalive=conf.worker_autoscale_keepalive,
-            )
-            if autoscale
-            else None
-        )
+        self.autoscaler = self._build_autoscaler(autoscale, autoscale_policy)
         # Remote control and events need fanout between processes: not on the
         # filesystem transport of the embedded default.
         fanout = self.broker_scheme != "filesystem"
@@ -139,6 +109,40 @@ class Worker:
         self.mingled = green.new_event()
         self._started = False
         self._stopping = False
+
+    def _build_autoscaler(
+        self, autoscale: tuple[int, int] | None, policy: ScalingPolicy | None
+    ) -> Autoscaler | None:
+        if not autoscale:
+            return None
+        conf = self.app.conf
+        return Autoscaler(
+            self.pool,
+            self.timer,
+            autoscale[0],
+            autoscale[1],
+            policy=policy,
+            interval=conf.worker_autoscale_interval,
+            keepalive=conf.worker_autoscale_keepalive,
+        )
+
+    def _build_watchdog(self) -> Watchdog:
+        app, conf = self.app, self.app.conf
+        return Watchdog(
+            self.timer,
+            self.pool,
+            conf.worker_block_threshold,
+            conf.worker_block_policy,
+            hostname=self.hostname,
+            hub_blockers=self.state.hub_blockers,
+            store=self.store,
+            # the app's backend is opened on first use
+            store_result=lambda task_id, meta: app.backend.store(task_id, meta),
+            broker_scheme=self.broker_scheme,
+            visibility_timeout=conf.broker_transport_options.get("visibility_timeout", 3600),
+            # the consumer is built after the handler, which needs the watchdog
+            ack_pending=lambda message: self.consumer.ack_pending(message),
+        )
 
     def _build_consumer(self) -> TaskConsumer:
         app = self.app
@@ -510,3 +514,11 @@ class Worker:
     def stats(self) -> dict[str, Any]:
         """Pool, prefetch, counters, reconnects, hub blocks (what ``stats`` replies builds on)."""
         return summary(self.control_target)
+
+
+def _pool_size(concurrency: int | None, autoscale: tuple[int, int] | None, default: int) -> int:
+    if autoscale:
+        # the pool starts at the minimum (or -c, kept within the bounds) and follows load
+        maximum, minimum = autoscale
+        return max(minimum, min(concurrency or minimum, maximum))
+    return concurrency or default
