@@ -33,10 +33,6 @@ WORKER_SIDE = ("greenworker.worker", "greenworker.control", "greenworker.transpo
 HUB_MODULES = {"greenworker.green", "greenworker.gevent_resolver"}
 HUBS = ("gevent", "eventlet")
 
-#: Directories still without an ``__init__.py`` (setuptools' ``find:`` leaves them out
-#: of a wheel); the lead empties this after merging.
-KNOWN_MISSING_INIT: set[str] = {"greenworker/control", "greenworker/transport"}
-
 
 @dataclass(frozen=True)
 class Edge:
@@ -271,10 +267,7 @@ def test_every_package_directory_has_an_init() -> None:
         and any(directory.glob("*.py"))
         and not (directory / "__init__.py").exists()
     }
-    new = sorted(missing - KNOWN_MISSING_INIT)
-    assert not new, f"no __init__.py in {new}"
-    gone = KNOWN_MISSING_INIT - missing
-    assert not gone, f"KNOWN_MISSING_INIT lists directories that have one now: {sorted(gone)}"
+    assert not missing, f"no __init__.py in {sorted(missing)}"
 
 
 # ------------------------------------------------------------- the checker itself
