@@ -157,7 +157,7 @@ class Runner:
         return Group(
             systems.worker_command(system, concurrency),
             env=systems.worker_env(BROKERS[broker], self.slow_port, concurrency, system),
-            cwd=ROOT,
+            cwd=systems.worker_cwd(system),
             log_path=self.log_dir / f"{self._runs:04d}-{tag}-{system}-{broker}.log",
         )
 

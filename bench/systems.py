@@ -113,6 +113,12 @@ def worker_command(system: str, concurrency: int) -> list[str]:
     raise ValueError(f"unknown system {system}")
 
 
+def worker_cwd(system: str) -> Path:
+    """Where a worker starts: ``python -m`` puts this directory first on ``sys.path``, so
+    the baseline's worker starts in the baseline's checkout."""
+    return Path(BASELINE) if system == "greenworker-base" and BASELINE else ROOT
+
+
 def worker_env(
     broker: str, slow_port: int, concurrency: int = 100, system: str = ""
 ) -> dict[str, str]:
