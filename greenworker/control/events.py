@@ -120,12 +120,7 @@ class EventDispatcher:
             self._pending_flush = None
         self.flush()
         with self._lock:
-            if self._conn is not None:
-                try:
-                    self._conn.release()
-                except Exception as exc:
-                    log.debug("closing the event connection failed: %s", exc)
-            self._conn = self._producer = None
+            self._drop_connection()
 
     def event(self, type_: str, **fields: Any) -> dict[str, Any]:
         return {

@@ -12,6 +12,7 @@ blocking form the CLI uses.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -165,7 +166,7 @@ class Worker:
             timer=self.timer,
             ack=self.consumer.ack,
             reject=self.consumer.reject,
-            kill=lambda job_id, exc: self.pool.kill(job_id, exc, release=True),
+            kill=functools.partial(self.pool.kill, release=True),
         )
         # kombu's consumer on these brokers: what a lost connection held comes back from
         # the broker, and our copies cannot be acked (the native Redis consumer's can)
