@@ -335,9 +335,9 @@ class AppLoader:
     data_dir: str | None
 
     def load(self) -> App:
-        from .client.app import load_app
         from .config import ConfigError
         from .exceptions import ImproperlyConfigured
+        from .loader import load_app
 
         if not self.spec:
             raise CLIError("missing -A/--app MODULE[:ATTR] (the module that defines your App)")

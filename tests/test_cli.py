@@ -161,7 +161,7 @@ def test_call_without_wait_prints_the_id_and_purge_removes_it(tmp_path: Path) ->
         (["--no-such-option"], "No such option"),
         (["-A", "tests.cliapp", "-c", "zero"], "Invalid value"),
         (["-A", "no_such_module_xyz"], "cannot import app module 'no_such_module_xyz'"),
-        (["-A", "tests.cliapp:missing"], "has no greenworker App named 'missing'"),
+        (["-A", "tests.cliapp:missing"], "has no attribute 'missing'"),
         (["-c", "5"], "missing -A/--app"),
         (["-A", "tests.cliapp", "call", "cliapp.add", "--args", "[1"], "--args is not valid JSON"),
         (["-A", "tests.cliapp", "call", "cliapp.add", "--kwargs", "[1]"], "JSON object"),

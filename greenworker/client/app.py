@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import os
 import socket
-import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
@@ -409,34 +408,3 @@ class App:
         if self._backend is not None:
             self._backend.close()
         self._backend = None
-
-
-def load_app(spec: str) -> App:
-    """Import ``module`` (attribute ``app``) or ``module:attr`` and return the App.
-
-    Raises :class:`ImproperlyConfigured` with a readable reason.
-    """
-    module_name, _, attr = spec.partition(":")
-    if not module_name:
-        raise ImproperlyConfigured(f"bad app spec {spec!r}: expected module or module:attr")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ImproperlyConfigured(f"cannot import app module {module_name!r}: {exc}") from exc
-    except Exception as exc:  # a SyntaxError or a failing import-time statement
-        raise ImproperlyConfigured(
-            f"app module {module_name!r} failed to import: {type(exc).__name__}: {exc}"
-        ) from exc
-    names = [attr] if attr else ["app", "application"]
-    for candidate in names:
-        value = getattr(module, candidate, None)
-        if isinstance(value, App):
-            return value
-    found = [n for n, v in vars(module).items() if isinstance(v, App)]
-    if not attr and len(found) == 1:
-        return getattr(module, found[0])  # type: ignore[no-any-return]
-    raise ImproperlyConfigured(
-        f"module {module_name!r} has no greenworker App named {' or '.join(names)!r}"
-    )

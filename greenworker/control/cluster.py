@@ -59,6 +59,8 @@ class Heart:
         self._beating: Entry | None = None
         self._stopped = False
         self._going_online: green.Greenlet | None = None
+        #: Called after each worker-heartbeat is sent (Celery's ``heartbeat_sent`` signal).
+        self.on_beat: Callable[[], object] | None = None
 
     def _fields(self) -> dict[str, Any]:
         return {
@@ -90,6 +92,8 @@ class Heart:
             loadavg=[round(x, 2) for x in os.getloadavg()],
             **self._fields(),
         )
+        if self.on_beat is not None:
+            self.on_beat()
 
     def stop(self) -> None:
         self._stopped = True

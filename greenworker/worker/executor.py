@@ -10,9 +10,11 @@ ends it from outside its greenlet, so the pool slot is free at once even if
 the task's greenlet is slow to die.
 
 :class:`TaskRunner` is the replaceable part: it calls the task function,
-maps how it ended (return, retry, failure, soft time limit) to an
-:class:`Outcome`, and writes result documents.  :class:`AppTaskRunner` runs
-the tasks of a :class:`greenworker.App`.
+maps how it ended (return, retry, failure, soft time limit, ignore, reject)
+to an :class:`Outcome`, and records results, revocations and hard time
+limits.  :class:`AppTaskRunner` runs the tasks of a :class:`greenworker.App`;
+:class:`greenworker.celery.runner.CeleryTaskRunner` runs a Celery app's
+through Celery's own tracer.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -72,16 +75,28 @@ def backoff_countdown(factor: bool | float, retries: int, maximum: float, jitter
     return max(0.0, countdown)
 
 
+#: Celery's names for a run that asked to be dropped (``Ignore``) or handed back (``Reject``).
+IGNORED = "IGNORED"
+REJECTED = "REJECTED"
+#: How a ``task_rejected`` hook's reason starts when the task itself rejected its message.
+REJECTED_BY_TASK = "rejected by the task"
+
+
 @dataclass(slots=True)
 class Outcome:
     """How a task body's run ended, as a :class:`TaskRunner` maps it."""
 
-    state: str  #: SUCCESS, FAILURE or RETRY
+    state: str  #: SUCCESS, FAILURE, RETRY, IGNORED or REJECTED
     value: Any = None  #: SUCCESS: the return value
     exc: BaseException | None = None  #: FAILURE: the exception
     traceback: str | None = None  #: FAILURE: its formatted traceback
     retry: Retry | None = None  #: RETRY: the retry asked for
     meta: dict[str, Any] | None = None  #: SUCCESS: the result document, when it is stored
+    #: The runner already stored the result, logged the end and sent the callbacks
+    #: (Celery's tracer does all three): the executor counts, calls hooks and acks.
+    handled: bool = False
+    #: REJECTED: give the message back to the broker (True) or drop / dead-letter it.
+    requeue: bool = False
 
 
 class TaskRunner(Protocol):
@@ -95,6 +110,16 @@ class TaskRunner(Protocol):
 
     def store(self, request: Request, meta: dict[str, Any]) -> None:
         """Write a result document (Celery's format) for ``request``; never raises."""
+        ...
+
+    def revoked(self, request: Request, reason: str, terminated: bool) -> None:
+        """Record that ``request`` was revoked (``reason``: revoked, expired, terminated)
+        and will not run, or not run on; never raises."""
+        ...
+
+    def timed_out(self, request: Request, hard: float) -> None:
+        """Record that ``request`` ran past its ``hard`` time limit and was killed;
+        never raises."""
         ...
 
 
@@ -158,6 +183,16 @@ class AppTaskRunner:
             self._backend().store(request.id, meta)
         except Exception as exc:
             log.error("could not store the result of %s[%s]: %s", request.name, request.id, exc)
+
+    def revoked(self, request: Request, reason: str, terminated: bool) -> None:
+        self.store(
+            request, build_meta(request.id, REVOKED, celery_exception("TaskRevokedError", reason))
+        )
+
+    def timed_out(self, request: Request, hard: float) -> None:
+        if request.store_errors():
+            exc = celery_exception("TimeLimitExceeded", hard)
+            self.store(request, build_meta(request.id, FAILURE, exc, "TimeLimitExceeded"))
 
 
 class Executor:
@@ -230,45 +265,59 @@ class Executor:
                         self._reject_message(request.message, True)
                 raise
             if outcome.state == SUCCESS:
-                self._succeeded(request, outcome.value, outcome.meta)
+                self._succeeded(request, outcome)
             elif outcome.state == RETRY:
-                assert outcome.retry is not None
-                self._retried(request, outcome.retry)
-            else:
+                self._retried(request, outcome)
+            elif outcome.state == FAILURE:
                 assert outcome.exc is not None
-                self._failed(request, outcome.exc, outcome.traceback)
+                self._failed(request, outcome.exc, outcome.traceback, handled=outcome.handled)
+            else:
+                self._dropped(request, outcome)
         finally:
             current_request.reset(token)
 
     # ------------------------------------------------------------ endings
 
-    def _succeeded(self, request: Request, result: Any, meta: dict[str, Any] | None) -> None:
+    def _succeeded(self, request: Request, outcome: Outcome) -> None:
         elapsed = _elapsed(request)
-        if log.isEnabledFor(logging.DEBUG):
+        result = outcome.value
+        if not outcome.handled and log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "Task %s[%s] succeeded in %.4fs: %.200r", request.name, request.id, elapsed, result
             )
         self.state.succeeded += 1
         self.hooks.emit("task_succeeded", request, result, elapsed)
-        self._finish(request, SUCCESS, meta or {}, result, stored=meta is not None)
-
-    def _failed(self, request: Request, exc: BaseException, tb: str | None) -> None:
-        log.error(
-            "Task %s[%s] raised unexpected: %r (after %.3fs)\n%s",
-            request.name,
-            request.id,
-            exc,
-            _elapsed(request),
-            tb or "",
+        meta = outcome.meta
+        self._finish(
+            request, SUCCESS, result, record=None if meta is None else self._storing(request, meta)
         )
+
+    def _failed(
+        self, request: Request, exc: BaseException, tb: str | None, *, handled: bool = False
+    ) -> None:
+        if not handled:
+            log.error(
+                "Task %s[%s] raised unexpected: %r (after %.3fs)\n%s",
+                request.name,
+                request.id,
+                exc,
+                _elapsed(request),
+                tb or "",
+            )
         self.state.failed += 1
         self.hooks.emit("task_failed", request, exc, tb)
-        meta = build_meta(request.id, FAILURE, exception_to_meta(exc), tb)
-        self._finish(request, FAILURE, meta, exc, stored=request.store_errors())
+        record = None
+        if not handled and request.store_errors():
+            meta = build_meta(request.id, FAILURE, exception_to_meta(exc), tb)
+            record = self._storing(request, meta)
+        self._finish(request, FAILURE, exc, record=record)
         self.errors.append((request.id, exc))  # after the store: join() raises on a final state
 
-    def _retried(self, request: Request, retry: Retry) -> None:
-        log.info("Task %s[%s] retry: %s", request.name, request.id, retry)
+    def _retried(self, request: Request, outcome: Outcome) -> None:
+        retry = outcome.retry
+        assert retry is not None
+        if not outcome.handled:
+            log.info("Task %s[%s] retry: %s", request.name, request.id, retry)
         self.state.retried += 1
         request.retry = retry  # for the hooks that want more than exc and when (events)
         try:
@@ -276,20 +325,40 @@ class Executor:
         finally:
             request.retry = None  # its traceback holds this run's frames
         reason = retry.exc if retry.exc is not None else retry
-        tb = "".join(traceback.format_exception(reason)) if retry.exc is not None else None
-        meta = build_meta(request.id, RETRY, exception_to_meta(reason), tb)
-        stored = request.store_errors()
+        record = None
+        if not outcome.handled and request.store_errors():
+            tb = "".join(traceback.format_exception(reason)) if retry.exc is not None else None
+            record = self._storing(
+                request, build_meta(request.id, RETRY, exception_to_meta(reason), tb)
+            )
         if retry.send is not None:
-            if stored:  # first, or the next run's result could be overwritten by RETRY
-                self.runner.store(request, meta)
-                stored = False
+            if record is not None:  # first, or the next run's result could be overwritten
+                record()
+                record = None
             try:
                 retry.send()
             except Exception as exc:
                 self._failed(request, exc, traceback.format_exc())
                 return
         # The new message carries the task on; this one is done either way.
-        self._finish(request, RETRY, meta, reason, stored=stored, force_ack=True)
+        self._finish(request, RETRY, reason, record=record, force_ack=True)
+
+    def _dropped(self, request: Request, outcome: Outcome) -> None:
+        """IGNORED: acked, nothing stored; REJECTED: given back to the broker or dropped."""
+        if outcome.state == IGNORED:
+            self._finish(request, IGNORED, None, record=None, force_ack=True)
+            return
+        if request.finished:
+            return
+        request.finished = True
+        self.state.rejected += 1
+        self.hooks.emit("after_task", request, REJECTED, outcome.exc)
+        self.hooks.emit("task_rejected", request.message, f"{REJECTED_BY_TASK}: {outcome.exc!r}")
+        request.acked = True
+        self._reject_message(request.message, outcome.requeue)
+
+    def _storing(self, request: Request, meta: dict[str, Any]) -> Callable[[], None]:
+        return partial(self.runner.store, request, meta)
 
     def on_hard_time_limit(self, request: Request, hard: float) -> None:
         """Timer callback: the task ran past its hard limit; end it and free its slot now."""
@@ -301,10 +370,7 @@ class Executor:
         exc = TimeLimitExceeded(hard)
         self.state.failed += 1
         self.hooks.emit("task_failed", request, exc, None)
-        meta = build_meta(
-            request.id, FAILURE, celery_exception("TimeLimitExceeded", hard), "TimeLimitExceeded"
-        )
-        self._finish(request, FAILURE, meta, exc, stored=request.store_errors())
+        self._finish(request, FAILURE, exc, record=partial(self.runner.timed_out, request, hard))
         self.errors.append((request.id, exc))
         self._kill(request, HardTimeLimit())
 
@@ -313,7 +379,7 @@ class Executor:
         if request.finished:
             return
         log.info("Task %s[%s] terminated", request.name, request.id)
-        self._revoked(request, "terminated")
+        self._revoked(request, "terminated", terminated=True)
         self._kill(request, Terminated())
 
     def revoke(self, request: Request, reason: str, *, stamp: dict[str, Any] | None = None) -> None:
@@ -325,11 +391,13 @@ class Executor:
         log.info("Task %s[%s] revoked: %s%s", request.name, request.id, reason, by)
         self._revoked(request, reason)
 
-    def _revoked(self, request: Request, reason: str) -> None:
+    def _revoked(self, request: Request, reason: str, *, terminated: bool = False) -> None:
+        if request.finished:
+            return
         self.state.revoked_count += 1
         self.hooks.emit("task_revoked", request, reason)
-        meta = build_meta(request.id, REVOKED, celery_exception("TaskRevokedError", reason))
-        self._finish(request, REVOKED, meta, reason, stored=True, force_ack=True)
+        record = partial(self.runner.revoked, request, reason, terminated)
+        self._finish(request, REVOKED, reason, record=record, force_ack=True)
 
     def _kill(self, request: Request, exc: BaseException) -> None:
         if request.job_id is not None:
@@ -341,17 +409,17 @@ class Executor:
         self,
         request: Request,
         state: str,
-        meta: dict[str, Any],
         result: Any,
         *,
-        stored: bool,
+        record: Callable[[], object] | None,
         force_ack: bool = False,
     ) -> None:
+        """End ``request``: ``record`` (the runner writing its result), the hooks, the ack."""
         if request.finished:
             return
         request.finished = True
-        if stored:
-            self.runner.store(request, meta)
+        if record is not None:
+            record()
         self.hooks.emit("after_task", request, state, result)
         if (
             state == SUCCESS

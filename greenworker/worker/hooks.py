@@ -21,6 +21,7 @@ log = logging.getLogger("greenworker.hooks")
 
 HOOK_NAMES = (
     "worker_start",
+    "worker_ready",
     "worker_stop",
     "task_received",
     "before_task",
@@ -38,6 +39,9 @@ class Middleware:
 
     def worker_start(self, worker: Worker) -> None:
         """The worker started (the caller of ``worker.start()``)."""
+
+    def worker_ready(self, worker: Worker) -> None:
+        """The worker consumes: its "ready" line was logged (the greenlet that saw it)."""
 
     def worker_stop(self, worker: Worker) -> None:
         """The worker stopped: no task runs any more (the caller of ``worker.stop()``)."""

@@ -30,7 +30,7 @@ from ..transport.consumer import Consumer
 from . import harness
 from .autoscale import Autoscaler, ScalingPolicy
 from .canvas import CanvasMiddleware
-from .executor import AppTaskRunner, Executor
+from .executor import AppTaskRunner, Executor, TaskRunner
 from .handler import MessageHandler
 from .hooks import Hooks, Middleware
 from .pool import GreenPool
@@ -60,7 +60,12 @@ class Worker:
         autoscale: tuple[int, int] | None = None,
         autoscale_policy: ScalingPolicy | None = None,
         beat: bool = False,
+        task_runner: TaskRunner | None = None,
+        app_middleware: Sequence[Middleware] | None = None,
     ) -> None:
+        """``task_runner`` and ``app_middleware`` are what differs between kinds of app:
+        by default greenworker's own (:class:`AppTaskRunner`, canvas callbacks); a Celery
+        app (:mod:`greenworker.celery`) passes Celery's tracer and signals."""
         self.app = app
         conf = app.conf
         self.broker_scheme = app.broker_url.split("://", 1)[0]
@@ -98,8 +103,11 @@ class Worker:
         # Remote control and events need fanout between processes: not on the
         # filesystem transport of the embedded default.
         fanout = self.broker_scheme != "filesystem"
-        self._build_events(fanout, middleware)
-        self._build_execution()
+        kind: list[Middleware] = (
+            list(app_middleware) if app_middleware is not None else [CanvasMiddleware(app)]
+        )
+        self._build_events(fanout, kind, middleware)
+        self._build_execution(task_runner or AppTaskRunner(lambda: app.backend))
         self._build_control(fanout)
         #: Embedded beat (``-B``): sends the app's periodic tasks from this process.
         self.beat: Beat | None = None
@@ -155,10 +163,10 @@ class Worker:
             )
         return Consumer(app, self.queues, self.handler.on_message, self._prefetch_count)
 
-    def _build_execution(self) -> None:
+    def _build_execution(self, runner: TaskRunner) -> None:
         """The executor, and the handler's links to it and to the consumer."""
         self.executor = Executor(
-            runner=AppTaskRunner(lambda: self.app.backend),
+            runner=runner,
             settings=self.app.conf,
             hostname=self.hostname,
             state=self.state,
@@ -180,7 +188,9 @@ class Worker:
         self.pool.on_resize(self.consumer.update_prefetch)
         self.consumer.on_unreachable = self._waiting_for_broker
 
-    def _build_events(self, fanout: bool, middleware: Sequence[Middleware]) -> None:
+    def _build_events(
+        self, fanout: bool, kind: list[Middleware], middleware: Sequence[Middleware]
+    ) -> None:
         """Events, the heartbeat and gossip; the hooks (task events among them)."""
         app, conf, state, consumer = self.app, self.app.conf, self.state, self.consumer
         self.events = (
@@ -195,10 +205,8 @@ class Worker:
             if fanout
             else None
         )
-        builtin: list[Middleware] = [CanvasMiddleware(app)]
-        if self.events is not None:
-            builtin.append(TaskEvents(self.events))
-        self.hooks: Hooks = Hooks([*builtin, *app.middleware, *middleware])
+        events = [TaskEvents(self.events)] if self.events is not None else []
+        self.hooks: Hooks = Hooks([*kind, *events, *app.middleware, *middleware])
         self.heart = (
             Heart(
                 self.events,
@@ -335,6 +343,7 @@ class Worker:
             ",".join(self.queues),
             green.hub_name(),
         )
+        self.hooks.emit("worker_ready", self)
 
     def _say_ready_once_consuming(self) -> None:
         self.consumer.wait_ready(None)

@@ -1,0 +1,1 @@
+"""An app of the project; its tasks live in ``tasks.py`` (found by autodiscover)."""
