@@ -16,9 +16,9 @@ from greenworker import App
 from greenworker.backends import backend_from_url
 from greenworker.backends.base import build_meta, exception_from_meta, exception_to_meta
 from greenworker.backends.lmdb import LMDBBackend
-from greenworker.loader import load_app
 from greenworker.config import ConfigError, Settings
 from greenworker.exceptions import ImproperlyConfigured, TaskError, TimeoutError
+from greenworker.loader import load_app
 
 from .conftest import ROOT, run_cli
 

@@ -67,11 +67,15 @@ class CelerySignals(Middleware):
             return  # Celery's Request is built only for someone who listens
         from celery.worker.request import Request as CeleryRequest
 
+        msg = request.msg
         celery_request = CeleryRequest(
             request.message,
             app=self.app,
             hostname=request.executor.hostname,
             task=self.app.tasks[request.name],
+            headers=msg.headers,
+            body=(msg.args, msg.kwargs, msg.embed),  # already decoded (and v1 converted)
+            decoded=True,
         )
         signals.task_received.send(sender=self.worker, request=celery_request)
 

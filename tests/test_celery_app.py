@@ -1,0 +1,293 @@
+"""A Celery project run unchanged: ``greenworker -A proj`` with a ``celery.Celery`` app.
+
+The project is ``examples/celery_project/proj`` (Celery's Django-guide layout,
+settings read with ``namespace="CELERY"``, tasks found by autodiscover).  Tasks are
+sent and their results read by Celery's own client; the worker runs each body
+through Celery's tracer.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import logging
+import os
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from types import ModuleType
+from typing import Any
+
+import pytest
+from celery import Celery, chord, signals
+from celery import exceptions as celery_exceptions
+from celery.app import trace
+
+from greenworker import Worker, green
+from greenworker.celery.app import CeleryApp
+from greenworker.exceptions import ImproperlyConfigured
+from greenworker.loader import load_app
+
+from .conftest import REDIS_URL, ROOT, _need_broker
+
+PROJECT = ROOT / "examples" / "celery_project"
+QUEUE = f"proj-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def proj_tasks() -> Iterator[ModuleType]:
+    """The project's tasks module, its app configured for this test run's Redis and queue."""
+    _need_broker(6379, "Redis")
+    os.environ.update(PROJ_BROKER_URL=REDIS_URL, PROJ_RESULT_BACKEND=REDIS_URL, PROJ_QUEUE=QUEUE)
+    sys.path.insert(0, str(PROJECT))
+    try:
+        # imported by name: the project is an example, outside the type-checked tree
+        tasks = importlib.import_module("proj.shop.tasks")
+        yield tasks
+        gc.collect()  # Celery's AsyncResult.__del__ unsubscribes: while the hub still runs
+        tasks.add.app.close()
+    finally:
+        sys.path.remove(str(PROJECT))
+
+
+@pytest.fixture
+def proj_worker(proj_tasks: ModuleType) -> Iterator[Worker]:
+    app = load_app("proj")
+    worker = app.Worker(concurrency=20)
+    worker.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        trace.reset_worker_optimizations(proj_tasks.add.app)
+
+
+class SeenIds:
+    """The task ids a task signal was sent for (``task_postrun``: the run is over, every
+    handler ran; ``task_prerun``: the body is about to start)."""
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+        self._changed = green.new_event()
+
+    def __call__(self, task_id: str | None = None, **kwargs: Any) -> None:
+        if task_id is not None:
+            self.ids.add(task_id)
+            self._changed.set()
+
+    def wait(self, *ids: str, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not set(ids) <= self.ids:
+            self._changed.clear()
+            assert self._changed.wait(max(0.0, deadline - time.monotonic())), ids
+
+
+@pytest.fixture
+def postrun() -> Iterator[SeenIds]:
+    recorder = SeenIds()
+    signals.task_postrun.connect(recorder, weak=False)
+    yield recorder
+    signals.task_postrun.disconnect(recorder)
+
+
+@pytest.fixture
+def prerun() -> Iterator[SeenIds]:
+    recorder = SeenIds()
+    signals.task_prerun.connect(recorder, weak=False)
+    yield recorder
+    signals.task_prerun.disconnect(recorder)
+
+
+def test_loader_finds_a_celery_app_as_celery_does(proj_tasks: ModuleType) -> None:
+    celery_app = proj_tasks.add.app
+    sys.path.insert(0, str(PROJECT))
+    try:
+        for spec in ("proj", "proj.celery", "proj.celery:app", "proj.celery.app"):
+            app = load_app(spec)
+            assert isinstance(app, CeleryApp), spec
+            assert app.celery is celery_app, spec
+        with pytest.raises(ImproperlyConfigured, match="has no greenworker App or Celery app"):
+            load_app("proj.settings")
+        with pytest.raises(ImproperlyConfigured, match=r"'proj.settings:DEBUG' is a builtins.bool"):
+            load_app("proj.settings:DEBUG")
+    finally:
+        sys.path.remove(str(PROJECT))
+
+
+def test_settings_come_from_the_celery_namespace(proj_tasks: ModuleType) -> None:
+    app = load_app("proj")
+    assert app.conf.task_default_queue == QUEUE  # CELERY_TASK_DEFAULT_QUEUE
+    assert app.broker_url == REDIS_URL.rstrip("/") or app.broker_url.startswith("redis://")
+    assert app.result_backend_url == REDIS_URL
+    # not set by the project: greenworker's at-least-once default
+    assert app.conf.task_acks_late is True
+    assert app.hostname.startswith("celery@")
+
+
+def test_a_setting_the_user_wrote_wins_and_one_greenworker_cannot_honour_is_named(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    celery_app = Celery("own", broker="memory://", set_as_current=False)
+    celery_app.conf.update(
+        task_acks_late=False, worker_prefetch_multiplier=2, worker_pool_restarts=True
+    )
+    app = CeleryApp(celery_app)
+    assert app.conf.task_acks_late is False  # Celery's ack-early, because the user said so
+    assert app.conf.worker_prefetch_multiplier == 2
+    with caplog.at_level(logging.WARNING, "greenworker.celery"):
+        app.prepare_worker("own@test")
+    assert "Celery setting worker_pool_restarts is not used by greenworker" in caplog.text
+
+
+def test_tasks_run_through_celerys_tracer(proj_worker: Worker, proj_tasks: ModuleType) -> None:
+    tasks = proj_tasks
+    assert tasks.add.delay(2, 3).get(timeout=10) == 5
+    who = tasks.whoami.delay()
+    seen = who.get(timeout=10)
+    assert seen == {
+        "id": who.id,
+        "task": "proj.shop.tasks.whoami",
+        "retries": 0,
+        "hostname": proj_worker.hostname,
+        "routing_key": QUEUE,
+        "is_eager": False,
+        "state": "STARTED",  # CELERY_TASK_TRACK_STARTED, stored by Celery's tracer
+    }
+    # result_extended: Celery's backend stores the task's name and arguments
+    assert who.name == "proj.shop.tasks.whoami"
+    assert tasks.typed.delay().get(timeout=10) == {
+        "when": datetime(2026, 12, 1, 9, 30, tzinfo=UTC),
+        "price": Decimal("9.99"),
+    }
+    assert tasks.progress.delay().get(timeout=10) == "PROGRESS"  # self.update_state
+
+
+def test_retry_autoretry_and_failure(proj_worker: Worker, proj_tasks: ModuleType) -> None:
+    tasks = proj_tasks
+    assert tasks.flaky.delay(2).get(timeout=10) == 2
+    down = tasks.always_down.delay()
+    with pytest.raises(ConnectionError, match="the service is down"):
+        down.get(timeout=10)
+    with pytest.raises(ValueError, match="boom"):
+        tasks.fail.delay("boom").get(timeout=10)
+    assert proj_worker.state.retried >= 4  # two by flaky, two by always_down
+
+
+def test_ignore_and_reject(proj_worker: Worker, proj_tasks: ModuleType, postrun: SeenIds) -> None:
+    tasks = proj_tasks
+    key = uuid.uuid4().hex
+    assert tasks.reject_once.delay(key, True).get(timeout=10) == "run 2"  # requeued, ran again
+    dropped = tasks.reject_once.delay(key + "-drop", False)
+    with pytest.raises(celery_exceptions.Reject):
+        dropped.get(timeout=10)  # Celery stores a final FAILURE for a message it drops
+    ignored = tasks.ignored.delay()
+    postrun.wait(ignored.id)
+    assert ignored.state == "STARTED"  # Ignore: nothing stored after STARTED, as in Celery
+    assert proj_worker.consumer.ready
+
+
+def test_a_base_class_gets_every_handler(
+    proj_worker: Worker, proj_tasks: ModuleType, postrun: SeenIds
+) -> None:
+    tasks = proj_tasks
+    ok = tasks.audited.delay("ok")
+    assert ok.get(timeout=10) == "ok"
+    retried = tasks.audited.delay("retry")
+    assert retried.get(timeout=10) == "retry"
+    failed = tasks.audited.delay("fail")
+    with pytest.raises(KeyError):
+        failed.get(timeout=10)
+    postrun.wait(ok.id, retried.id, failed.id)  # results are stored before the handlers run
+    seen: dict[str, list[tuple[str, Any]]] = {}
+    for handler, task_id, detail in tasks.AUDIT:
+        seen.setdefault(task_id, []).append((handler, detail))
+    assert seen[ok.id] == [("on_success", "ok"), ("after_return", "SUCCESS")]
+    assert seen[retried.id][0][0] == "on_retry"
+    assert seen[retried.id][-1] == ("after_return", "SUCCESS")
+    assert seen[failed.id] == [("on_failure", "KeyError"), ("after_return", "FAILURE")]
+
+
+def test_links_and_chords(proj_worker: Worker, proj_tasks: ModuleType) -> None:
+    tasks = proj_tasks
+    parent = tasks.add.apply_async((2, 3), link=tasks.add.s(10))
+    assert parent.get(timeout=10) == 5
+    child = parent.children[0]
+    assert child.get(timeout=10) == 15
+    assert chord([tasks.add.s(i, i) for i in range(4)])(tasks.tsum.s()).get(timeout=10) == 12
+
+
+def test_time_limits_in_greenlets(proj_worker: Worker, proj_tasks: ModuleType) -> None:
+    tasks = proj_tasks
+    # the soft limit raises Celery's SoftTimeLimitExceeded in the task (Celery's gevent
+    # pool does not): the task cleans up and returns
+    assert tasks.slow_but_polite.delay().get(timeout=10) == "cleaned up"
+    stuck = tasks.stuck.delay()
+    with pytest.raises(celery_exceptions.TimeLimitExceeded):
+        stuck.get(timeout=10)
+    assert proj_worker.pool.active == 0  # the hard limit freed the slot
+
+
+def test_celery_signals_are_sent(proj_tasks: ModuleType, prerun: SeenIds) -> None:
+    tasks = proj_tasks
+    received: list[tuple[str, Any]] = []
+
+    def recorder(name: str) -> Any:
+        def record(sender: Any = None, **kwargs: Any) -> None:
+            received.append((name, kwargs.get("task_id") or kwargs.get("id") or sender))
+
+        return record
+
+    names = (
+        "celeryd_init",
+        "worker_init",
+        "worker_process_init",
+        "celeryd_after_setup",
+        "worker_ready",
+        "worker_shutdown",
+        "task_received",
+        "task_prerun",
+        "task_postrun",
+        "task_success",
+        "task_failure",
+        "task_retry",
+        "task_revoked",
+        "task_unknown",
+    )
+    receivers = {name: recorder(name) for name in names}
+    for name, receiver in receivers.items():
+        getattr(signals, name).connect(receiver, weak=False)
+    try:
+        app = load_app("proj")
+        worker = app.Worker(concurrency=5)
+        worker.start()
+        try:
+            ok = tasks.add.delay(1, 1)
+            assert ok.get(timeout=10) == 2
+            with pytest.raises(ValueError):
+                tasks.fail.delay("x").get(timeout=10)
+            assert tasks.flaky.delay(1).get(timeout=10) == 1
+            unknown = tasks.add.app.send_task("proj.nope", queue=QUEUE)
+            with pytest.raises(celery_exceptions.NotRegistered):
+                unknown.get(timeout=10)
+            sleeper = tasks.sleep.delay(5)
+            prerun.wait(sleeper.id)
+            tasks.add.app.control.revoke(sleeper.id, terminate=True)
+            with pytest.raises(celery_exceptions.TaskRevokedError):
+                sleeper.get(timeout=10)
+        finally:
+            worker.stop()
+            trace.reset_worker_optimizations(tasks.add.app)
+    finally:
+        for name, receiver in receivers.items():
+            getattr(signals, name).disconnect(receiver)
+    kinds = [name for name, _ in received]
+    for name in names:
+        assert name in kinds, name
+    assert kinds.count("worker_process_init") == 1
+    assert kinds.index("celeryd_init") < kinds.index("worker_init") < kinds.index("worker_ready")
+    assert ("task_success", tasks.add) in received or ("task_prerun", ok.id) in received
+    assert ("task_unknown", unknown.id) in received
+    assert kinds[-1] == "worker_shutdown"
