@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import gc
 import importlib
+import json
 import logging
 import os
+import subprocess
 import sys
 import time
 import uuid
@@ -291,3 +293,52 @@ def test_celery_signals_are_sent(proj_tasks: ModuleType, prerun: SeenIds) -> Non
     assert ("task_success", tasks.add) in received or ("task_prerun", ok.id) in received
     assert ("task_unknown", unknown.id) in received
     assert kinds[-1] == "worker_shutdown"
+
+
+def _integration(hub: str, name: str) -> dict[str, Any]:
+    env = {
+        **os.environ,
+        "PROJ_BROKER_URL": REDIS_URL,
+        "PROJ_RESULT_BACKEND": REDIS_URL,
+        "PROJ_QUEUE": f"proj-{name}-{uuid.uuid4().hex[:8]}",
+        "PYTHONPATH": str(ROOT),
+    }
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "celery_integrations.py"), hub, name],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def test_sentry_sdk_gets_a_failing_task_with_its_exception(hub: str) -> None:
+    """sentry-sdk's Celery integration, set up as its guide says, sees the failure as an
+    exception event (type, value, stack), recorded by a local ``before_send``."""
+    _need_broker(6379, "Redis")
+    seen = _integration(hub, "sentry")
+    assert len(seen["events"]) == 1, seen
+    (event,) = seen["events"]
+    (exception,) = event["exception"]
+    assert (exception["type"], exception["value"]) == ("ValueError", "boom")
+    assert exception["mechanism"]["type"] == "celery"
+    frames = exception["stacktrace"]["frames"]
+    assert frames[-1]["function"] == "fail"
+    assert frames[-1]["filename"].endswith("proj/shop/tasks.py")
+
+
+def test_opentelemetry_traces_a_task_from_producer_to_worker(hub: str) -> None:
+    """OpenTelemetry's Celery instrumentation, turned on in ``worker_process_init`` as its
+    guide says, gives the run a span in the producer's trace."""
+    _need_broker(6379, "Redis")
+    seen = _integration(hub, "otel")
+    spans = {span["name"]: span for span in seen["spans"]}
+    sent, run = spans["apply_async/proj.shop.tasks.add"], spans["run/proj.shop.tasks.add"]
+    assert run["trace_id"] == sent["trace_id"]
+    assert run["parent"] == sent["span_id"]
+    assert run["attributes"]["celery.state"] == "SUCCESS"
+    assert run["attributes"]["messaging.message.id"] == seen["task_id"]
