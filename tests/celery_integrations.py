@@ -36,7 +36,7 @@ def run_sentry(tasks: Any) -> dict[str, Any]:
 
     events: list[dict[str, Any]] = []
 
-    def keep_here(event: dict[str, Any], hint: dict[str, Any]) -> None:
+    def keep_here(event: Any, hint: dict[str, Any]) -> None:
         events.append(event)
         return None  # recorded locally; nothing is sent
 
@@ -84,9 +84,12 @@ def run_otel(tasks: Any) -> dict[str, Any]:
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     otel_trace.set_tracer_provider(provider)
 
-    @signals.worker_process_init.connect(weak=False)
+    instrumentor: Any = CeleryInstrumentor
+
     def instrument(**kwargs: Any) -> None:  # where OpenTelemetry's Celery guide does it
-        CeleryInstrumentor().instrument()
+        instrumentor().instrument()
+
+    signals.worker_process_init.connect(instrument, weak=False)
 
     worker = _worker()
     try:

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -33,7 +34,7 @@ from greenworker.celery.app import CeleryApp
 from greenworker.exceptions import ImproperlyConfigured
 from greenworker.loader import load_app
 
-from .conftest import REDIS_URL, ROOT, _need_broker
+from .conftest import REDIS_URL, ROOT, _need_broker, start_cli
 
 PROJECT = ROOT / "examples" / "celery_project"
 QUEUE = f"proj-{uuid.uuid4().hex[:8]}"
@@ -342,3 +343,43 @@ def test_opentelemetry_traces_a_task_from_producer_to_worker(hub: str) -> None:
     assert run["parent"] == sent["span_id"]
     assert run["attributes"]["celery.state"] == "SUCCESS"
     assert run["attributes"]["messaging.message.id"] == seen["task_id"]
+
+
+def test_a_django_project_runs_with_the_orm_and_celerys_fixup(tmp_path: Path) -> None:
+    """A Django project (sqlite) run by ``greenworker -A djangoproj``: settings read from
+    ``django.conf:settings``, tasks found in the installed apps, the ORM in a task, and
+    Celery's Django fixup closing the task's connection after it."""
+    _need_broker(6379, "Redis")
+    project = ROOT / "tests" / "djangoproj"
+    queue = f"django-{uuid.uuid4().hex[:8]}"
+    env = {
+        "DJANGOPROJ_DB": str(tmp_path / "db.sqlite3"),
+        "DJANGOPROJ_BROKER_URL": REDIS_URL,
+        "DJANGOPROJ_QUEUE": queue,
+        "DJANGO_SETTINGS_MODULE": "djangoproj.settings",
+        "PYTHONPATH": f"{project}{os.pathsep}{ROOT}",
+    }
+    migrate = subprocess.run(
+        [sys.executable, "-m", "django", "migrate", "--noinput", "-v", "0"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=60,
+    )
+    assert migrate.returncode == 0, migrate.stderr
+    worker = start_cli("-A", "djangoproj", "-c", "5", "-l", "info", cwd=project, env=env)
+    client = Celery("client", broker=REDIS_URL, backend=REDIS_URL, set_as_current=False)
+    try:
+        first = client.send_task("notes.tasks.add_note", ["one"], queue=queue)
+        assert first.get(timeout=20) == {"count": 1, "vendor": "sqlite"}
+        second = client.send_task("notes.tasks.add_note", ["two"], queue=queue)
+        assert second.get(timeout=10) == {"count": 2, "vendor": "sqlite"}
+        closed = client.send_task("notes.tasks.closed_after", [first.id], queue=queue)
+        assert closed.get(timeout=10) is True
+    finally:
+        worker.terminate()
+        output, _ = worker.communicate(timeout=30)
+        client.close()
+    assert worker.returncode == 0, output
+    assert "Traceback" not in output, output

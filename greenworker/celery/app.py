@@ -29,7 +29,7 @@ from ..client.task import Task
 from .backend import CeleryResultBackend
 from .runner import CeleryTaskRunner
 from .settings import warn_unhonoured, worker_settings
-from .signals import CelerySignals
+from .signals import CelerySignals, WorkerView
 
 if TYPE_CHECKING:
     from ..worker.worker import Worker
@@ -176,18 +176,20 @@ class CeleryApp(App):
         hostname = options.get("hostname") or self.hostname
         self.prepare_worker(hostname)
         self.check_client_libraries()
+        view = WorkerView(self.celery, hostname)
         signals.celeryd_init.send(
-            sender=hostname, instance=None, conf=self.celery.conf, options=dict(options)
+            sender=hostname, instance=view, conf=self.celery.conf, options=dict(options)
         )
         self._apply_changed_settings()
         runner = CeleryTaskRunner(self.celery, hostname, self.backend)
         worker = Worker(
             self,
             task_runner=runner,
-            app_middleware=[CelerySignals(self.celery)],
+            app_middleware=[CelerySignals(self.celery, view)],
             **options,
         )
-        signals.worker_init.send(sender=worker)
+        view.worker = worker
+        signals.worker_init.send(sender=view)
         return worker
 
     def _apply_changed_settings(self) -> None:

@@ -31,35 +31,60 @@ if TYPE_CHECKING:
 log = logging.getLogger("greenworker.celery")
 
 
-class CelerySignals(Middleware):
-    """Sends Celery's worker signals for a worker running ``app``."""
+class WorkerView:
+    """The sender of the worker signals, in place of Celery's ``WorkController`` (and of its
+    consumer): what receivers read from it, such as Celery's Django fixup (``app``,
+    ``pool_cls``) or handlers keyed on the node name (``hostname``)."""
 
-    def __init__(self, app: Celery) -> None:
+    #: Not a prefork pool: Celery's Django fixup keeps connection pools open then.
+    pool_cls = "greenworker.worker.pool:GreenPool"
+
+    def __init__(self, app: Celery, hostname: str) -> None:
         self.app = app
+        self.hostname = hostname
+        #: The greenworker worker, once built.
         self.worker: Worker | None = None
+
+    @property
+    def controller(self) -> WorkerView:
+        return self  # Celery's consumer has .controller, the WorkController
+
+    @property
+    def concurrency(self) -> int:
+        return self.worker.pool.size if self.worker is not None else 0
+
+    def __repr__(self) -> str:
+        return f"<greenworker worker {self.hostname}>"
+
+
+class CelerySignals(Middleware):
+    """Sends Celery's worker signals for a worker running ``app``, with ``view`` as sender."""
+
+    def __init__(self, app: Celery, view: WorkerView) -> None:
+        self.app = app
+        self.view = view
         self._process_initialised = False
 
     def worker_start(self, worker: Worker) -> None:
-        self.worker = worker
         if not self._process_initialised:  # one process: "each pool process" means once
             self._process_initialised = True
             self.app.loader.init_worker_process()
             signals.worker_process_init.send(sender=worker.hostname)
         signals.celeryd_after_setup.send(
-            sender=worker.hostname, instance=worker, conf=self.app.conf
+            sender=worker.hostname, instance=self.view, conf=self.app.conf
         )
         if worker.heart is not None:
             worker.heart.on_beat = self._heartbeat_sent
 
     def _heartbeat_sent(self) -> None:
         if signals.heartbeat_sent.receivers:
-            signals.heartbeat_sent.send(sender=self.worker)
+            signals.heartbeat_sent.send(sender=self.view)
 
     def worker_ready(self, worker: Worker) -> None:
-        signals.worker_ready.send(sender=worker)
+        signals.worker_ready.send(sender=self.view)
 
     def worker_stop(self, worker: Worker) -> None:
-        signals.worker_shutdown.send(sender=worker)
+        signals.worker_shutdown.send(sender=self.view)
         self.app.loader.shutdown_worker()
 
     def task_received(self, request: Request) -> None:
@@ -77,7 +102,7 @@ class CelerySignals(Middleware):
             body=(msg.args, msg.kwargs, msg.embed),  # already decoded (and v1 converted)
             decoded=True,
         )
-        signals.task_received.send(sender=self.worker, request=celery_request)
+        signals.task_received.send(sender=self.view, request=celery_request)
 
     def task_rejected(self, message: Message, reason: str) -> None:
         if reason.startswith(REJECTED_BY_TASK):
@@ -86,11 +111,11 @@ class CelerySignals(Middleware):
         name = headers.get("task")
         if isinstance(name, str) and name not in self.app.tasks:
             signals.task_unknown.send(
-                sender=self.worker,
+                sender=self.view,
                 message=message,
                 exc=NotRegistered(name),
                 name=name,
                 id=headers.get("id"),
             )
             return
-        signals.task_rejected.send(sender=self.worker, message=message, exc=ValueError(reason))
+        signals.task_rejected.send(sender=self.view, message=message, exc=ValueError(reason))
