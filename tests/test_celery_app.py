@@ -383,3 +383,55 @@ def test_a_django_project_runs_with_the_orm_and_celerys_fixup(tmp_path: Path) ->
         client.close()
     assert worker.returncode == 0, output
     assert "Traceback" not in output, output
+
+
+@pytest.mark.parametrize("acks_late", [None, False, True])
+def test_the_apps_ack_setting_is_honoured_and_unset_means_at_least_once(
+    acks_late: bool | None, redis_url: str, queue_name: str, prerun: SeenIds
+) -> None:
+    celery_app = Celery("acks", broker=redis_url, backend=redis_url, set_as_current=False)
+    celery_app.conf.task_default_queue = queue_name
+    if acks_late is not None:
+        celery_app.conf.task_acks_late = acks_late
+    release = green.new_event()
+
+    @celery_app.task(name="acks.wait")  # type: ignore[untyped-decorator]
+    def wait() -> str:
+        release.wait(10)
+        return "done"
+
+    app = CeleryApp(celery_app)
+    worker = app.Worker(concurrency=2)
+    worker.start()
+    try:
+        sent = wait.delay()
+        prerun.wait(sent.id)
+        (running,) = worker.state.active.values()
+        # unset: greenworker's default, acked once the task ended; set: as the app says
+        assert running.acked is (acks_late is False)
+        release.set()
+        assert sent.get(timeout=10) == "done"
+    finally:
+        release.set()
+        worker.stop()
+        trace.reset_worker_optimizations(celery_app)
+        celery_app.close()
+
+
+def test_eta_and_rate_limits_apply_to_celery_tasks(
+    proj_worker: Worker, proj_tasks: ModuleType
+) -> None:
+    tasks = proj_tasks
+    started = time.monotonic()
+    later = tasks.add.apply_async((1, 2), countdown=0.4)
+    assert later.get(timeout=10) == 3
+    assert time.monotonic() - started >= 0.4
+    replies = tasks.add.app.control.rate_limit(
+        "proj.shop.tasks.noop", "5/s", destination=[proj_worker.hostname], reply=True
+    )
+    assert replies == [{proj_worker.hostname: {"ok": "new rate limit set successfully"}}]
+    started = time.monotonic()
+    results = [tasks.noop.delay() for _ in range(6)]
+    for result in results:
+        result.get(timeout=10)
+    assert time.monotonic() - started >= 0.8  # 6 tasks at 5/s: the last one after 1 s

@@ -355,13 +355,19 @@ def revoke_by_stamped_headers(
 def rate_limit(
     target: ControlTarget, task_name: str, rate_limit: str | float | None
 ) -> dict[str, str]:
+    # Celery's replies and log lines, word for word
     if task_name not in target.tasks:
-        return {"error": f"unknown task {task_name!r}"}
+        log.error("Rate limit attempt for unknown task %s", task_name)
+        return {"error": "unknown task"}
     try:
         set_rate_limit(target.tasks, target.rate_limiter, task_name, rate_limit)
     except ValueError as exc:
-        return {"error": str(exc)}
-    return {"ok": f"new rate limit set successfully: {task_name} {rate_limit}"}
+        return {"error": f"Invalid rate limit string: {exc!r}"}
+    if not rate_limit:
+        log.info("Rate limits disabled for tasks of type %s", task_name)
+        return {"ok": "rate limit disabled successfully"}
+    log.info("New rate limit for tasks of type %s: %s.", task_name, rate_limit)
+    return {"ok": "new rate limit set successfully"}
 
 
 @command
