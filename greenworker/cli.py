@@ -11,6 +11,7 @@ level.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import logging
 import os
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
     from .worker.worker import Worker
 
 LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(name)s] %(message)s"
+
+log = logging.getLogger("greenworker.cli")
 
 
 class CLIError(click.ClickException):
@@ -108,88 +111,432 @@ def _json_arg(value: str | None, what: str, kind: type) -> Any:
     return parsed
 
 
-#: The main command's options, in the order ``--help`` lists them.
-_MAIN_OPTIONS: tuple[Callable[[Any], Any], ...] = (
-    click.option(
+#: Where the command was started.  A restart in place (SIGHUP, a worker_max_*_per_child
+#: limit) and -D run the same command line again from here, so that its relative paths,
+#: --workdir's among them, mean what they meant.
+_LAUNCH_DIR = os.getcwd()
+
+
+class _GroupedOption(click.Option):
+    """An option listed under a heading in ``--help``, as Celery lists its own."""
+
+    def __init__(self, *args: Any, help_group: str = "Options", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.help_group = help_group
+
+
+class _Command(click.Command):
+    """Options under their headings in ``--help``; a usage error is one line
+    (``Error: ...``, exit status 2), without the usage and the hint click adds."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            exc.ctx = None  # what click shows the usage and the hint from
+            raise
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        sections: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                sections.setdefault(getattr(param, "help_group", "Options"), []).append(record)
+        for heading, records in sections.items():
+            with formatter.section(heading):
+                formatter.write_dl(records)
+
+
+class _Main(_Command, click.Group):
+    command_class = _Command
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_options(ctx, formatter)
+        self.format_commands(ctx, formatter)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:  # "No such command", and ctx.fail in a callback
+            exc.ctx = None
+            raise
+
+
+def _option(*decls: str, group: str, **kwargs: Any) -> Callable[[Any], Any]:
+    return click.option(*decls, cls=_GroupedOption, help_group=group, **kwargs)
+
+
+def _comma_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _pool_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None or value.lower() in green.HUBS:
+        return None if value is None else value.lower()
+    raise click.BadParameter(
+        f"{value}: greenworker runs on gevent or eventlet only (green threads in one "
+        "process); use -P gevent or -P eventlet"
+    )
+
+
+def _concurrency(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise click.BadParameter(
+            f"{value}: a number of greenlets, such as -c 200 (greenworker runs on gevent or "
+            "eventlet only: green threads in one process, no process pool to size)"
+        )
+    return number or None  # 0 is worker_concurrency, as in Celery
+
+
+def _autoscale(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> tuple[int, int] | None:
+    """Celery's reading: ``MAX,MIN`` in either order, or ``MAX`` alone (MIN 0)."""
+    if value is None:
+        return None
+    parts = value.split(",")
+    try:
+        if len(parts) > 2:
+            raise ValueError
+        numbers = sorted((int(p) for p in parts), reverse=True)
+    except ValueError:
+        raise click.BadParameter(f"{value}: expected MAX,MIN (two integers) or MAX") from None
+    high, low = numbers[0], numbers[1] if len(numbers) > 1 else 0
+    if low < 0:
+        raise click.BadParameter(f"{value}: needs MIN >= 0")
+    if high < 1:
+        raise click.BadParameter(f"{value}: needs MAX >= 1")
+    return high, low
+
+
+def _umask(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    from .daemon import DaemonError, parse_umask
+
+    if value is None:
+        return None
+    try:
+        return parse_umask(value)
+    except DaemonError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _global_option_after_worker(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    if value:
+        name = "/".join(param.opts)
+        raise click.UsageError(
+            f"{name} is an option of greenworker itself: put it before the command, as "
+            f"with celery: greenworker {param.opts[0]} ... worker ..."
+        )
+
+
+_GLOBAL = "Global Options"
+
+#: The options of the command itself (Celery's global options, and --data-dir): before
+#: ``worker`` or another command, or anywhere in the form without a command.
+_GLOBAL_OPTIONS: tuple[Callable[[Any], Any], ...] = (
+    _option(
         "-A",
         "--app",
         "app_spec",
         metavar="MODULE[:ATTR]",
+        group=_GLOBAL,
         help="The app: module (attribute `app`) or module:attr.",
     ),
-    click.option(
-        "-P",
-        "--pool",
-        "hub",
-        type=click.Choice(green.HUBS),
-        default="gevent",
-        show_default=True,
-        help="The green hub that patches the process.",
-    ),
-    click.option(
-        "-c",
-        "--concurrency",
-        type=click.IntRange(min=1),
-        help="Tasks run at once (greenlets).  [default: worker_concurrency, 100]",
-    ),
-    click.option("-Q", "--queues", help="Comma-separated queues to consume.  [default: celery]"),
-    click.option(
+    _option(
         "-b",
         "--broker",
+        group=_GLOBAL,
         help="Broker URL (redis://, amqp://, filesystem://, memory://).  [default: embedded]",
     ),
-    click.option("--result-backend", help="Result backend URL (redis://, lmdb:///dir, memory://)."),
-    click.option(
+    _option(
+        "--result-backend",
+        group=_GLOBAL,
+        help="Result backend URL (redis://, lmdb:///dir, memory://).",
+    ),
+    _option(
         "--data-dir",
         type=click.Path(file_okay=False),
+        group=_GLOBAL,
         help="Data directory of the embedded default.  [default: ./.greenworker]",
     ),
-    click.option("-n", "--hostname", help="Worker name.  [default: greenworker@<host>]"),
-    click.option(
-        "--prefetch-multiplier",
-        type=click.IntRange(min=1),
-        help="Prefetch = concurrency x this.  [default: 4]",
+    _option(
+        "--workdir",
+        type=click.Path(exists=True, file_okay=False),
+        is_eager=True,
+        expose_value=False,
+        callback=lambda ctx, param, value: os.chdir(value) if value else None,
+        group=_GLOBAL,
+        help="Change to this directory before anything else (before the app is loaded).",
     ),
-    click.option(
-        "--soft-shutdown-timeout",
-        type=click.FloatRange(min=0),
-        help="Seconds a warm shutdown waits for running tasks.  [default: 30]",
+    _option("-q", "--quiet", is_flag=True, group=_GLOBAL, help="The worker prints no banner."),
+    _option(
+        "-C",
+        "--no-color",
+        is_flag=True,
+        group=_GLOBAL,
+        help="Accepted: greenworker's output has no colours.",
     ),
-    click.option(
-        "--autoscale",
-        metavar="MAX,MIN",
-        help="Grow the pool up to MAX when tasks wait, shrink to MIN when idle.",
+    _option(
+        "--config",
+        metavar="MODULE",
+        group=_GLOBAL,
+        help="Settings module (CELERY_CONFIG_MODULE for a Celery app).",
     ),
-    click.option("-E", "--task-events", is_flag=True, help="Send task events (for Flower)."),
-    click.option(
-        "-B", "--beat", "embed_beat", is_flag=True, help="Also run beat (periodic tasks) here."
+    _option("--loader", group=_GLOBAL, help="A Celery app's loader (CELERY_LOADER)."),
+    _option(
+        "--skip-checks",
+        is_flag=True,
+        group=_GLOBAL,
+        help="Skip Django core checks on startup (CELERY_SKIP_CHECKS).",
     ),
-    click.option("--without-gossip", is_flag=True, help="Do not watch other workers' events."),
-    click.option("--without-mingle", is_flag=True, help="Do not sync with the cluster at startup."),
-    click.option("--without-heartbeat", is_flag=True, help="Send no worker-heartbeat events."),
-    click.option(
+)
+
+_WORKER = "Worker Options"
+_POOL = "Pool Options"
+_QUEUE = "Queue Options"
+_FEATURES = "Features"
+_BEAT = "Embedded Beat Options"
+_DAEMON = "Daemonization Options"
+
+#: The worker's options, Celery's (and greenworker's --soft-shutdown-timeout): after
+#: ``worker``, or before it, or in the form without a command.
+_WORKER_OPTIONS: tuple[Callable[[Any], Any], ...] = (
+    _option(
+        "-n",
+        "--hostname",
+        group=_WORKER,
+        help="Set custom hostname (e.g., 'w1@%h').  Expands: %h (hostname), %n (name) and "
+        "%d, (domain).  [default: worker_hostname, else greenworker@%h]",
+    ),
+    _option(
+        "-D",
+        "--detach",
+        is_flag=True,
+        group=_WORKER,
+        help="Start worker as a background process.",
+    ),
+    _option(
+        "-S",
         "--statedb",
         type=click.Path(file_okay=False),
-        help="LMDB state store directory (revoked ids, hub blockers, counters, clock).  "
-        "[default: DATA_DIR/state on the embedded default, none otherwise]",
+        group=_WORKER,
+        help="Path to the state database (an LMDB directory: revoked ids, hub blockers, "
+        "counters, clock).  [default: worker_state_db, DATA_DIR/state on the embedded default]",
     ),
-    click.option(
-        "--soft-time-limit",
-        type=click.FloatRange(min=0, min_open=True),
-        help="Seconds before SoftTimeLimitExceeded is raised in a task (task_soft_time_limit).",
-    ),
-    click.option(
-        "--time-limit",
-        type=click.FloatRange(min=0, min_open=True),
-        help="Seconds before a task is killed and fails (task_time_limit).",
-    ),
-    click.option(
+    _option(
         "-l",
         "--loglevel",
-        type=click.Choice(["debug", "info", "warning", "error", "critical"], case_sensitive=False),
-        default="info",
-        show_default=True,
+        type=click.Choice(
+            ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "FATAL"], case_sensitive=False
+        ),
+        group=_WORKER,
+        help="Logging level.  [default: INFO]",
     ),
+    _option(
+        "-O",
+        "--optimization",
+        type=click.Choice(["default", "fair"]),
+        group=_WORKER,
+        help="Apply optimization profile (greenworker always dispatches fairly).",
+    ),
+    _option(
+        "--prefetch-multiplier",
+        type=click.IntRange(min=1),
+        metavar="<prefetch multiplier>",
+        group=_WORKER,
+        help="Set custom prefetch multiplier value for this worker instance (prefetch = "
+        "concurrency x this).  [default: worker_prefetch_multiplier, 4]",
+    ),
+    _option(
+        "--disable-prefetch",
+        is_flag=True,
+        group=_WORKER,
+        help="Fetch a task only when a greenlet is free (prefetch multiplier 1, acks late).",
+    ),
+    _option(
+        "-c",
+        "--concurrency",
+        callback=_concurrency,
+        metavar="<concurrency>",
+        group=_POOL,
+        help="Number of greenlets processing the queue.  [default: worker_concurrency, 100]",
+    ),
+    _option(
+        "-P",
+        "--pool",
+        callback=_pool_name,
+        metavar="[gevent|eventlet]",
+        group=_POOL,
+        help="Pool implementation: the green hub that patches the process.  [default: gevent]",
+    ),
+    _option(
+        "-E",
+        "--task-events",
+        "--events",
+        "task_events",
+        is_flag=True,
+        group=_POOL,
+        help="Send task-related events that can be captured by monitors like celery "
+        "events, Flower and greenworker events.",
+    ),
+    _option(
+        "--time-limit",
+        type=click.FloatRange(min=0, min_open=True),
+        group=_POOL,
+        help="Enables a hard time limit (in seconds int/float) for tasks.",
+    ),
+    _option(
+        "--soft-time-limit",
+        type=click.FloatRange(min=0, min_open=True),
+        group=_POOL,
+        help="Enables a soft time limit (in seconds int/float) for tasks.",
+    ),
+    _option(
+        "--max-tasks-per-child",
+        type=click.IntRange(min=0),
+        group=_POOL,
+        help="Maximum number of tasks the worker can execute before its process is "
+        "restarted in place (worker_max_tasks_per_child).",
+    ),
+    _option(
+        "--pool-start-method",
+        type=click.Choice(["fork", "spawn"]),
+        group=_POOL,
+        help="Accepted with a warning: greenworker starts no pool processes.",
+    ),
+    _option(
+        "--max-memory-per-child",
+        type=click.IntRange(min=0),
+        group=_POOL,
+        help="Maximum amount of resident memory, in KiB, that the worker may consume before "
+        "its process is restarted in place.  If a single task causes the worker to exceed "
+        "this limit, the task will be completed and the process restarted afterwards "
+        "(worker_max_memory_per_child).  Default: no limit.",
+    ),
+    _option(
+        "--soft-shutdown-timeout",
+        type=click.FloatRange(min=0),
+        group=_POOL,
+        help="Seconds a warm shutdown waits for running tasks.  [default: 30]",
+    ),
+    _option(
+        "--purge",
+        "--discard",
+        is_flag=True,
+        group=_QUEUE,
+        help="Purge the queues consumed before starting.",
+    ),
+    _option(
+        "-Q",
+        "--queues",
+        callback=_comma_list,
+        group=_QUEUE,
+        help="Comma-separated queues to consume.  [default: celery]",
+    ),
+    _option(
+        "-X",
+        "--exclude-queues",
+        callback=_comma_list,
+        group=_QUEUE,
+        help="Comma-separated queues not to consume.",
+    ),
+    _option(
+        "-I",
+        "--include",
+        callback=_comma_list,
+        group=_QUEUE,
+        help="Comma-separated modules to import after the app.",
+    ),
+    _option("--without-gossip", is_flag=True, group=_FEATURES, help="Do not watch other workers."),
+    _option(
+        "--without-mingle",
+        is_flag=True,
+        group=_FEATURES,
+        help="Do not sync with the cluster at startup.",
+    ),
+    _option(
+        "--without-heartbeat",
+        is_flag=True,
+        group=_FEATURES,
+        help="Send no worker events (worker-heartbeat, -online, -offline).",
+    ),
+    _option(
+        "--heartbeat-interval",
+        type=click.FloatRange(min=0, min_open=True),
+        group=_FEATURES,
+        help="Seconds between worker-heartbeat events (worker_heartbeat).  [default: 2]",
+    ),
+    _option(
+        "--autoscale",
+        callback=_autoscale,
+        metavar="MAX,MIN",
+        group=_FEATURES,
+        help="Grow the pool up to MAX when tasks wait, shrink to MIN when idle.",
+    ),
+    _option(
+        "-B",
+        "--beat",
+        "embed_beat",
+        is_flag=True,
+        group=_BEAT,
+        help="Also run beat (periodic tasks) in this worker.",
+    ),
+    _option(
+        "-s",
+        "--schedule-filename",
+        "--schedule",
+        "schedule",
+        group=_BEAT,
+        help="Beat's store of last-run times (beat_schedule_filename).  [default: DATA_DIR/beat]",
+    ),
+    _option("--scheduler", group=_BEAT, help="Beat's scheduler class (a Celery app only)."),
+    _option("-f", "--logfile", group=_DAEMON, help="Log destination; defaults to stderr."),
+    _option("--pidfile", group=_DAEMON, help="PID file path; defaults to no PID file."),
+    _option("--uid", group=_DAEMON, help="Drops privileges to this user ID."),
+    _option("--gid", group=_DAEMON, help="Drops privileges to this group ID."),
+    _option(
+        "--umask",
+        callback=_umask,
+        group=_DAEMON,
+        help="Create files and directories with this umask (octal with a leading 0).",
+    ),
+    _option(
+        "--executable",
+        group=_DAEMON,
+        help="Override path to the Python executable (with -D).",
+    ),
+)
+
+#: Celery 5 refuses its global options after ``worker``; so does greenworker, saying where
+#: they go.
+_MISPLACED_GLOBAL_OPTIONS: tuple[Callable[[Any], Any], ...] = tuple(
+    click.option(
+        *decls,
+        is_flag=flag,
+        hidden=True,
+        expose_value=False,
+        callback=_global_option_after_worker,
+    )
+    for decls, flag in (
+        (("-A", "--app"), False),
+        (("-b", "--broker"), False),
+        (("--result-backend",), False),
+        (("--data-dir",), False),
+        (("--workdir",), False),
+        (("--config",), False),
+        (("--loader",), False),
+        (("-q", "--quiet"), True),
+        (("-C", "--no-color"), True),
+        (("--skip-checks",), True),
+    )
 )
 
 
@@ -206,123 +553,414 @@ def _with_options(options: tuple[Callable[[Any], Any], ...]) -> Callable[[Any], 
 
 @dataclass(frozen=True)
 class WorkerOptions:
-    """The worker's own options of the main command (ignored before a subcommand)."""
+    """The worker's options, as parsed (``None``: not given)."""
 
-    concurrency: int | None
-    queues: str | None
     hostname: str | None
+    detach: bool
+    statedb: str | None
+    loglevel: str | None
+    optimization: str | None
     prefetch_multiplier: int | None
-    soft_shutdown_timeout: float | None
-    autoscale: str | None
+    disable_prefetch: bool
+    concurrency: int | None
+    pool: green.HubName | None
     task_events: bool
-    embed_beat: bool
+    time_limit: float | None
+    soft_time_limit: float | None
+    max_tasks_per_child: int | None
+    pool_start_method: str | None
+    max_memory_per_child: int | None
+    soft_shutdown_timeout: float | None
+    purge: bool
+    queues: list[str] | None
+    exclude_queues: list[str] | None
+    include: list[str] | None
     without_gossip: bool
     without_mingle: bool
     without_heartbeat: bool
-    statedb: str | None
-    soft_time_limit: float | None
-    time_limit: float | None
+    heartbeat_interval: float | None
+    autoscale: tuple[int, int] | None
+    embed_beat: bool
+    schedule: str | None
+    scheduler: str | None
+    logfile: str | None
+    pidfile: str | None
+    uid: str | None
+    gid: str | None
+    umask: int | None
+    executable: str | None
 
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@_with_options(_MAIN_OPTIONS)
+#: Worker options that mean something before another command too: the hub and logging.
+_OPTIONS_OF_EVERY_COMMAND = ("pool", "loglevel")
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source is not click.core.ParameterSource.DEFAULT
+
+
+def _option_name(ctx: click.Context, name: str) -> str:
+    param = next(p for p in ctx.command.params if p.name == name)
+    return "/".join(param.opts)
+
+
+@click.group(
+    cls=_Main,
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+@_with_options(_GLOBAL_OPTIONS + _WORKER_OPTIONS)
 @click.version_option(__version__, prog_name="greenworker")
 @click.pass_context
 def main(
     ctx: click.Context,
     /,
     app_spec: str | None,
-    hub: green.HubName,
     broker: str | None,
     result_backend: str | None,
     data_dir: str | None,
-    loglevel: str,
+    quiet: bool,
+    no_color: bool,
+    config: str | None,
+    loader: str | None,
+    skip_checks: bool,
     **worker: Any,
 ) -> None:
-    """Run a greenworker worker (with no command), or a client command."""
+    """Run a worker (greenworker -A proj worker ..., or the same without "worker"), or
+    another command.  The global options go before the command."""
     if ctx.resilient_parsing:
         return
+    # what celery's command does with these three, for a Celery app to read
+    for variable, value in (
+        ("CELERY_CONFIG_MODULE", config),
+        ("CELERY_LOADER", loader),
+        ("CELERY_SKIP_CHECKS", "true" if skip_checks else None),
+    ):
+        if value:
+            os.environ[variable] = value
+    ctx.obj = AppLoader(app_spec, broker, result_backend, data_dir, config=config, loader=loader)
+    command = ctx.invoked_subcommand
+    if command is None:
+        _worker(ctx.obj, quiet, WorkerOptions(**worker))
+        return
+    if command == "worker":
+        return  # the worker command takes the worker options given here too
+    for name in worker:
+        if name not in _OPTIONS_OF_EVERY_COMMAND and _given(ctx, name):
+            raise CLIError(
+                f"{_option_name(ctx, name)} is a worker option; {command} does not use it"
+            )
+    _patch(worker["pool"])
+    logging.basicConfig(level=(worker["loglevel"] or "INFO").upper(), format=LOG_FORMAT)
+    # the command loads the app once its own options (and --help) are parsed
+
+
+@main.command("worker")
+@_with_options(_WORKER_OPTIONS + _MISPLACED_GLOBAL_OPTIONS)
+@click.pass_context
+def worker_command(ctx: click.Context, /, **options: Any) -> None:
+    """Start worker instance.
+
+    \b
+    Examples
+    --------
+
+    \b
+    $ greenworker --app=proj worker -l INFO
+    $ greenworker -A proj worker -l INFO -Q hipri,lopri
+    $ greenworker -A proj worker --concurrency=1000 -P eventlet
+    $ greenworker -A proj worker --autoscale=100,10
+    """
+    main_ctx = ctx.parent
+    assert main_ctx is not None
+    # an option given after `worker` wins over the same one given before it
+    for name in options:
+        if not _given(ctx, name) and _given(main_ctx, name):
+            options[name] = main_ctx.params[name]
+    _worker(ctx.obj, main_ctx.params["quiet"], WorkerOptions(**options))
+
+
+def _patch(hub: green.HubName | None) -> None:
     try:
-        green.patch(hub)
+        green.patch(hub or "gevent")
     except green.HubError as exc:
         raise CLIError(str(exc)) from None
-    logging.basicConfig(level=loglevel.upper(), format=LOG_FORMAT)
-    loader = AppLoader(app_spec, broker, result_backend, data_dir)
-    ctx.obj = loader
-    if ctx.invoked_subcommand is not None:
-        return  # the subcommand loads the app once its own options (and --help) are parsed
-    options = WorkerOptions(**worker)
+
+
+def _worker(loader: AppLoader, quiet: bool, options: WorkerOptions) -> None:
+    """Patch, log, load the app, run the worker; restart in place when it asks."""
+    from .worker.signals import restart_in_place
+
+    _patch(options.pool)
+    logging.basicConfig(level=(options.loglevel or "INFO").upper(), format=LOG_FORMAT)
+    from .daemon import already_detached
+
     app = loader.load()
-    if options.soft_shutdown_timeout is not None:
-        app.conf.worker_shutdown_timeout = options.soft_shutdown_timeout
     try:
-        _run_worker(app, options)
+        restart = _run_worker(app, options, quiet)
+    except click.ClickException as exc:
+        if already_detached():  # stderr is /dev/null: say it in the log file
+            log.error("%s", exc.format_message())
+        raise
     finally:
         app.close()
+    if restart:
+        restart_in_place(cwd=_LAUNCH_DIR)
 
 
-def _run_worker(app: App, options: WorkerOptions) -> None:
+@dataclass(frozen=True)
+class _WorkerPlan:
+    """What the options resolve to once the app is loaded."""
+
+    hostname: str
+    queues: list[str]
+    prefetch_multiplier: int | None
+    autoscale: tuple[int, int] | None
+    pidfile: str | None
+    logfile: str | None
+    notes: list[tuple[int, str]]  # (logging level, line), said once the log is set up
+
+
+def _run_worker(app: App, options: WorkerOptions, quiet: bool) -> bool:
+    """Run the worker until it stops; True if the process should restart in place."""
+    from .daemon import DaemonError, PidfileInUse
     from .exceptions import ImproperlyConfigured
-    from .worker.signals import SignalSupervisor, restart_in_place
+    from .worker.signals import SignalSupervisor
     from .worker.store import StoreError
 
-    autoscale = _autoscale_bounds(options.autoscale)
-    if options.soft_time_limit is not None:
-        app.conf.task_soft_time_limit = options.soft_time_limit
-    if options.time_limit is not None:
-        app.conf.task_time_limit = options.time_limit
-    hostname = options.hostname
-    if hostname:
-        hostname = expand_node_name(hostname)
-    elif app.conf.worker_hostname:
-        hostname = expand_node_name(app.conf.worker_hostname, what="worker_hostname")
-    state_db = options.statedb if options.statedb is not None else app.conf.worker_state_db
-    if state_db:
-        app.conf.worker_state_db = expand_node_path(state_db, hostname or app.hostname, "--statedb")
-    if options.task_events:
-        app.conf.worker_send_task_events = True
-    if options.without_gossip:
-        app.conf.worker_enable_gossip = False
-    if options.without_mingle:
-        app.conf.worker_enable_mingle = False
-    if options.without_heartbeat:
-        app.conf.worker_heartbeat = 0
     try:
+        plan = _plan(app, options)
+        _prepare_process(options, plan)
         worker = app.Worker(
             concurrency=options.concurrency,
-            queues=[q.strip() for q in options.queues.split(",") if q.strip()]
-            if options.queues
-            else None,
-            hostname=hostname,
-            prefetch_multiplier=options.prefetch_multiplier,
-            autoscale=autoscale,
+            queues=plan.queues,
+            hostname=plan.hostname,
+            prefetch_multiplier=plan.prefetch_multiplier,
+            autoscale=plan.autoscale,
             beat=options.embed_beat,
         )
-        _print_banner(app, worker)
+        for level, line in plan.notes:
+            log.log(level, "%s", line)
+        if options.purge:
+            _purge_before_start(app, plan.queues)
+        if not quiet:
+            _print_banner(app, worker)
         supervisor = SignalSupervisor(
-            warm_stop=worker.request_stop,
+            warm_stop=functools.partial(_warm_stop, worker),
             cold_stop=functools.partial(worker.stop, 0),
             running_tasks=lambda: worker.pool.active,
         )
         supervisor.install()
         worker.run()
-        if supervisor.restart:
-            restart_in_place()
-    except (StoreError, ImproperlyConfigured, ValueError) as exc:
+    except PidfileInUse as exc:
+        raise CommandFailed(str(exc)) from None
+    except (StoreError, ImproperlyConfigured, ValueError, DaemonError) as exc:
         raise CLIError(str(exc)) from None
+    if supervisor.shutdown:
+        return False  # a SIGTERM during a stop for a limit: no restart
+    return supervisor.restart or worker.restart_reason is not None
 
 
-def _autoscale_bounds(value: str | None) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    try:
-        high, _, low = value.partition(",")
-        bounds = (int(high), int(low) if low else 1)
-    except ValueError:
-        raise CLIError(f"--autoscale takes MAX,MIN (two integers), got {value!r}") from None
-    if not 1 <= bounds[1] <= bounds[0]:
-        raise CLIError(f"--autoscale needs 1 <= MIN <= MAX, got {value!r}")
-    return bounds
+def _warm_stop(worker: Worker) -> None:
+    if worker.restart_reason is None:  # else a warm stop (for a limit) is under way already
+        worker.request_stop()
+
+
+def _plan(app: App, options: WorkerOptions) -> _WorkerPlan:
+    """Apply the options to ``app.conf``; resolve names, queues and paths; import -I."""
+    conf = app.conf
+    notes: list[tuple[int, str]] = []
+    if options.soft_shutdown_timeout is not None:
+        conf.worker_shutdown_timeout = options.soft_shutdown_timeout
+    if options.soft_time_limit is not None:
+        conf.task_soft_time_limit = options.soft_time_limit
+    if options.time_limit is not None:
+        conf.task_time_limit = options.time_limit
+    if options.max_tasks_per_child is not None:
+        conf.worker_max_tasks_per_child = options.max_tasks_per_child
+    if options.max_memory_per_child is not None:
+        conf.worker_max_memory_per_child = options.max_memory_per_child
+    if options.task_events:
+        conf.worker_send_task_events = True
+    if options.without_gossip:
+        conf.worker_enable_gossip = False
+    if options.without_mingle:
+        conf.worker_enable_mingle = False
+    if options.heartbeat_interval is not None:
+        conf.worker_heartbeat = options.heartbeat_interval
+    if options.without_heartbeat:
+        conf.worker_heartbeat = 0
+    if options.schedule is not None:
+        conf.beat_schedule_filename = options.schedule
+    if options.scheduler is not None:
+        conf.beat_scheduler = options.scheduler
+    _check_scheduler(app, option_given=options.scheduler is not None, beat_runs=options.embed_beat)
+    if options.hostname:
+        hostname = expand_node_name(_celery_node_name(options.hostname))
+    elif conf.worker_hostname:
+        hostname = expand_node_name(conf.worker_hostname, what="worker_hostname")
+    else:
+        hostname = app.hostname
+    state_db = options.statedb if options.statedb is not None else conf.worker_state_db
+    if state_db:
+        conf.worker_state_db = expand_node_path(state_db, hostname, "-S/--statedb")
+    queues = _consumed_queues(options.queues or [conf.task_default_queue], options.exclude_queues)
+    prefetch = options.prefetch_multiplier
+    if options.disable_prefetch:
+        if prefetch not in (None, 1):
+            raise CLIError(f"--disable-prefetch and --prefetch-multiplier {prefetch} disagree")
+        prefetch = 1
+    autoscale = options.autoscale
+    if autoscale is not None and autoscale[1] == 0:
+        autoscale = (autoscale[0], 1)
+        notes.append((logging.INFO, "--autoscale: MIN 0 keeps 1 greenlet (idle, it costs nothing)"))
+    if options.optimization is not None:
+        notes.append(
+            (
+                logging.INFO,
+                f"-O {options.optimization}: greenworker always dispatches fairly (a free "
+                "greenlet takes the next message; prefetch is concurrency x multiplier)",
+            )
+        )
+    notes.extend((logging.WARNING, line) for line in _unused_options(options))
+    _import_includes(options.include)
+    return _WorkerPlan(
+        hostname=hostname,
+        queues=queues,
+        prefetch_multiplier=prefetch,
+        autoscale=autoscale,
+        pidfile=expand_node_path(options.pidfile, hostname, "--pidfile")
+        if options.pidfile
+        else None,
+        logfile=expand_node_path(options.logfile, hostname, "-f/--logfile")
+        if options.logfile
+        else None,
+        notes=notes,
+    )
+
+
+def _celery_node_name(value: str) -> str:
+    """Celery's -n without ``@``: the host part, with the default name."""
+    return value if "@" in value else f"greenworker@{value}"
+
+
+def _consumed_queues(queues: list[str], excluded: list[str] | None) -> list[str]:
+    if not excluded:
+        return queues
+    unknown = [name for name in excluded if name not in queues]
+    if unknown:  # Celery says nothing; greenworker says it once
+        log.warning(
+            "-X/--exclude-queues: %s not consumed anyway (the queues: %s)",
+            ", ".join(unknown),
+            ", ".join(queues),
+        )
+    kept = [name for name in queues if name not in excluded]
+    if not kept:
+        raise CLIError(f"-X/--exclude-queues leaves no queue to consume (of {', '.join(queues)})")
+    return kept
+
+
+def _runs_celery_app(app: App) -> bool:
+    """A celery.Celery app, run through :mod:`greenworker.celery`."""
+    return type(app).__module__.startswith("greenworker.celery")
+
+
+def _check_scheduler(app: App, *, option_given: bool, beat_runs: bool) -> None:
+    """A beat scheduler class is Celery's: a greenworker App runs its own schedule."""
+    if app.conf.beat_scheduler is None or _runs_celery_app(app):
+        return
+    if option_given:
+        raise CLIError("--scheduler needs a Celery app")
+    if beat_runs:
+        raise CLIError("beat_scheduler needs a Celery app (a greenworker App runs beat_schedule)")
+
+
+def _unused_options(options: WorkerOptions) -> list[str]:
+    """One line for each option accepted from Celery's command line that does nothing here."""
+    lines = []
+    if options.pool_start_method is not None:
+        lines.append(
+            f"--pool-start-method {options.pool_start_method}: ignored; greenworker starts "
+            "no pool processes (green threads in one process)"
+        )
+    if not options.embed_beat:
+        for given, name in (
+            (options.schedule, "-s/--schedule"),
+            (options.scheduler, "--scheduler"),
+        ):
+            if given is not None:
+                lines.append(f"{name}: ignored without -B/--beat")
+    if options.executable is not None and not options.detach:
+        lines.append("--executable: ignored without -D/--detach")
+    return lines
+
+
+def _import_includes(modules: list[str] | None) -> None:
+    for name in modules or ():
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise CLIError(f"-I/--include: cannot import module {name!r}: {exc}") from None
+        except Exception as exc:  # a failing import-time statement
+            raise CLIError(
+                f"-I/--include: module {name!r} failed to import: {type(exc).__name__}: {exc}"
+            ) from None
+
+
+def _prepare_process(options: WorkerOptions, plan: _WorkerPlan) -> None:
+    """The umask, the user and group, -D, the pid file and the log file, in Celery's order."""
+    from .daemon import Pidfile, already_detached, check_logfile, detach, drop_privileges
+    from .worker.signals import restart_in_place
+
+    if options.umask is not None:
+        os.umask(options.umask)
+    drop_privileges(options.uid, options.gid)
+    pidfile = Pidfile(plan.pidfile) if plan.pidfile else None
+    if options.detach and not already_detached():
+        # what would fail in the daemon fails here, on the terminal
+        if pidfile is not None:
+            pidfile.check()
+        if plan.logfile is not None:
+            check_logfile(plan.logfile)
+        else:
+            log.warning("-D/--detach without -f/--logfile: the worker's log goes to /dev/null")
+        environ = detach()
+        restart_in_place(cwd=_LAUNCH_DIR, executable=options.executable, environ=environ)
+    if pidfile is not None:
+        pidfile.acquire()
+    if plan.logfile is not None:
+        _log_to_file(plan.logfile)
+
+
+def _log_to_file(path: str) -> None:
+    """Log to ``path`` instead of stderr (reopened when logrotate moves it, as Celery's)."""
+    from logging.handlers import WatchedFileHandler
+
+    from .daemon import check_logfile
+
+    check_logfile(path)
+    handler = WatchedFileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    for previous in list(root.handlers):
+        root.removeHandler(previous)
+    root.addHandler(handler)
+
+
+def _purge_before_start(app: App, queues: list[str]) -> None:
+    with _broker_connection(app) as conn:
+        count = _purge_queues(app, conn, queues)
+    log.info("purge: Erased %d %s from the queue.", count, "message" if count == 1 else "messages")
+
+
+def _purge_queues(app: App, conn: Connection, names: list[str]) -> int:
+    total = 0
+    for name in names:
+        queue = app.queue(name)(conn.default_channel)
+        queue.declare()
+        total += queue.purge() or 0
+    return total
 
 
 @dataclass
@@ -333,6 +971,10 @@ class AppLoader:
     broker: str | None
     backend: str | None
     data_dir: str | None
+    #: --config: a settings module, applied before -b and --result-backend.
+    config: str | None = None
+    #: --loader: a Celery app's loader (celery's CELERY_LOADER); a greenworker App has none.
+    loader: str | None = None
 
     def load(self) -> App:
         from .config import ConfigError
@@ -347,6 +989,14 @@ class AppLoader:
             raise CLIError(str(exc)) from None
         except ConfigError as exc:
             raise CLIError(f"bad configuration in {self.spec}: {exc}") from None
+        if not _runs_celery_app(app):  # a Celery app read both from the environment
+            if self.loader:
+                log.warning("--loader %s: ignored; a greenworker App has no loader", self.loader)
+            if self.config:
+                try:
+                    app.conf.update(self.config)
+                except ConfigError as exc:
+                    raise CLIError(f"--config {self.config}: {exc}") from None
         if self.broker:
             app.conf.broker_url = self.broker
         if self.backend:
@@ -501,13 +1151,9 @@ def purge(loader: AppLoader, queues: str | None, force: bool) -> None:
     names = [q.strip() for q in (queues or app.conf.task_default_queue).split(",") if q.strip()]
     if not force and not click.confirm(f"Delete all messages in {', '.join(names)}?"):
         raise SystemExit(1)
-    total = 0
     try:
         with _broker_connection(app) as conn:
-            for name in names:
-                queue = app.queue(name)(conn.default_channel)
-                queue.declare()
-                total += queue.purge() or 0
+            total = _purge_queues(app, conn, names)
     finally:
         app.close()
     click.echo(f"purged {total} message(s) from {', '.join(names)}")
@@ -767,6 +1413,7 @@ def beat(loader: AppLoader, schedule_path: str | None, max_interval: float | Non
     from .worker.store import StoreError
 
     app = loader.load()
+    _check_scheduler(app, option_given=False, beat_runs=True)
     if schedule_path:
         app.conf.beat_schedule_filename = schedule_path
     if max_interval is not None:

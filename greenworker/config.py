@@ -115,6 +115,12 @@ class Settings:
     worker_hostname: str | None = None
     #: Seconds a warm shutdown waits for running tasks before killing them.
     worker_shutdown_timeout: float = 30.0
+    #: After this many tasks the worker stops warm and the ``greenworker`` command
+    #: restarts the process in place (None or 0: never); ``--max-tasks-per-child``.
+    worker_max_tasks_per_child: int | None = None
+    #: The same once a task leaves the process's resident memory above this many KiB
+    #: (None or 0: no limit); ``--max-memory-per-child``.
+    worker_max_memory_per_child: int | None = None
     #: Longest idle wait (s) of the consumers and listeners before they look again.
     worker_drain_interval: float = 1.0
     #: Timezone of crontab schedules (an IANA name such as "Europe/Paris").
@@ -123,6 +129,9 @@ class Settings:
     beat_schedule: dict[str, Any] = field(default_factory=dict)
     #: Beat's LMDB store of last-run times (a directory); None: DATA_DIR/beat.
     beat_schedule_filename: str | None = None
+    #: Beat's scheduler class, Celery's ``--scheduler`` (e.g. django_celery_beat's):
+    #: only a Celery app can use one; None: the built-in schedule.
+    beat_scheduler: str | None = None
     #: Beat wakes at least this often (s), even when nothing is due.
     beat_max_loop_interval: float = 300.0
     #: Seconds between polls of the filesystem transport on the embedded default.

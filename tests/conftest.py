@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -194,3 +195,19 @@ def start_cli(
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
+
+
+def wait_for_output(proc: subprocess.Popen[str], needle: str, timeout: float = 30.0) -> str:
+    """Read ``proc``'s output up to the first line containing ``needle``; return what was
+    read (an AssertionError with it if the line does not come within ``timeout``)."""
+    assert proc.stdout is not None
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+    raise AssertionError(f"{needle!r} not seen; output:\n{''.join(seen)}")

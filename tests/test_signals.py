@@ -13,21 +13,7 @@ import redis
 
 from greenworker import App
 
-from .conftest import start_cli
-
-
-def _wait_for(proc: subprocess.Popen[str], needle: str, timeout: float = 30) -> str:
-    assert proc.stdout is not None
-    seen = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        if needle in line:
-            return "".join(seen)
-    raise AssertionError(f"{needle!r} not seen in:\n{''.join(seen)}")
+from .conftest import start_cli, wait_for_output
 
 
 @pytest.fixture
@@ -58,7 +44,7 @@ def _worker(hub: str, env: dict[str, str], *extra: str) -> subprocess.Popen[str]
     proc = start_cli(
         "-A", "tests.sigapp", "-P", hub, "-l", "info", "--without-mingle", *extra, env=env
     )
-    _wait_for(proc, "ready")
+    wait_for_output(proc, "ready")
     return proc
 
 
@@ -137,12 +123,12 @@ def test_sigusr1_dumps_stacks_and_sighup_restarts(
         client.send_task("sig.work", (1, 2.0))
         time.sleep(0.5)
         proc.send_signal(signal.SIGUSR1)
-        dump = _wait_for(proc, "sig.work[")
+        dump = wait_for_output(proc, "sig.work[")
         assert "greenlet stacks follow" in dump
         pid = proc.pid
         proc.send_signal(signal.SIGHUP)
-        _wait_for(proc, "restarting")
-        _wait_for(proc, "ready")  # the same process, started again
+        wait_for_output(proc, "restarting")
+        wait_for_output(proc, "ready")  # the same process, started again
         assert proc.pid == pid and proc.poll() is None
         runs = redis.Redis.from_url(sig_env["SIGAPP_REDIS"])
         assert runs.hget(sig_env["SIGAPP_KEY"], "1") == b"1"  # finished before the restart

@@ -9,7 +9,8 @@ does the work outside signal context:
   exit 0.  A second one turns it cold.
 * ``SIGQUIT``: cold shutdown -- kill running tasks (a message that acks late
   goes back to the queue), close, exit 0 quickly.
-* ``SIGHUP``: warm shutdown, then the same command starts again in place.
+* ``SIGHUP``: warm shutdown, then the same command starts again in place (the
+  command calls :func:`restart_in_place`).
 * ``SIGUSR1``: log every greenlet's stack, naming the task each one runs.
 """
 
@@ -47,7 +48,10 @@ class SignalSupervisor:
         self.cold_stop = cold_stop
         self.running_tasks = running_tasks
         self.pending: list[int] = []
+        #: SIGHUP asked for a restart in place.
         self.restart = False
+        #: SIGTERM, SIGINT or SIGQUIT asked for a shutdown (it wins over a restart).
+        self.shutdown = False
         self._wake = green.new_event()
         self._stopping = False
 
@@ -81,6 +85,9 @@ class SignalSupervisor:
         if signum == signal.SIGUSR1:
             log.warning("%s: greenlet stacks follow\n%s", name, dump_stacks())
             return
+        if signum != signal.SIGHUP:
+            self.shutdown = True
+            self.restart = False
         if signum == signal.SIGQUIT or (self._stopping and signum != signal.SIGHUP):
             log.warning("%s: cold shutdown, killing %d running task(s)", name, self.running_tasks())
             self._stopping = True
@@ -94,12 +101,24 @@ class SignalSupervisor:
         self.warm_stop()
 
 
-def restart_in_place() -> None:
-    """Replace this process with the same command line (after a SIGHUP)."""
-    log.info("restarting: %s", " ".join(sys.orig_argv))
+def restart_in_place(
+    *,
+    cwd: str | None = None,
+    executable: str | None = None,
+    environ: dict[str, str] | None = None,
+) -> None:
+    """Replace this process (same pid) with the same command line: after a SIGHUP or a
+    ``worker_max_*_per_child`` limit, and for ``-D``.  ``cwd`` is where the command was
+    started (its relative paths, ``--workdir`` among them, are read from there);
+    ``executable`` replaces the Python interpreter (Celery's ``--executable``)."""
+    program = executable or sys.executable
+    argv = [program, *sys.orig_argv[1:]]
+    log.info("restarting: %s", " ".join(argv))
     for handler in logging.getLogger().handlers:
         handler.flush()
-    os.execv(sys.executable, sys.orig_argv)
+    if cwd is not None:
+        os.chdir(cwd)
+    os.execve(program, argv, os.environ if environ is None else environ)
 
 
 def dump_stacks() -> str:

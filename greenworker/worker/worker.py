@@ -34,6 +34,7 @@ from .executor import AppTaskRunner, Executor, TaskRunner
 from .handler import MessageHandler
 from .hooks import Hooks, Middleware
 from .pool import GreenPool
+from .recycle import ProcessLimits
 from .state import RevokedSet, WorkerState
 from .store import StateSaver, StateStore
 from .timer import Timer
@@ -100,6 +101,19 @@ class Worker:
         self.consumer: TaskConsumer = self._build_consumer()
         self._background: list[green.Greenlet] = []  # waiting for the broker; ended by stop
         self.autoscaler = self._build_autoscaler(autoscale, autoscale_policy)
+        #: Why this worker stopped to be restarted (a ``worker_max_*_per_child`` limit), or
+        #: None.  The ``greenworker`` command then restarts the process in place; a
+        #: program that embeds the worker decides for itself.
+        self.restart_reason: str | None = None
+        self.limits = (
+            ProcessLimits(
+                max_tasks=conf.worker_max_tasks_per_child,
+                max_memory_kib=conf.worker_max_memory_per_child,
+                reached=self._limit_reached,
+            )
+            if conf.worker_max_tasks_per_child or conf.worker_max_memory_per_child
+            else None
+        )
         # Remote control and events need fanout between processes: not on the
         # filesystem transport of the embedded default.
         fanout = self.broker_scheme != "filesystem"
@@ -205,8 +219,12 @@ class Worker:
             if fanout
             else None
         )
-        events = [TaskEvents(self.events)] if self.events is not None else []
-        self.hooks: Hooks = Hooks([*kind, *events, *app.middleware, *middleware])
+        builtin: list[Middleware] = [*kind]
+        if self.events is not None:
+            builtin.append(TaskEvents(self.events))
+        if self.limits is not None:
+            builtin.append(self.limits)
+        self.hooks: Hooks = Hooks([*builtin, *app.middleware, *middleware])
         self.heart = (
             Heart(
                 self.events,
@@ -293,6 +311,9 @@ class Worker:
         if self._beat_wanted:
             self.beat, self._beat_store = open_embedded_beat(self.app, self.timer, self.store)
         self._started = True
+        self.restart_reason = None
+        if self.limits is not None:
+            self.limits.start()
         self.handler.accepting = True
         self._stopped.clear()
         if self.app.embedded:
@@ -430,6 +451,8 @@ class Worker:
             self.control.stop()
         self.watchdog.stop()
         self.timer.stop()
+        if self.limits is not None:
+            self.limits.stop()
         self.handler.flush()
         if self.store is not None:
             self.flush_state()
@@ -452,6 +475,10 @@ class Worker:
     def request_stop(self) -> None:
         """Ask for a warm stop from any greenlet; returns at once."""
         green.spawn(self.stop)
+
+    def _limit_reached(self, reason: str) -> None:
+        self.restart_reason = reason
+        self.request_stop()
 
     def wait_stopped(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
