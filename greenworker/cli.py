@@ -1068,8 +1068,23 @@ def _print_banner(app: App, worker: Worker) -> None:
         f"  results:     {maybe_sanitize_url(app.result_backend_url or 'disabled')}",
         f"  queues:      {', '.join(worker.queues)}",
         f"  tasks:       {len(app.tasks)} registered",
+        f"  acks:        {_describe_acks(app)}",
     ]
+    if _runs_celery_app(app):
+        lines[1] += " (a Celery app: each task runs through Celery's tracer)"
     click.echo("\n".join(lines), err=True)
+
+
+def _describe_acks(app: App) -> str:
+    if not app.conf.task_acks_late:
+        return "early, before the task runs (task_acks_late = False)"
+    said = "late, after the task ends (at-least-once)"
+    if _runs_celery_app(app):
+        from .celery.app import CeleryApp
+
+        if isinstance(app, CeleryApp) and not app.acks_set_by_app:
+            said += "; greenworker's default, as the app sets no task_acks_late"
+    return said
 
 
 @main.command()

@@ -13,6 +13,7 @@ import importlib
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -34,7 +35,7 @@ from greenworker.celery.app import CeleryApp
 from greenworker.exceptions import ImproperlyConfigured
 from greenworker.loader import load_app
 
-from .conftest import REDIS_URL, ROOT, _need_broker, start_cli
+from .conftest import REDIS_URL, ROOT, _need_broker, run_cli, start_cli
 
 PROJECT = ROOT / "examples" / "celery_project"
 QUEUE = f"proj-{uuid.uuid4().hex[:8]}"
@@ -435,3 +436,137 @@ def test_eta_and_rate_limits_apply_to_celery_tasks(
     for result in results:
         result.get(timeout=10)
     assert time.monotonic() - started >= 0.8  # 6 tasks at 5/s: the last one after 1 s
+
+
+def test_greenworker_worker_command_runs_the_project(tmp_path: Path) -> None:
+    """The command line of a Celery worker with one word changed, against the project's
+    directory: the banner says what runs, Celery's client gets results, ``celery inspect``
+    answers, SIGTERM ends it with status 0."""
+    _need_broker(6379, "Redis")
+    queue = f"proj-cli-{uuid.uuid4().hex[:8]}"
+    env = {
+        "PROJ_BROKER_URL": REDIS_URL,
+        "PROJ_RESULT_BACKEND": REDIS_URL,
+        "PROJ_QUEUE": queue,
+        "PYTHONPATH": str(ROOT),
+    }
+    node = f"io-{uuid.uuid4().hex[:6]}@%h"
+    worker = start_cli(
+        *("-A", "proj", "worker", "-P", "gevent", "-c", "50", "-Q", queue, "-l", "info"),
+        *("-n", node, "--pidfile", str(tmp_path / "%n.pid")),
+        cwd=PROJECT,
+        env=env,
+    )
+    client = Celery("client", broker=REDIS_URL, backend=REDIS_URL, set_as_current=False)
+    try:
+        sent = client.send_task("proj.shop.tasks.add", [20, 22], queue=queue)
+        assert sent.get(timeout=20) == 42
+        hostname = node.replace("%h", socket.gethostname())
+        # the mailbox may start listening just after the first task ran: ask until it answers
+        replies = None
+        for _ in range(10):
+            replies = client.control.inspect(destination=[hostname], timeout=1).ping()
+            if replies:
+                break
+        assert replies == {hostname: {"ok": "pong"}}
+    finally:
+        worker.terminate()
+        output, _ = worker.communicate(timeout=30)
+        client.close()
+    assert worker.returncode == 0, output
+    assert "a Celery app: each task runs through Celery's tracer" in output
+    assert "acks:        late, after the task ends (at-least-once); greenworker's default" in output
+    assert "Task proj.shop.tasks.add[" in output and "succeeded in" in output  # Celery's line
+    assert "Traceback" not in output, output
+
+
+def test_a_module_with_no_app_is_one_line_and_exit_2() -> None:
+    done = run_cli("-A", "proj.settings", "worker", cwd=PROJECT, env={"PYTHONPATH": str(ROOT)})
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "has no greenworker App or Celery app" in lines[0]
+    assert "found none of them" in lines[0]
+
+
+def _outcomes(client: Celery, queue: str) -> dict[str, Any]:
+    """What each of the project's behaviours gives, seen from Celery's client."""
+
+    def send(name: str, *args: Any, **options: Any) -> Any:
+        return client.send_task(f"proj.shop.tasks.{name}", list(args), queue=queue, **options)
+
+    def outcome(result: Any) -> tuple[str, Any]:
+        try:
+            return ("ok", result.get(timeout=20))
+        except Exception as exc:
+            return ("error", type(exc).__name__)
+
+    key = uuid.uuid4().hex
+    seen: dict[str, Any] = {
+        "add": outcome(send("add", 2, 3)),
+        "typed": outcome(send("typed")),
+        "flaky": outcome(send("flaky", 2)),
+        "always_down": outcome(send("always_down")),
+        "fail": outcome(send("fail", "boom")),
+        "progress": outcome(send("progress")),
+        "reject_drop": outcome(send("reject_once", key + "-drop", False)),
+        "stuck": outcome(send("stuck")),
+    }
+    who = send("whoami")
+    ok, fields = outcome(who)
+    fields["routing_key"] = fields["routing_key"] == queue
+    seen["whoami"] = (ok, {k: v for k, v in fields.items() if k not in ("id", "hostname")})
+    link = client.signature("proj.shop.tasks.add", args=(10,), options={"queue": queue})
+    parent = send("add", 2, 3, link=link)
+    parent.get(timeout=20)
+    seen["link"] = outcome(parent.children[0])
+    header = [client.signature("proj.shop.tasks.add", (i, i), queue=queue) for i in range(4)]
+    body = client.signature("proj.shop.tasks.tsum", queue=queue)
+    seen["chord"] = outcome(chord(header)(body))
+    return seen
+
+
+def test_the_project_behaves_as_under_a_celery_gevent_worker(tmp_path: Path) -> None:
+    """The same calls against ``greenworker -A proj worker`` and ``celery -A proj worker -P
+    gevent``, each on its own queue, give the same results, states and exceptions.  Left out:
+    the soft time limit (Celery's gevent pool does not enforce it) and ``Reject(requeue=True)``
+    (Celery acks before the task by default, so there is nothing left to requeue)."""
+    _need_broker(6379, "Redis")
+    run = uuid.uuid4().hex[:8]
+    queues = {"greenworker": f"proj-gw-{run}", "celery": f"proj-celery-{run}"}
+    base_env = {
+        "PROJ_BROKER_URL": REDIS_URL,
+        "PROJ_RESULT_BACKEND": REDIS_URL,
+        "PYTHONPATH": str(ROOT),
+    }
+    common = ["-A", "proj", "worker", "-P", "gevent", "-c", "20", "--without-mingle"]
+    workers = {
+        "greenworker": start_cli(
+            *common,
+            "-Q",
+            queues["greenworker"],
+            "-n",
+            f"gw-{run}@%h",
+            cwd=PROJECT,
+            env={**base_env, "PROJ_QUEUE": queues["greenworker"]},
+        ),
+        "celery": subprocess.Popen(
+            [sys.executable, "-m", "celery", *common, "-Q", queues["celery"], "-n", f"c-{run}@%h"],
+            cwd=PROJECT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **base_env, "PROJ_QUEUE": queues["celery"]},
+        ),
+    }
+    client = Celery("client", broker=REDIS_URL, backend=REDIS_URL, set_as_current=False)
+    try:
+        seen = {kind: _outcomes(client, queue) for kind, queue in queues.items()}
+    finally:
+        for process in workers.values():
+            process.terminate()
+        outputs = {kind: process.communicate(timeout=30)[0] for kind, process in workers.items()}
+        client.close()
+    assert seen["greenworker"] == seen["celery"], outputs
+    assert seen["greenworker"]["stuck"] == ("error", "TimeLimitExceeded")
+    assert seen["greenworker"]["chord"] == ("ok", 12)

@@ -28,7 +28,7 @@ from ..client.result import AsyncResult
 from ..client.task import Task
 from .backend import CeleryResultBackend
 from .runner import CeleryTaskRunner
-from .settings import warn_unhonoured, worker_settings
+from .settings import user_set, warn_unhonoured, worker_settings
 from .signals import CelerySignals, WorkerView
 
 if TYPE_CHECKING:
@@ -47,6 +47,8 @@ class CeleryApp(App):
         #: The settings as first read, to tell later changes of Celery's conf from ours.
         self._as_loaded = worker_settings(celery_app)
         self._as_loaded.update_from_env()
+        #: Whether the app's configuration sets task_acks_late (else greenworker's default).
+        self.acks_set_by_app = user_set(celery_app, "task_acks_late")
         self._results: CeleryResultBackend | None = None
         self._prepared = False
 
