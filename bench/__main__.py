@@ -81,7 +81,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, values, known in (
         ("scenario", args.scenarios, SCENARIOS),
         ("broker", args.brokers, tuple(systems.BROKERS)),
-        ("system", args.systems, (*systems.SYSTEMS, "greenworker-E", "greenworker-base")),
+        (
+            "system",
+            args.systems,
+            (*systems.SYSTEMS, "greenworker-E", "greenworker-base", "greenworker-celery"),
+        ),
     ):
         for value in values:
             if value not in known:

@@ -67,6 +67,7 @@ SENDERS: dict[str, Callable[[], tuple[Sender, Callable[[], None]]]] = {
     "greenworker-E": greenworker_sender,
     "greenworker-base": greenworker_sender,
     "celery": celery_sender,
+    "greenworker-celery": celery_sender,  # the same Celery project, run by greenworker
     "dramatiq": dramatiq_sender,
     "huey": huey_sender,
 }

@@ -28,6 +28,9 @@ REDIS_URL = BROKERS["redis"]
 COUNTER_KEY = f"bench:{os.getpid()}:done"
 LATENCY_KEY = f"bench:{os.getpid()}:latency"
 SYSTEMS = ("greenworker", "celery", "dramatiq", "huey")
+#: ``greenworker-celery``: Celery's own bench app (bench/tasks_celery.py) run unchanged by
+#: ``greenworker -A bench.tasks_celery worker``, fed by Celery's client: the migration case.
+CELERY_APP_SYSTEMS = ("celery", "greenworker-celery")
 #: Brokers each system cannot use, and why (the table says so).
 UNSUPPORTED = {("huey", "amqp"): "skipped: Huey has no RabbitMQ broker"}
 #: ``greenworker-base``: the same worker run from another checkout (``BENCH_BASELINE``, the
@@ -67,11 +70,11 @@ def worker_command(system: str, concurrency: int) -> list[str]:
             "warning",
             *events,
         ]
-    if system == "celery":
+    if system in CELERY_APP_SYSTEMS:
         return [
             PY,
             "-m",
-            "celery",
+            "celery" if system == "celery" else "greenworker",
             "-A",
             "bench.tasks_celery",
             "worker",
