@@ -750,6 +750,7 @@ def _run_worker(app: App, options: WorkerOptions, quiet: bool) -> bool:
             warm_stop=functools.partial(_warm_stop, worker),
             cold_stop=functools.partial(worker.stop, 0),
             running_tasks=lambda: worker.pool.active,
+            on_shutdown=_shutdown_listener(app, worker.hostname),
         )
         supervisor.install()
         worker.run()
@@ -859,6 +860,15 @@ def _consumed_queues(queues: list[str], excluded: list[str] | None) -> list[str]
     if not kept:
         raise CLIError(f"-X/--exclude-queues leaves no queue to consume (of {', '.join(queues)})")
     return kept
+
+
+def _shutdown_listener(app: App, hostname: str) -> Callable[[str, str], object] | None:
+    """A Celery app hears of a shutdown as under Celery (``worker_shutting_down``)."""
+    if not _runs_celery_app(app):
+        return None
+    from .celery.signals import shutting_down
+
+    return functools.partial(shutting_down, hostname)
 
 
 def _runs_celery_app(app: App) -> bool:

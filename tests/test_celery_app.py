@@ -383,6 +383,7 @@ def test_a_django_project_runs_with_the_orm_and_celerys_fixup(tmp_path: Path) ->
         output, _ = worker.communicate(timeout=30)
         client.close()
     assert worker.returncode == 0, output
+    assert "worker_shutting_down: SIGTERM Warm" in output
     assert "Traceback" not in output, output
 
 

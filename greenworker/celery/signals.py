@@ -119,3 +119,9 @@ class CelerySignals(Middleware):
             )
             return
         signals.task_rejected.send(sender=self.view, message=message, exc=ValueError(reason))
+
+
+def shutting_down(hostname: str, sig: str, how: str) -> None:
+    """Celery's ``worker_shutting_down``: a signal started a ``how`` ("Warm", "Cold")
+    shutdown of worker ``hostname``."""
+    signals.worker_shutting_down.send(sender=hostname, sig=sig, how=how, exitcode=0)

@@ -43,10 +43,14 @@ class SignalSupervisor:
         warm_stop: Callable[[], None],
         cold_stop: Callable[[], None],
         running_tasks: Callable[[], int],
+        on_shutdown: Callable[[str, str], object] | None = None,
     ) -> None:
+        """``on_shutdown(signal name, "Warm" or "Cold")`` is told of each shutdown a signal
+        starts, before it starts (Celery's ``worker_shutting_down``)."""
         self.warm_stop = warm_stop
         self.cold_stop = cold_stop
         self.running_tasks = running_tasks
+        self.on_shutdown = on_shutdown
         self.pending: list[int] = []
         #: SIGHUP asked for a restart in place.
         self.restart = False
@@ -91,6 +95,7 @@ class SignalSupervisor:
         if signum == signal.SIGQUIT or (self._stopping and signum != signal.SIGHUP):
             log.warning("%s: cold shutdown, killing %d running task(s)", name, self.running_tasks())
             self._stopping = True
+            self._announce(name, "Cold")
             green.spawn(self.cold_stop)
             return
         if self._stopping:
@@ -98,7 +103,15 @@ class SignalSupervisor:
         self._stopping = True
         self.restart = signum == signal.SIGHUP
         log.info("%s: warm shutdown%s", name, " and restart" if self.restart else "")
+        self._announce(name, "Warm")
         self.warm_stop()
+
+    def _announce(self, name: str, how: str) -> None:
+        if self.on_shutdown is not None:
+            try:
+                self.on_shutdown(name, how)
+            except Exception:  # a listener never stops the shutdown
+                log.exception("a shutdown listener raised; ignored")
 
 
 def restart_in_place(

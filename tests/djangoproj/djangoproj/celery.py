@@ -27,3 +27,8 @@ def _record_connection(task_id: str | None = None, **kwargs: Any) -> None:
 
     if task_id is not None:
         CLOSED_AFTER[task_id] = connection.connection is None
+
+
+@signals.worker_shutting_down.connect
+def say_shutting_down(sig: str = "", how: str = "", **kwargs: Any) -> None:
+    print(f"worker_shutting_down: {sig} {how}", flush=True)
