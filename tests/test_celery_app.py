@@ -571,3 +571,40 @@ def test_the_project_behaves_as_under_a_celery_gevent_worker(tmp_path: Path) -> 
     assert seen["greenworker"] == seen["celery"], outputs
     assert seen["greenworker"]["stuck"] == ("error", "TimeLimitExceeded")
     assert seen["greenworker"]["chord"] == ("ok", 12)
+
+
+# Celery's tracer warns of an exception outside the body before it reraises it
+@pytest.mark.filterwarnings("ignore:Exception raised outside body:RuntimeWarning")
+def test_a_backend_that_cannot_store_is_logged_once_and_the_worker_goes_on(
+    redis_url: str, queue_name: str, caplog: pytest.LogCaptureFixture, postrun: SeenIds
+) -> None:
+    celery_app = Celery(
+        "nostore", broker=redis_url, backend="redis://127.0.0.1:1/0", set_as_current=False
+    )
+    celery_app.conf.update(
+        task_default_queue=queue_name,
+        result_backend_transport_options={"retry_policy": {"max_retries": 0}},
+    )
+    client = Celery("client", broker=redis_url, set_as_current=False)  # no backend to wait on
+
+    @celery_app.task(name="nostore.add")  # type: ignore[untyped-decorator]
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    app = CeleryApp(celery_app)
+    worker = app.Worker(concurrency=2)
+    worker.start()
+    try:
+        with caplog.at_level(logging.ERROR):
+            ids = [client.send_task("nostore.add", (1, 2), queue=queue_name).id for _ in "ab"]
+            postrun.wait(*ids)
+            worker.join(fail_fast=False, timeout=10)  # both messages settled
+    finally:
+        worker.stop()
+        trace.reset_worker_optimizations(celery_app)
+        celery_app.close()
+        client.close()
+    tracer_errors = [r for r in caplog.records if "Celery's tracer raised" in r.getMessage()]
+    assert len(tracer_errors) == 2, caplog.text  # one line per task, with the traceback
+    assert all(r.exc_info for r in tracer_errors)
+    assert worker.state.failed == 2
