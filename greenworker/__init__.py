@@ -10,11 +10,21 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["App", "AsyncResult", "Context", "Task", "Worker", "current_request"]
+__all__ = [
+    "App",
+    "AsyncResult",
+    "Context",
+    "Task",
+    "Worker",
+    "current_app",
+    "current_request",
+    "shared_task",
+]
 
 if TYPE_CHECKING:
     from .client.app import App
     from .client.result import AsyncResult
+    from .client.shared import current_app, shared_task
     from .client.task import Context, Task, current_request
     from .worker.worker import Worker
 
@@ -24,6 +34,8 @@ _LAZY = {
     "Context": "client.task",
     "Task": "client.task",
     "current_request": "client.task",
+    "current_app": "client.shared",
+    "shared_task": "client.shared",
     "Worker": "worker.worker",
 }
 

@@ -1,9 +1,9 @@
 """Settings with Celery's names and (mostly) Celery's defaults.
 
 Layers, later ones win: defaults, then a module / object / dict given to
-:meth:`Settings.update` (or ``App(config=...)``), then ``GREENWORKER_<NAME>``
-environment variables (and Celery's own ``CELERY_BROKER_URL`` and
-``CELERY_RESULT_BACKEND``), then command-line options.
+:meth:`Settings.update` (``App(config=...)`` or ``app.config_from_object(...)``),
+then ``GREENWORKER_<NAME>`` environment variables (and Celery's own
+``CELERY_BROKER_URL`` and ``CELERY_RESULT_BACKEND``), then command-line options.
 
 No name a user wrote is dropped without a word: a Celery setting greenworker
 does not implement is logged as a warning (once per name and load), a
@@ -22,7 +22,7 @@ import logging
 import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 
 class ConfigError(ValueError):
     """A setting has an unknown name or a value of the wrong type."""
+
+
+#: The queue types greenworker declares (Celery's ``task_default_queue_type`` values).
+QUEUE_TYPES = ("classic", "quorum")
 
 
 @dataclass
@@ -64,6 +68,17 @@ class Settings:
     accept_content: list[str] = field(default_factory=lambda: ["json"])
     task_default_queue: str = "celery"
     task_default_exchange_type: str = "direct"
+    #: Celery's routes: a dict (names, glob patterns, compiled regexes) or a list of dicts,
+    #: router functions and import paths of routers (see :mod:`greenworker.client.routes`).
+    task_routes: Any = None
+    #: How the default queue is declared: "classic" or "quorum" (``x-queue-type``).
+    task_default_queue_type: str = "classic"
+    #: How every other queue is declared: "classic" or "quorum".
+    task_create_missing_queue_type: str = "classic"
+    #: Message priority of tasks with none of their own, their route's or the call's.
+    task_default_priority: int | None = None
+    #: ``x-max-priority`` of the queues greenworker declares (RabbitMQ priority queues).
+    task_queue_max_priority: int | None = None
     task_default_delivery_mode: int = 2
     #: greenworker acks after the task finished (at-least-once); Celery's default is False.
     task_acks_late: bool = True
@@ -137,8 +152,19 @@ class Settings:
     #: Seconds between polls of the filesystem transport on the embedded default.
     filesystem_polling_interval: float = 0.05
 
-    def update(self, source: Mapping[str, Any] | object | str | None = None, **kw: Any) -> None:
-        """Apply settings from a mapping or keywords, or a module / object / module path.
+    def update(
+        self,
+        source: Mapping[str, Any] | object | str | None = None,
+        *,
+        namespace: str | None = None,
+        **kw: Any,
+    ) -> None:
+        """Apply settings from a mapping or keywords, or a module / object / import path
+        (``"proj.settings"``, ``"django.conf:settings"``).
+
+        With a ``namespace`` such as ``"CELERY"``, only the names of ``source`` that
+        start with it and ``_`` are read, without it: ``CELERY_BROKER_URL`` is
+        ``broker_url`` (as Celery reads Django's settings).
 
         Every name is a greenworker setting (applied), a Celery setting greenworker
         does not use (a warning naming it), or a mistake: a near-miss of a setting
@@ -149,17 +175,15 @@ class Settings:
         attributes are warned about.  Nothing is applied when anything is wrong.
         """
         if isinstance(source, str):
-            try:
-                source = importlib.import_module(source)
-            except ImportError as exc:
-                raise ConfigError(f"cannot import config module {source!r}: {exc}") from exc
+            source = import_object(source, "config module")
+        prefix = namespace.rstrip("_") + "_" if namespace else None
         known: dict[str, Any] = {}
         problems: list[str] = []
         unused: dict[str, str] = {}
         if isinstance(source, Mapping):
-            _sort(source, True, known, problems, unused)
+            _sort(_without_prefix(source, prefix), True, known, problems, unused)
         elif source is not None:
-            _sort(_attributes(source), False, known, problems, unused)
+            _sort(_attributes(source, prefix), False, known, problems, unused)
         _sort(kw, True, known, problems, unused)
         if problems:
             raise ConfigError(f"unknown setting(s): {', '.join(problems)}")
@@ -180,7 +204,9 @@ class Settings:
                 variable = CELERY_ENV[name]
                 raw = env.get(variable)
             if raw is not None:
-                setattr(self, name, _parse_env(name, raw, variable))
+                value = _parse_env(name, raw, variable)
+                _check_value(name, value, f"environment variable {variable}")
+                setattr(self, name, value)
         for variable in CELERY_ENV_UNUSED:
             if variable in env:
                 log.warning(
@@ -267,14 +293,88 @@ CELERY_SETTING_NAMES = frozenset(_CELERY_NAMES.split())
 _TYPO_CUTOFF = 0.8
 
 
-def _attributes(source: object) -> dict[str, Any]:
-    """A module's or object's public attributes, less imports, classes and functions."""
+def import_object(path: str, what: str) -> Any:
+    """The module or object ``path`` names: ``pkg.mod``, ``pkg.mod:attr`` or
+    ``pkg.mod.attr``.  Raises :class:`ConfigError` naming ``what`` could not be imported."""
+    module_name, colon, attr = path.partition(":")
+    missing: ImportError | None = None
+    if not colon:
+        try:
+            return importlib.import_module(path)
+        except ModuleNotFoundError as exc:
+            module_name, dot, attr = path.rpartition(".")
+            if exc.name != path or not dot:  # not this name's own absence: report it
+                raise ConfigError(f"cannot import {what} {path!r}: {exc}") from exc
+            missing = exc  # perhaps pkg.mod.attr: reported if that is not it either
+        except ImportError as exc:
+            raise ConfigError(f"cannot import {what} {path!r}: {exc}") from exc
+    try:
+        value: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import {what} {path!r}: {missing or exc}") from exc
+    for part in attr.split("."):
+        try:
+            value = getattr(value, part)
+        except AttributeError:
+            reason = missing or f"{module_name!r} has no attribute {attr!r}"
+            raise ConfigError(f"cannot import {what} {path!r}: {reason}") from None
+    return value
+
+
+def check_priority(value: Any, what: str) -> int:
+    """A message priority: an int from 0 to 255 (AMQP's octet; Redis uses 0-9)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
+        raise ConfigError(f"{what} must be an int from 0 to 255, not {value!r}")
+    return value
+
+
+def _check_queue_type(value: Any, what: str) -> None:
+    if value not in QUEUE_TYPES:
+        raise ConfigError(f"{what} must be 'classic' or 'quorum', not {value!r}")
+
+
+#: Checks of a setting's value beyond its type.
+_VALUE_CHECKS: dict[str, Callable[[Any, str], object]] = {
+    "task_default_queue_type": _check_queue_type,
+    "task_create_missing_queue_type": _check_queue_type,
+    "task_default_priority": check_priority,
+    "task_queue_max_priority": check_priority,
+}
+
+
+def _check_value(name: str, value: Any, what: str) -> None:
+    check = _VALUE_CHECKS.get(name)
+    if check is not None and value is not None:
+        check(value, what)
+
+
+def _without_prefix(items: Mapping[str, Any], prefix: str | None) -> Mapping[str, Any]:
+    """With a namespace prefix, only the names it starts, without it (in lower case)."""
+    if prefix is None:
+        return items
+    return {
+        name[len(prefix) :].lower(): value
+        for name, value in items.items()
+        if isinstance(name, str) and name.startswith(prefix)
+    }
+
+
+def _attributes(source: object, prefix: str | None = None) -> dict[str, Any]:
+    """A module's or object's public attributes, less imports, classes and functions
+    that are not the value of a setting; with a namespace ``prefix``, only the names
+    it starts, without it."""
     items = {}
-    for name in dir(source):
-        if name.startswith("_"):
+    for attribute in dir(source):
+        if attribute.startswith("_"):
+            continue
+        if prefix is None:
+            name = attribute
+        elif attribute.startswith(prefix):
+            name = attribute[len(prefix) :].lower()
+        else:
             continue
         try:
-            value = getattr(source, name)
+            value = getattr(source, attribute)
         except AttributeError:  # listed by dir() but not readable: not a setting
             continue
         if name not in _FIELD_NAMES and (
@@ -301,9 +401,11 @@ def _sort(
         elif name != name.lower():
             counterpart = _lowercase_counterpart(name)
             if counterpart in _FIELD_NAMES:
+                namespaced = name.startswith("CELERY_") and counterpart == name[7:].lower()
                 unused[name] = (
                     f"setting {name} is not used by greenworker, which reads "
                     f"lower-case names: write {counterpart}"
+                    + (", or load with namespace='CELERY'" if namespaced else "")
                 )
             elif counterpart is not None:
                 unused[name] = (
@@ -347,6 +449,14 @@ def _base_types(name: str) -> tuple[type, ...]:
 
 def _check(name: str, value: Any) -> Any:
     allowed = _base_types(name)
+    if Any in allowed:  # task_routes: its routes are checked when first used
+        return value
+    value = _check_type(name, value, allowed)
+    _check_value(name, value, f"setting {name}")
+    return value
+
+
+def _check_type(name: str, value: Any, allowed: tuple[type, ...]) -> Any:
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if bool not in allowed and isinstance(value, bool):
@@ -367,6 +477,13 @@ def _describe(allowed: tuple[type, ...]) -> str:
 def _parse_env(name: str, raw: str, variable: str) -> Any:
     allowed = _base_types(name)
     text = raw.strip()
+    if Any in allowed:  # task_routes: JSON (a dict or list of routes), else a router's path
+        if not text.startswith(("{", "[")):
+            return text or None
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"environment variable {variable}: {exc}") from exc
     if type(None) in allowed and text.lower() in ("", "none", "null"):
         return None
     try:

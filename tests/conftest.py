@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kombu.message import Message
 from kombu.messaging import Producer
 
 from greenworker import App, Worker, green
@@ -167,6 +168,13 @@ def publish_raw(app: App, body: Any, headers: dict[str, Any], **options: Any) ->
             declare=[queue],
             **options,
         )
+
+
+def take(app: App, queue: str) -> Message | None:
+    """The next message waiting in ``queue`` (removed from it), or None."""
+    with app.connection() as conn:
+        message: Message | None = conn.default_channel.basic_get(queue, no_ack=True)
+        return message
 
 
 def run_cli(

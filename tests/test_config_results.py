@@ -70,6 +70,76 @@ def test_config_from_module_object_and_strict_dict() -> None:
         App("x", config="no_such_settings_module")
 
 
+def test_the_environment_still_wins_over_config_from_object(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CELERY_BROKER_URL", "redis://from-env:6379/0")
+    monkeypatch.setenv("GREENWORKER_WORKER_CONCURRENCY", "33")
+    app = App("x")
+    app.config_from_object(
+        {"broker_url": "memory://", "worker_concurrency": 5, "task_default_queue": "q"}
+    )
+    assert app.conf.broker_url == "redis://from-env:6379/0"
+    assert app.conf.worker_concurrency == 33
+    assert app.conf.task_default_queue == "q"
+    app.conf.worker_concurrency = 2  # a direct assignment still has the last word
+    assert app.conf.worker_concurrency == 2
+
+
+def test_config_from_object_reads_a_namespace_as_celery_does() -> None:
+    """Django's way: ``config_from_object("django.conf:settings", namespace="CELERY")``."""
+    module = types.ModuleType("gw_django_like_settings")
+    exec(
+        textwrap.dedent(
+            """
+            DEBUG = True
+            broker_url = "redis://not-under-the-namespace"
+            CELERY_BROKER_URL = "memory://"
+            CELERY_TASK_DEFAULT_QUEUE = "from-django"
+
+            def route(name, *args, **kwargs):
+                return "routed"
+
+            CELERY_TASK_ROUTES = route  # a function, and the value of a setting
+
+            class Settings:
+                CELERY_WORKER_CONCURRENCY = 7
+
+            settings = Settings()
+            """
+        ),
+        module.__dict__,
+    )
+    sys.modules[module.__name__] = module
+    try:
+        app = App("x")
+        app.config_from_object(module, namespace="CELERY")
+        assert app.conf.broker_url == "memory://"
+        assert app.conf.task_default_queue == "from-django"
+        assert app.conf.task_routes is module.route
+        for path in ("gw_django_like_settings:settings", "gw_django_like_settings.settings"):
+            other = App("x")
+            other.config_from_object(path, namespace="CELERY", force=True)
+            assert other.conf.worker_concurrency == 7
+    finally:
+        del sys.modules[module.__name__]
+    app = App("x")
+    app.config_from_object({"CELERY_TASK_ACKS_LATE": False, "other": 1}, namespace="CELERY_")
+    assert app.conf.task_acks_late is False
+    with pytest.raises(ConfigError, match=r"brokr_url \(did you mean broker_url\?\)"):
+        app.config_from_object({"CELERY_BROKR_URL": "x"}, namespace="CELERY")
+
+
+def test_config_from_object_silent_ignores_a_path_that_does_not_import() -> None:
+    app = App("x", config={"worker_concurrency": 3})
+    app.config_from_object("no_such_settings_module", silent=True)
+    assert app.conf.worker_concurrency == 3
+    with pytest.raises(ConfigError, match="cannot import config module 'no_such_settings_module'"):
+        app.config_from_object("no_such_settings_module")
+    with pytest.raises(ConfigError, match="'os' has no attribute 'no_such_attribute'"):
+        app.config_from_object("os:no_such_attribute")
+
+
 def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
 
@@ -117,24 +187,24 @@ def test_settings_greenworker_does_not_use_are_warned_once_each(
         "setting CELERYD_CONCURRENCY is not used by greenworker, which reads lower-case "
         "names: write worker_concurrency; ignored",
         "setting CELERY_BROKER_URL is not used by greenworker, which reads lower-case "
-        "names: write broker_url; ignored",
+        "names: write broker_url, or load with namespace='CELERY'; ignored",
         "setting CELERY_SOMETHING_NEW is not used by greenworker; ignored",
-        "setting CELERY_TASK_ROUTES is not used by greenworker (task_routes is a Celery "
-        "setting it does not implement); ignored",
+        "setting CELERY_TASK_ROUTES is not used by greenworker, which reads lower-case "
+        "names: write task_routes, or load with namespace='CELERY'; ignored",
         "setting ENABLE_UTC is not used by greenworker (enable_utc is a Celery setting it "
         "does not implement); ignored",
         "setting base_url is not a greenworker or Celery setting; ignored",
         "setting broker_connection_retry_on_startup is not used by greenworker "
         "(a Celery setting); ignored",
         "setting result_extended is not used by greenworker (a Celery setting); ignored",
-        "setting task_routes is not used by greenworker (a Celery setting); ignored",
     ]
+    assert app.conf.task_routes == {"proj.slow": {"queue": "slow"}}
 
     # the same Celery names in a dict or keywords warn too, instead of raising
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="greenworker.config"):
         settings = Settings()
-        settings.update({"task_routes": {}, "CELERY_BROKER_URL": "x"}, result_extended=True)
+        settings.update({"task_queues": {}, "CELERY_BROKER_URL": "x"}, result_extended=True)
     assert len(_warnings(caplog)) == 3
 
 

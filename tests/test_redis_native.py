@@ -203,7 +203,7 @@ def test_native_publish_sends_kombus_envelope_and_survives_lost_bindings(
     queue = redis_app.conf.task_default_queue
     assert redis_app.native_redis
     redis_app.send_task("native.add", (1, 2))  # kombu: declares the queue
-    assert queue in redis_app._native_queues
+    assert (queue, queue, queue) in redis_app._native_queues  # queue, exchange, routing key
     redis_app.send_task("native.add", (3, 4))  # native
     assert redis_app._native_publisher is not None
     native, by_kombu = (json.loads(raw) for raw in client.lrange(queue, 0, -1))

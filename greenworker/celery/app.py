@@ -77,11 +77,23 @@ class CeleryApp(App):
         )
         return conn
 
-    def queue(self, name: str | None = None) -> Queue:
+    def queue(
+        self,
+        name: str | None = None,
+        *,
+        exchange: str | None = None,
+        exchange_type: str | None = None,
+        routing_key: str | None = None,
+    ) -> Queue:
         """The queue as Celery declares it: from ``task_queues``, else created the way
-        ``task_create_missing_queues`` says (``task_default_queue_type`` and all)."""
+        ``task_create_missing_queues`` says (``task_default_queue_type`` and all).  The
+        binding options are Celery's too: they are ignored here."""
         queue: Queue = self.celery.amqp.queues[name or self.conf.task_default_queue]
         return queue
+
+    def queue_type(self, name: str) -> str:
+        arguments: dict[str, Any] = getattr(self.queue(name), "queue_arguments", None) or {}
+        return "quorum" if arguments.get("x-queue-type") == "quorum" else "classic"
 
     # ------------------------------------------------------------ results
 
@@ -114,6 +126,11 @@ class CeleryApp(App):
         eta: datetime | None = None,
         expires: float | datetime | None = None,
         queue: str | None = None,
+        exchange: str | None = None,
+        routing_key: str | None = None,
+        priority: int | None = None,
+        serializer: str | None = None,
+        delivery_mode: int | str | None = None,
         task_id: str | None = None,
         ignore_result: bool = False,
         soft_time_limit: float | None = None,
@@ -124,6 +141,7 @@ class CeleryApp(App):
         group: str | None = None,
         group_index: int | None = None,
         embed: Mapping[str, Any] | None = None,
+        task_type: Task | None = None,
     ) -> AsyncResult:
         """Send through Celery's own ``send_task`` (its routes, serializer, producer pool)."""
         options: dict[str, Any] = {
@@ -131,6 +149,11 @@ class CeleryApp(App):
             "eta": eta,
             "expires": expires,
             "queue": queue,
+            "exchange": exchange,
+            "routing_key": routing_key,
+            "priority": priority,
+            "serializer": serializer,
+            "delivery_mode": delivery_mode,
             "task_id": task_id,
             "soft_time_limit": soft_time_limit,
             "time_limit": time_limit,
@@ -178,6 +201,7 @@ class CeleryApp(App):
         hostname = options.get("hostname") or self.hostname
         self.prepare_worker(hostname)
         self.check_client_libraries()
+        self._refuse_quorum_consumption(options.get("queues") or [self.conf.task_default_queue])
         view = WorkerView(self.celery, hostname)
         signals.celeryd_init.send(
             sender=hostname, instance=view, conf=self.celery.conf, options=dict(options)

@@ -17,11 +17,21 @@ from kombu.messaging import Producer
 from ..backends import backend_from_url
 from ..backends.base import ResultBackend
 from ..backends.lmdb import LMDBBackend
-from ..config import POLLING_WAKE, REDIS_LAYOUT_OPTIONS, Settings
+from ..config import (
+    POLLING_WAKE,
+    QUEUE_TYPES,
+    REDIS_LAYOUT_OPTIONS,
+    ConfigError,
+    Settings,
+    check_priority,
+    import_object,
+)
 from ..exceptions import ImproperlyConfigured
 from ..protocol import build_task_message
+from . import shared as shared_module
 from .result import AsyncResult
-from .task import Task
+from .routes import Destination, Router, resolve
+from .task import Task, check_delivery_mode, check_serializer
 
 if TYPE_CHECKING:
     from ..beat import PeriodicEntry
@@ -34,6 +44,20 @@ EMBEDDED_BROKER = "filesystem://localhost/"
 #: URL schemes whose broker (kombu's transport) or result backend needs redis-py.
 REDIS_BROKER_SCHEMES = frozenset({"redis", "rediss", "redis+socket", "sentinel"})
 REDIS_BACKEND_SCHEMES = frozenset({"redis", "rediss", "unix"})
+AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
+
+
+class SendQueue(Queue):
+    """A queue as a message's destination declares it.  kombu's declaration cache
+    keys a queue by its name alone, so a second binding of the same queue (another
+    exchange or routing key) would never be declared: this one is keyed by its
+    binding."""
+
+    def __hash__(self) -> int:
+        return hash(("Q", self.name, self.exchange.name, self.routing_key))
+
+    # Queue's own equality compares the binding too; only the hash changes
+    __eq__ = Queue.__eq__
 
 
 class App:
@@ -41,6 +65,10 @@ class App:
 
     With no broker configured anywhere, the app uses the embedded default:
     kombu's filesystem transport and an LMDB result store in ``data_dir``.
+
+    A new app becomes the current one (``set_as_current=False`` leaves it not), the
+    app :func:`~greenworker.shared_task` tasks are sent through; every app gets the
+    shared tasks.
     """
 
     def __init__(
@@ -51,6 +79,7 @@ class App:
         *,
         config: Mapping[str, Any] | object | str | None = None,
         data_dir: str | None = None,
+        set_as_current: bool = True,
     ) -> None:
         self.main = main
         self.conf = Settings()
@@ -73,19 +102,49 @@ class App:
         self._producer_conn: Connection | None = None
         self._producer: Producer | None = None
         self._native_publisher: NativeRedisPublisher | None = None
-        #: queues declared through kombu by this client: the native path sends to them
-        self._native_queues: set[str] = set()
-        self._send_queues: dict[tuple[str, str], Queue] = {}
+        #: (queue, exchange, routing key) declared through kombu by this client: the
+        #: native path sends there
+        self._native_queues: set[tuple[str, str, str]] = set()
+        self._send_targets: dict[tuple[Any, ...], tuple[Exchange, str, Queue | None]] = {}
+        self._router: Router | None = None
+        shared_module.add_app(self, set_as_current)
 
     def __repr__(self) -> str:
         return f"<greenworker.App {self.main}>"
 
     # ------------------------------------------------------------ settings
 
-    def config_from_object(self, source: Mapping[str, Any] | object | str) -> None:
-        """Load settings from a module, a module path, an object or a dict."""
-        self.conf.update(source)
+    def config_from_object(
+        self,
+        source: Mapping[str, Any] | object | str,
+        *,
+        silent: bool = False,
+        force: bool = False,
+        namespace: str | None = None,
+    ) -> None:
+        """Load settings from a module, an import path (``"proj.settings"``,
+        ``"django.conf:settings"``), an object or a dict, as Celery does.
+
+        With ``namespace="CELERY"`` only the names starting ``CELERY_`` are read,
+        without it (``CELERY_BROKER_URL`` is ``broker_url``).  ``silent=True``: a
+        path that cannot be imported is ignored.  ``force`` is accepted for
+        Celery's sake: the settings are always read at once.  The environment
+        (``GREENWORKER_<NAME>``, ``CELERY_BROKER_URL``...) is applied again after,
+        so it still wins.
+        """
+        del force  # Celery reads lazily unless forced; greenworker always reads now
+        if isinstance(source, str) and silent:
+            try:
+                import_object(source, "config module")
+            except ConfigError:
+                return
+        self.conf.update(source, namespace=namespace)
+        self.conf.update_from_env()
         self._reset_clients()
+
+    def set_current(self) -> None:
+        """Make this the app :func:`~greenworker.shared_task` tasks are sent through."""
+        shared_module.set_current(self)
 
     @property
     def embedded(self) -> bool:
@@ -183,7 +242,13 @@ class App:
 
     @overload
     def task(
-        self, *, name: str | None = None, bind: bool = False, **options: Any
+        self,
+        *,
+        name: str | None = None,
+        bind: bool = False,
+        base: type[Task] | None = None,
+        shared: bool = False,
+        **options: Any,
     ) -> Callable[[Callable[..., Any]], Task]: ...
 
     def task(
@@ -192,17 +257,28 @@ class App:
         *,
         name: str | None = None,
         bind: bool = False,
+        base: type[Task] | None = None,
+        shared: bool = False,
         **options: Any,
     ) -> Task | Callable[[Callable[..., Any]], Task]:
         """Register a function as a task: ``@app.task`` or ``@app.task(name=..., bind=True)``.
 
-        Other keyword arguments are task options (see :class:`~greenworker.client.task.Task`).
+        ``base`` is the :class:`~greenworker.client.task.Task` subclass the task is an
+        instance of (its class attributes are the defaults of its options);
+        ``shared=True`` registers it on every other App too, as
+        :func:`~greenworker.shared_task` does (Celery shares every task by default;
+        greenworker only when asked).  Other keyword arguments are task options (see
+        :class:`~greenworker.client.task.Task`); Celery's ``lazy`` is accepted and
+        changes nothing (a task is registered at once).
         """
+        options.pop("lazy", None)
+        task_type = shared_module.task_class(base)
 
         def register(func: Callable[..., Any]) -> Task:
-            task_name = name or self._default_name(func)
-            task = Task(self, func, task_name, bind=bind, **options)
-            self.tasks[task_name] = task
+            definition = shared_module.TaskDefinition(func, name, bind, task_type, options)
+            task = definition.create(self)
+            if shared:
+                shared_module.share(definition, besides=self)
             return task
 
         return register(fn) if fn is not None else register
@@ -245,11 +321,59 @@ class App:
 
     # ------------------------------------------------------------ sending
 
-    def queue(self, name: str | None = None) -> Queue:
-        """The kombu queue for ``name``, declared the way Celery declares it."""
-        qname = name or self.conf.task_default_queue
-        exchange = Exchange(qname, type=self.conf.task_default_exchange_type, durable=True)
-        return Queue(qname, exchange, routing_key=qname, durable=True)
+    def queue(
+        self,
+        name: str | None = None,
+        *,
+        exchange: str | None = None,
+        exchange_type: str | None = None,
+        routing_key: str | None = None,
+    ) -> Queue:
+        """The kombu queue for ``name``, declared the way Celery declares it: bound to
+        ``exchange`` (its own name by default) with ``routing_key`` (its name),
+        ``x-queue-type: quorum`` when its type (``task_default_queue_type`` for the
+        default queue, ``task_create_missing_queue_type`` for others) is quorum, and
+        ``x-max-priority`` from ``task_queue_max_priority``."""
+        return self._declaration(Queue, name, exchange, exchange_type, routing_key)
+
+    def queue_type(self, name: str) -> str:
+        """How queue ``name`` is declared: ``task_default_queue_type`` for the default
+        queue, ``task_create_missing_queue_type`` for others (as Celery's missing queues)."""
+        conf = self.conf
+        if name == conf.task_default_queue:
+            kind, setting = conf.task_default_queue_type, "task_default_queue_type"
+        else:
+            kind, setting = conf.task_create_missing_queue_type, "task_create_missing_queue_type"
+        if kind not in QUEUE_TYPES:
+            raise ConfigError(f"setting {setting} must be 'classic' or 'quorum', not {kind!r}")
+        return kind
+
+    def _declaration(
+        self,
+        kind_of_queue: type[Queue],
+        name: str | None,
+        exchange: str | None,
+        exchange_type: str | None,
+        routing_key: str | None,
+    ) -> Queue:
+        conf = self.conf
+        qname = name or conf.task_default_queue
+        arguments: dict[str, Any] = {}
+        if self.queue_type(qname) == "quorum":
+            arguments["x-queue-type"] = "quorum"
+        if conf.task_queue_max_priority is not None:
+            arguments["x-max-priority"] = conf.task_queue_max_priority
+        return kind_of_queue(
+            qname,
+            Exchange(
+                exchange or qname,
+                type=exchange_type or conf.task_default_exchange_type,
+                durable=True,
+            ),
+            routing_key=routing_key or qname,
+            durable=True,
+            queue_arguments=arguments or None,
+        )
 
     def send_task(
         self,
@@ -261,6 +385,11 @@ class App:
         eta: datetime | None = None,
         expires: float | datetime | None = None,
         queue: str | None = None,
+        exchange: str | None = None,
+        routing_key: str | None = None,
+        priority: int | None = None,
+        serializer: str | None = None,
+        delivery_mode: int | str | None = None,
         task_id: str | None = None,
         ignore_result: bool = False,
         soft_time_limit: float | None = None,
@@ -271,14 +400,42 @@ class App:
         group: str | None = None,
         group_index: int | None = None,
         embed: Mapping[str, Any] | None = None,
+        task_type: Task | None = None,
     ) -> AsyncResult:
-        """Send a task by name (it need not be registered here) and return its result handle."""
+        """Send a task by name (it need not be registered here) and return its result handle.
+
+        Where it goes follows Celery: ``queue``, ``exchange``, ``routing_key`` and
+        ``priority`` given here win, then the options of the task (``task_type``, or
+        the task registered under ``name``), then the ``task_routes`` setting, then
+        ``task_default_queue`` (see :mod:`greenworker.client.routes`).
+        """
         from .task import current_request
 
         parent = current_request.get()
         if parent is not None and parent_id is None and root_id is None:
             # sent from inside a task: a child of it (a retry or a canvas step says otherwise)
             parent_id, root_id = parent.id, parent.root_id
+        task = task_type if task_type is not None else self.tasks.get(name)
+        options = task.publish_options() if task is not None else {}
+        for key, value in (
+            ("queue", queue),
+            ("exchange", exchange),
+            ("routing_key", routing_key),
+            ("priority", priority),
+            ("serializer", serializer),
+            ("delivery_mode", delivery_mode),
+        ):
+            if value is not None:
+                options[key] = value
+        router = self._routes()
+        route = router.route(name, args or (), kwargs or {}, options, task) if router else None
+        merged = {**route, **options} if route else options
+        destination = resolve(
+            merged,
+            routed=route is not None,
+            default_queue=self.conf.task_default_queue,
+            default_exchange_type=self.conf.task_default_exchange_type,
+        )
         body, headers, properties = build_task_message(
             name,
             args or (),
@@ -298,35 +455,120 @@ class App:
             ignore_result=ignore_result,
             embed=embed,
         )
-        self.publish(body, headers, properties, self._send_queue(queue))
+        message_priority = merged.get("priority", self.conf.task_default_priority)
+        if message_priority is not None:
+            properties["priority"] = check_priority(message_priority, f"task {name}: priority")
+        exchange_, routing_key_, declared = self._send_target(destination)
+        self.publish(
+            body,
+            headers,
+            properties,
+            declared,
+            exchange=exchange_,
+            routing_key=routing_key_,
+            serializer=self._serializer(name, merged.get("serializer")),
+            delivery_mode=(
+                check_delivery_mode(merged["delivery_mode"], f"task {name}")
+                if merged.get("delivery_mode") is not None
+                else None
+            ),
+        )
         return AsyncResult(headers["id"], self)
 
-    def _send_queue(self, name: str | None) -> Queue:
-        """:meth:`queue`, kept per name for sending (unbound: publish never binds it)."""
-        key = (name or self.conf.task_default_queue, self.conf.task_default_exchange_type)
-        queue = self._send_queues.get(key)
-        if queue is None:
-            queue = self._send_queues[key] = self.queue(key[0])
-        return queue
+    def _routes(self) -> Router | None:
+        """The ``task_routes`` setting prepared, or None without routes (prepared again
+        when the setting is replaced)."""
+        setting = self.conf.task_routes
+        if not setting:
+            return None
+        if self._router is None or self._router.setting is not setting:
+            self._router = Router(setting)
+        return self._router
+
+    def _serializer(self, name: str, serializer: str | None) -> str | None:
+        """``serializer`` if it may be sent: ``task_serializer``, or one the workers
+        accept (``accept_content``), else :class:`ConfigError`; None for the default."""
+        conf = self.conf
+        if serializer is None or serializer == conf.task_serializer:
+            return None
+        check_serializer(serializer, f"task {name}")
+        from kombu.serialization import registry
+
+        accepted = set(conf.accept_content)
+        if serializer not in accepted and registry.name_to_type[serializer] not in accepted:
+            raise ConfigError(
+                f"task {name}: serializer {serializer!r} is not in accept_content "
+                f"{conf.accept_content!r}: workers would reject its messages "
+                f"(add {serializer!r} to accept_content to send it)"
+            )
+        return serializer
+
+    def _send_target(self, destination: Destination) -> tuple[Exchange, str, Queue | None]:
+        """The exchange, routing key and queue to declare for ``destination``, kept per
+        destination and the settings that shape a declaration (unbound: publish never
+        binds them)."""
+        conf = self.conf
+        key = (
+            destination,
+            conf.task_default_queue,
+            conf.task_default_queue_type,
+            conf.task_create_missing_queue_type,
+            conf.task_queue_max_priority,
+        )
+        target = self._send_targets.get(key)
+        if target is None:
+            if destination.queue is None:
+                exchange = Exchange(
+                    destination.exchange, type=destination.exchange_type, durable=True
+                )
+                target = (exchange, destination.routing_key, None)
+            else:
+                queue = self._declaration(
+                    SendQueue,
+                    destination.queue,
+                    destination.exchange,
+                    destination.exchange_type,
+                    destination.routing_key,
+                )
+                target = (queue.exchange, destination.routing_key, queue)
+            self._send_targets[key] = target
+        return target
 
     def publish(
         self,
         body: Any,
         headers: dict[str, Any],
         properties: dict[str, Any],
-        queue: Queue,
+        queue: Queue | None,
+        *,
+        exchange: Exchange | None = None,
+        routing_key: str | None = None,
+        serializer: str | None = None,
+        delivery_mode: int | None = None,
     ) -> None:
-        """Publish one task message on the app's shared producer connection (on Redis,
-        after a queue's first message, in one round trip through the native path)."""
-        exchange = queue.exchange
+        """Publish one task message on the app's shared producer connection: to
+        ``queue``'s exchange with its routing key, declaring it, or to ``exchange``
+        with ``routing_key`` (declaring the exchange) when there is no queue.  On
+        Redis, after a queue's first message, in one round trip through the native
+        path."""
+        if queue is not None:
+            exchange = exchange or queue.exchange
+            routing_key = queue.routing_key if routing_key is None else routing_key
+        if exchange is None:
+            raise ValueError("publish needs a queue or an exchange")
+        routing_key = routing_key or ""
+        native_key = (queue.name, exchange.name, routing_key) if queue is not None else None
         if (
-            queue.name in self._native_queues
+            native_key in self._native_queues
+            and queue is not None
             and exchange.type == "direct"
             and exchange.name
             and "priority" not in properties
+            and serializer is None
+            and delivery_mode is None
         ):
             native = self._native()
-            if native.send(body, headers, properties, exchange.name, queue.routing_key, queue.name):
+            if native.send(body, headers, properties, exchange.name, routing_key, queue.name):
                 return
         if self._producer_lock is None:
             self._producer_lock = threading.Lock()
@@ -336,18 +578,18 @@ class App:
                 self._producer = Producer(self._producer_conn)
             self._producer.publish(
                 body,
-                exchange=queue.exchange,
-                routing_key=queue.routing_key,
-                serializer=self.conf.task_serializer,
+                exchange=exchange,
+                routing_key=routing_key,
+                serializer=serializer or self.conf.task_serializer,
                 headers=headers,
-                declare=[queue],
-                delivery_mode=self.conf.task_default_delivery_mode,
+                declare=[queue if queue is not None else exchange],
+                delivery_mode=delivery_mode or self.conf.task_default_delivery_mode,
                 retry=True,
                 retry_policy={"max_retries": 3, "interval_start": 0.1, "interval_step": 0.5},
                 **properties,
             )
-        if self.native_redis:
-            self._native_queues.add(queue.name)
+        if self.native_redis and native_key is not None:
+            self._native_queues.add(native_key)
 
     @property
     def native_redis(self) -> bool:
@@ -390,10 +632,28 @@ class App:
         from ..worker.worker import Worker
 
         self.check_client_libraries()
+        self._refuse_quorum_consumption(options.get("queues") or [self.conf.task_default_queue])
+        self.set_current()  # the worker's tasks send shared tasks through this app
         return Worker(self, **options)
+
+    def _refuse_quorum_consumption(self, queues: Sequence[str]) -> None:
+        """The worker's consumer sets a global QoS on RabbitMQ, which quorum queues
+        refuse (NOT_IMPLEMENTED on basic.consume): say so now rather than reconnect
+        forever."""
+        if self.broker_url.partition("://")[0].lower() not in AMQP_SCHEMES:
+            return
+        quorum = [name for name in queues if self.queue_type(name) == "quorum"]
+        if quorum:
+            raise ImproperlyConfigured(
+                f"greenworker's worker cannot consume quorum queues on RabbitMQ yet "
+                f"({', '.join(quorum)}): its global QoS is refused by them; "
+                "clients can send to them"
+            )
 
     def _reset_clients(self) -> None:
         self.close()
+        self._send_targets.clear()
+        self._router = None
 
     def close(self) -> None:
         """Close the client connections (the producer and the result backend)."""

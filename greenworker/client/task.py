@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -9,7 +10,7 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from ..config import parse_rate
+from ..config import check_priority, parse_rate
 from ..exceptions import MaxRetriesExceededError, Retry
 
 if TYPE_CHECKING:
@@ -48,6 +49,51 @@ current_request: ContextVar[Context | None] = ContextVar(
     "greenworker_current_request", default=None
 )
 
+#: The app of the task whose body runs in the current greenlet: a shared task sent
+#: from there goes through it (see :mod:`greenworker.client.shared`).
+current_task_app: ContextVar[App | None] = ContextVar("greenworker_current_task_app", default=None)
+
+#: Celery task options greenworker does not honour (yet), with what to do instead.
+UNSUPPORTED_OPTIONS = {
+    "backend": "a task's own result backend is not supported: every task uses the "
+    "app's result_backend",
+    "compression": "message compression is not supported",
+    "pydantic": "pydantic argument conversion is not supported",
+    "pydantic_strict": "pydantic argument conversion is not supported",
+    "pydantic_context": "pydantic argument conversion is not supported",
+    "pydantic_dump_kwargs": "pydantic argument conversion is not supported",
+    "acks_on_failure": "use acks_on_failure_or_timeout",
+    "acks_on_timeout": "use acks_on_failure_or_timeout",
+    "store_errors_even_if_ignored": "not a per-task option in greenworker: set the "
+    "task_store_errors_even_if_ignored setting",
+    "filter": "not supported: apply the function to the task yourself",
+}
+
+#: Options accepted only with a value greenworker's behaviour matches, and why.
+ONLY_VALUES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "send_events": (
+        lambda value: value is None or value is True,
+        "task events are sent for every task while they are on",
+    ),
+    "throws": (
+        lambda value: not value,
+        "expected exceptions are logged as failures like any other",
+    ),
+    "reject_on_worker_lost": (
+        lambda value: value is None or value is True,
+        "the worker is the process: a message it held when it died is never acked, "
+        "and the broker delivers it again (with acks_late)",
+    ),
+    "retry_on_worker_lost": (
+        lambda value: not value,
+        "a message held by a worker that died is delivered again by the broker, "
+        "not sent as a retry",
+    ),
+}
+
+#: Message delivery modes: AMQP's numbers and Celery's names for them.
+DELIVERY_MODES = {1: 1, 2: 2, "transient": 1, "persistent": 2}
+
 
 class Task:
     """A registered task.  Call it to run it here; ``delay``/``apply_async`` to send it.
@@ -73,10 +119,39 @@ class Task:
     time_limit: float | None = None
     rate_limit: str | None = None
     expires: float | None = None
+    #: Routing and publishing, as in Celery; the call's own options win, then these,
+    #: then ``task_routes`` (see :mod:`greenworker.client.routes`).
+    exchange: str | None = None
+    routing_key: str | None = None
+    priority: int | None = None
+    #: A kombu serializer name; other than ``task_serializer``, it must be in
+    #: ``accept_content`` (checked when a message is sent).
+    serializer: str | None = None
+    delivery_mode: int | str | None = None
+    #: Check the arguments against the function's signature in ``apply_async``/``delay``.
+    typing: bool = True
+    #: Celery's: keep the ids of subtasks in ``request.children``.  greenworker keeps
+    #: no such list, so either value is accepted.
+    trail: bool = True
+    send_events: bool | None = True
+    throws: tuple[type[BaseException], ...] | None = ()
+    reject_on_worker_lost: bool | None = None
+    retry_on_worker_lost: bool | None = None
 
     OPTIONS = frozenset(
         {
             "queue",
+            "exchange",
+            "routing_key",
+            "priority",
+            "serializer",
+            "delivery_mode",
+            "typing",
+            "trail",
+            "send_events",
+            "throws",
+            "reject_on_worker_lost",
+            "retry_on_worker_lost",
             "ignore_result",
             "acks_late",
             "acks_on_failure_or_timeout",
@@ -99,29 +174,86 @@ class Task:
     def __init__(
         self, app: App, fn: Callable[..., Any], name: str, *, bind: bool = False, **options: Any
     ) -> None:
-        unknown = sorted(set(options) - self.OPTIONS)
-        if unknown:
-            raise TypeError(f"unknown task option(s) for {name}: {', '.join(unknown)}")
         self.app = app
         self.fn = fn
         self.name = name
         self.bind = bind
-        for key, value in options.items():
-            if key in ("autoretry_for", "dont_autoretry_for"):
-                value = tuple(value)
+        for key, value in self.checked_options(name, options).items():
             setattr(self, key, value)
-        if self.rate_limit is not None:
-            parse_rate(self.rate_limit)  # fail at definition time, not at the first message
+        self._signature: inspect.Signature | None = None
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
+
+    @classmethod
+    def checked_options(cls, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+        """``options`` checked at definition time (not at the first message) together
+        with the class's defaults, some normalised: raises TypeError (or
+        :class:`~greenworker.config.ConfigError` for a bad priority) naming the option."""
+        for key in sorted(options):
+            if key in UNSUPPORTED_OPTIONS:
+                raise TypeError(f"task {name}: option {key}: {UNSUPPORTED_OPTIONS[key]}")
+        unknown = sorted(set(options) - cls.OPTIONS)
+        if unknown:
+            raise TypeError(f"unknown task option(s) for {name}: {', '.join(unknown)}")
+        checked = dict(options)
+
+        def value(key: str) -> Any:
+            return checked[key] if key in checked else getattr(cls, key)
+
+        for key, (supported, why) in ONLY_VALUES.items():
+            if not supported(value(key)):
+                raise TypeError(
+                    f"task {name}: {key}={value(key)!r} is not supported by greenworker: {why}"
+                )
+        for key in ("autoretry_for", "dont_autoretry_for"):
+            checked[key] = tuple(value(key))
+        if value("rate_limit") is not None:
+            parse_rate(value("rate_limit"))
+        if value("priority") is not None:
+            check_priority(value("priority"), f"task {name}: priority")
+        if value("serializer") is not None:
+            check_serializer(value("serializer"), f"task {name}")
+        if value("delivery_mode") is not None:
+            checked["delivery_mode"] = check_delivery_mode(value("delivery_mode"), f"task {name}")
+        for key in ("queue", "exchange", "routing_key"):
+            if value(key) is not None and not isinstance(value(key), str):
+                raise TypeError(f"task {name}: {key} must be a name (str), not {value(key)!r}")
+        return checked
 
     def __repr__(self) -> str:
         return f"<task {self.name}>"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the task body here (a worker calls this to run it).  A base class may
+        override it and call ``super().__call__`` or :meth:`run`."""
+        token = current_task_app.set(self.app)
+        try:
+            return self.run(*args, **kwargs)
+        finally:
+            current_task_app.reset(token)
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        """The task body: the decorated function (given this task first when bound)."""
         if self.bind:
             return self.fn(self, *args, **kwargs)
         return self.fn(*args, **kwargs)
+
+    def check_arguments(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+        """Raise TypeError, as calling the function would, if it cannot take these
+        arguments (Celery's ``typing``)."""
+        if self._signature is None:
+            try:
+                signature = inspect.signature(self.fn)
+            except (TypeError, ValueError):  # not introspectable: nothing to check
+                self.typing = False
+                return
+            if self.bind:
+                signature = signature.replace(parameters=list(signature.parameters.values())[1:])
+            self._signature = signature
+        try:
+            self._signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"task {self.name}: {exc}") from None
 
     @property
     def request(self) -> Context:
@@ -146,7 +278,14 @@ class Task:
         time_limit: float | None = None,
         **options: Any,
     ) -> AsyncResult:
-        """Send the task to a worker and return its :class:`AsyncResult`."""
+        """Send the task to a worker and return its :class:`AsyncResult`.
+
+        Takes :meth:`App.send_task <greenworker.client.app.App.send_task>`'s options
+        (``priority``, ``exchange``, ``routing_key``, ``serializer``...); with
+        ``typing`` on, arguments the function cannot take raise TypeError here.
+        """
+        if self.typing:
+            self.check_arguments(args or (), kwargs or {})
         return self.app.send_task(
             self.name,
             args,
@@ -154,13 +293,18 @@ class Task:
             countdown=countdown,
             eta=eta,
             expires=expires if expires is not None else self.expires,
-            queue=queue or self.queue,
+            queue=queue,
             task_id=task_id,
             ignore_result=bool(self.ignore_result),
             soft_time_limit=soft_time_limit,
             time_limit=time_limit,
+            task_type=self,
             **options,
         )
+
+    def publish_options(self) -> dict[str, Any]:
+        """The task's own routing and publishing options that are set."""
+        return {key: value for key in PUBLISH_OPTIONS if (value := getattr(self, key)) is not None}
 
     def s(self, *args: Any, **kwargs: Any) -> Signature:
         """A signature of this task with these arguments (for chains, callbacks, groups)."""
@@ -209,6 +353,16 @@ class Task:
         if countdown is None and eta is None:
             countdown = self.default_retry_delay
 
+        # back where it came from, as Celery's retry: a message published to an exchange
+        # of its own with another routing key goes there again, others to the queue its
+        # routing key names
+        info = request.delivery_info
+        exchange, routing_key = info.get("exchange"), info.get("routing_key")
+        if exchange and routing_key and exchange != routing_key:
+            where: dict[str, Any] = {"exchange": exchange, "routing_key": routing_key}
+        else:
+            where = {"queue": routing_key or None}
+
         def send() -> object:
             return self.app.send_task(
                 self.name,
@@ -218,7 +372,8 @@ class Task:
                 retries=request.retries + 1,
                 countdown=countdown,
                 eta=eta,
-                queue=request.delivery_info.get("routing_key") or self.queue,
+                task_type=self,
+                **where,
                 # as Celery's retry: a task with no parent becomes its retry's parent
                 parent_id=request.parent_id or request.id,
                 root_id=request.root_id,
@@ -240,3 +395,30 @@ class Task:
 
     def AsyncResult(self, task_id: str) -> AsyncResult:
         return self.app.AsyncResult(task_id)
+
+
+#: The task options that go into publishing (Celery's ``extract_exec_options`` ones
+#: greenworker uses there).
+PUBLISH_OPTIONS = ("queue", "exchange", "routing_key", "priority", "serializer", "delivery_mode")
+
+
+def check_serializer(serializer: Any, what: str) -> str:
+    """A serializer kombu knows (``json``, ``pickle``, ``msgpack``, ``yaml``...)."""
+    from kombu.serialization import registry
+
+    if not isinstance(serializer, str) or serializer not in registry.name_to_type:
+        known = ", ".join(sorted(registry.name_to_type))
+        raise TypeError(
+            f"{what}: serializer {serializer!r} is not a kombu serializer (known: {known})"
+        )
+    return serializer
+
+
+def check_delivery_mode(value: Any, what: str) -> int:
+    """AMQP's delivery mode from 1, 2, ``"transient"`` or ``"persistent"``."""
+    mode = DELIVERY_MODES.get(value) if isinstance(value, int | str) else None
+    if mode is None or isinstance(value, bool):
+        raise TypeError(
+            f"{what}: delivery_mode must be 1, 2, 'transient' or 'persistent', not {value!r}"
+        )
+    return mode
