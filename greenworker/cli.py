@@ -862,6 +862,24 @@ def _consumed_queues(queues: list[str], excluded: list[str] | None) -> list[str]
     return kept
 
 
+def _run_celery_beat(app: App, schedule_path: str | None, max_interval: float | None) -> None:
+    """``greenworker -A proj beat`` for a Celery app: Celery's beat, on the green hub."""
+    from .celery.app import CeleryApp
+    from .celery.beat import BeatError, run_forever
+
+    assert isinstance(app, CeleryApp)
+    click.echo(f"greenworker {__version__} beat · Celery app {app.main}", err=True)
+    try:
+        run_forever(
+            app.celery,
+            scheduler=app.conf.beat_scheduler,
+            schedule_path=schedule_path,
+            max_interval=max_interval,
+        )
+    except BeatError as exc:
+        raise CLIError(str(exc)) from None
+
+
 def _shutdown_listener(app: App, hostname: str) -> Callable[[str, str], object] | None:
     """A Celery app hears of a shutdown as under Celery (``worker_shutting_down``)."""
     if not _runs_celery_app(app):
@@ -1428,8 +1446,19 @@ def control(
     type=click.FloatRange(min=0, min_open=True),
     help="Wake at least this often (s).  [default: beat_max_loop_interval, 300]",
 )
+@click.option(
+    "-S",
+    "--scheduler",
+    help="A Celery app's scheduler class (module:Class, or an alias such as django).  "
+    "[default: beat_scheduler; greenworker's LMDBScheduler for Celery's shelve one]",
+)
 @click.pass_obj
-def beat(loader: AppLoader, schedule_path: str | None, max_interval: float | None) -> None:
+def beat(
+    loader: AppLoader,
+    schedule_path: str | None,
+    max_interval: float | None,
+    scheduler: str | None,
+) -> None:
     """Run beat alone: send the app's periodic tasks when they fall due (Ctrl-C to stop)."""
     import signal
 
@@ -1438,7 +1467,12 @@ def beat(loader: AppLoader, schedule_path: str | None, max_interval: float | Non
     from .worker.store import StoreError
 
     app = loader.load()
-    _check_scheduler(app, option_given=False, beat_runs=True)
+    if scheduler is not None:
+        app.conf.beat_scheduler = scheduler
+    if _runs_celery_app(app):
+        _run_celery_beat(app, schedule_path, max_interval)
+        return
+    _check_scheduler(app, option_given=scheduler is not None, beat_runs=True)
     if schedule_path:
         app.conf.beat_schedule_filename = schedule_path
     if max_interval is not None:

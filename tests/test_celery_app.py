@@ -35,7 +35,7 @@ from greenworker.celery.app import CeleryApp
 from greenworker.exceptions import ImproperlyConfigured
 from greenworker.loader import load_app
 
-from .conftest import REDIS_URL, ROOT, _need_broker, run_cli, start_cli
+from .conftest import REDIS_URL, ROOT, _need_broker, run_cli, start_cli, wait_for_output
 
 PROJECT = ROOT / "examples" / "celery_project"
 QUEUE = f"proj-{uuid.uuid4().hex[:8]}"
@@ -608,3 +608,35 @@ def test_a_backend_that_cannot_store_is_logged_once_and_the_worker_goes_on(
     assert len(tracer_errors) == 2, caplog.text  # one line per task, with the traceback
     assert all(r.exc_info for r in tracer_errors)
     assert worker.state.failed == 2
+
+
+@pytest.mark.parametrize("embedded", [True, False], ids=["worker -B", "beat"])
+def test_celery_beat_runs_the_projects_schedule(embedded: bool, tmp_path: Path) -> None:
+    """``-B`` (and ``greenworker -A proj beat`` beside a worker) send the project's
+    ``beat_schedule`` through Celery's scheduler, last runs in an LMDB store."""
+    _need_broker(6379, "Redis")
+    queue = f"proj-beat-{uuid.uuid4().hex[:8]}"
+    env = {
+        "PROJ_BROKER_URL": REDIS_URL,
+        "PROJ_RESULT_BACKEND": REDIS_URL,
+        "PROJ_QUEUE": queue,
+        "PROJ_BEAT_EVERY": "0.2",
+        "PYTHONPATH": str(ROOT),
+    }
+    schedule = tmp_path / "schedule"
+    worker_args = ["-A", "proj", "worker", "-c", "5", "-Q", queue, "-l", "info"]
+    processes = []
+    if embedded:
+        processes.append(start_cli(*worker_args, "-B", "-s", str(schedule), cwd=PROJECT, env=env))
+    else:
+        processes.append(start_cli(*worker_args, cwd=PROJECT, env=env))
+        processes.append(start_cli("-A", "proj", "beat", "-s", str(schedule), cwd=PROJECT, env=env))
+    try:
+        wait_for_output(processes[0], "Task proj.shop.tasks.add[", timeout=30)
+    finally:
+        for process in processes:
+            process.terminate()
+        outputs = [process.communicate(timeout=30)[0] for process in processes]
+    assert all(process.returncode == 0 for process in processes), outputs
+    assert (schedule / "data.mdb").exists(), outputs
+    assert not any("Traceback" in output for output in outputs), outputs

@@ -32,6 +32,7 @@ from .settings import user_set, warn_unhonoured, worker_settings
 from .signals import CelerySignals, WorkerView
 
 if TYPE_CHECKING:
+    from ..worker.hooks import Middleware
     from ..worker.worker import Worker
 
 
@@ -208,12 +209,19 @@ class CeleryApp(App):
         )
         self._apply_changed_settings()
         runner = CeleryTaskRunner(self.celery, hostname, self.backend)
-        worker = Worker(
-            self,
-            task_runner=runner,
-            app_middleware=[CelerySignals(self.celery, view)],
-            **options,
-        )
+        kind: list[Middleware] = [CelerySignals(self.celery, view)]
+        if options.pop("beat", False):  # -B: Celery's own beat, not greenworker's
+            from .beat import EmbeddedBeat
+
+            kind.append(
+                EmbeddedBeat(
+                    self.celery,
+                    scheduler=self.conf.beat_scheduler,
+                    schedule_path=self.conf.beat_schedule_filename,
+                    max_interval=None,
+                )
+            )
+        worker = Worker(self, task_runner=runner, app_middleware=kind, **options)
         view.worker = worker
         signals.worker_init.send(sender=view)
         return worker

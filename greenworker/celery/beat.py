@@ -26,7 +26,7 @@ import socket
 import time
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import celery
 from celery import beat as celery_beat
@@ -36,11 +36,16 @@ from celery.utils.time import maybe_make_aware
 
 from .. import green
 from ..exceptions import GreenworkerError
+from ..worker.hooks import Middleware
 from ..worker.store import LOCK_FILE, StateStore, StoreError, StoreLocked
+
+if TYPE_CHECKING:
+    from ..worker.worker import Worker
 
 __all__ = [
     "BeatError",
     "BeatHandle",
+    "EmbeddedBeat",
     "GreenService",
     "LMDBScheduler",
     "SchedulerNotFound",
@@ -538,3 +543,36 @@ def run_forever(
     handle.join()
     if handle.error is not None:
         raise BeatError(f"beat stopped: {handle.error}".splitlines()[0]) from handle.error
+
+
+class EmbeddedBeat(Middleware):
+    """``-B`` for a Celery app: Celery's beat in a greenlet of the worker, from its start
+    to its stop, sharing the worker's state store when the schedule is there."""
+
+    def __init__(
+        self,
+        celery_app: Any,
+        *,
+        scheduler: str | None,
+        schedule_path: str | None,
+        max_interval: float | None,
+    ) -> None:
+        self.celery_app = celery_app
+        self.scheduler = scheduler
+        self.schedule_path = schedule_path
+        self.max_interval = max_interval
+        self.handle: BeatHandle | None = None
+
+    def worker_start(self, worker: Worker) -> None:
+        self.handle = start_embedded(
+            self.celery_app,
+            scheduler=self.scheduler,
+            schedule_path=self.schedule_path,
+            max_interval=self.max_interval,
+            worker_store=worker.store,
+        )
+
+    def worker_stop(self, worker: Worker) -> None:
+        if self.handle is not None:
+            self.handle.stop()
+            self.handle = None

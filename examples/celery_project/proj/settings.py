@@ -10,3 +10,12 @@ CELERY_TASK_DEFAULT_QUEUE = os.environ.get("PROJ_QUEUE", "celery")
 CELERY_TASK_TRACK_STARTED = True
 CELERY_RESULT_EXTENDED = True
 CELERY_TIMEZONE = "UTC"
+
+# beat (``-B``, or ``greenworker -A proj beat``): Celery's schedules, last runs kept in LMDB
+CELERY_BEAT_SCHEDULE = {
+    "add-every-minute": {
+        "task": "proj.shop.tasks.add",
+        "schedule": float(os.environ.get("PROJ_BEAT_EVERY", "60")),
+        "args": (20, 22),
+    },
+}
