@@ -89,20 +89,21 @@ class SeenIds:
             assert self._changed.wait(max(0.0, deadline - time.monotonic())), ids
 
 
+def _seen_ids(signal: Any) -> Iterator[SeenIds]:
+    recorder = SeenIds()
+    signal.connect(recorder, weak=False)
+    yield recorder
+    signal.disconnect(recorder)
+
+
 @pytest.fixture
 def postrun() -> Iterator[SeenIds]:
-    recorder = SeenIds()
-    signals.task_postrun.connect(recorder, weak=False)
-    yield recorder
-    signals.task_postrun.disconnect(recorder)
+    yield from _seen_ids(signals.task_postrun)
 
 
 @pytest.fixture
 def prerun() -> Iterator[SeenIds]:
-    recorder = SeenIds()
-    signals.task_prerun.connect(recorder, weak=False)
-    yield recorder
-    signals.task_prerun.disconnect(recorder)
+    yield from _seen_ids(signals.task_prerun)
 
 
 def test_loader_finds_a_celery_app_as_celery_does(proj_tasks: ModuleType) -> None:

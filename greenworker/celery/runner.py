@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import logging
 import signal
-import time
 import traceback
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 from billiard.einfo import ExceptionInfo
@@ -32,10 +30,9 @@ from celery.app.task import Context
 from celery.app.task import Task as CeleryTask
 from celery.exceptions import Reject, SoftTimeLimitExceeded, TimeLimitExceeded
 
-from .. import green
 from ..backends.base import FAILURE, RETRY, SUCCESS
 from ..exceptions import Retry
-from ..worker.executor import IGNORED, REJECTED, Outcome
+from ..worker.executor import IGNORED, REJECTED, Outcome, body_started
 from .backend import CeleryResultBackend
 
 if TYPE_CHECKING:
@@ -100,15 +97,8 @@ class CeleryTaskRunner:
     def run(self, request: Request, soft: float | None) -> Outcome:
         task = self.app.tasks[request.name]
         msg = request.msg
-        request.time_start = time.monotonic()
-        request.started_at = time.time()
-        limit: AbstractContextManager[Any] = (
-            green.timeout(soft, SoftTimeLimitExceeded(f"soft time limit ({soft}s) exceeded"))
-            if soft
-            else nullcontext()
-        )
         try:
-            with limit:
+            with body_started(request, soft, SoftTimeLimitExceeded):  # Celery's exception
                 retval, info, _, _ = self._tracer(task)(
                     request.id, msg.args, msg.kwargs, self.request_dict(request)
                 )

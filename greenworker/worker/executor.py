@@ -123,6 +123,18 @@ class TaskRunner(Protocol):
         ...
 
 
+def body_started(
+    request: Request, soft: float | None, exc_type: type[BaseException]
+) -> AbstractContextManager[Any]:
+    """Note the start of ``request``'s body (monotonic and wall clock) and return the
+    context it runs in: ``exc_type`` raised in it after ``soft`` seconds, if any."""
+    request.time_start = time.monotonic()
+    request.started_at = time.time()
+    if not soft:
+        return nullcontext()
+    return green.timeout(soft, exc_type(f"soft time limit ({soft}s) exceeded"))
+
+
 class AppTaskRunner:
     """Runs the tasks of a :class:`greenworker.App`: ``current_request`` set, the soft limit
     raised in the task, ``autoretry_for`` applied, results in the app's backend."""
@@ -132,15 +144,8 @@ class AppTaskRunner:
 
     def run(self, request: Request, soft: float | None) -> Outcome:
         msg = request.msg
-        request.time_start = time.monotonic()
-        request.started_at = time.time()
-        limit: AbstractContextManager[Any] = (
-            green.timeout(soft, SoftTimeLimitExceeded(f"soft time limit ({soft}s) exceeded"))
-            if soft
-            else nullcontext()
-        )
         try:
-            with limit:
+            with body_started(request, soft, SoftTimeLimitExceeded):
                 result = request.task(*msg.args, **msg.kwargs)
         except Retry as retry:
             return Outcome(RETRY, retry=retry)
