@@ -68,8 +68,9 @@ def _import(name: str, *, missing_ok: bool = False) -> ModuleType:
     except ImportError as exc:
         raise ImproperlyConfigured(f"cannot import app module {name!r}: {exc}") from exc
     except Exception as exc:  # a SyntaxError or a failing import-time statement
+        first = (str(exc).strip().splitlines() or [""])[0]  # one line, as the CLI prints it
         raise ImproperlyConfigured(
-            f"app module {name!r} failed to import: {type(exc).__name__}: {exc}"
+            f"app module {name!r} failed to import: {type(exc).__name__}: {first}"
         ) from exc
 
 
