@@ -641,3 +641,38 @@ def test_celery_beat_runs_the_projects_schedule(embedded: bool, tmp_path: Path) 
     assert all(process.returncode == 0 for process in processes), outputs
     assert (schedule / "data.mdb").exists(), outputs
     assert not any("Traceback" in output for output in outputs), outputs
+
+
+def test_task_greenlets_share_one_result_backend(
+    redis_url: str, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Celery keeps a backend per thread and each task greenlet is one: unless the app
+    says otherwise, the worker's greenlets share one backend (one connection pool)."""
+    from celery.backends import base as celery_backends
+
+    made = []
+    original = celery_backends.Backend.__init__
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> None:
+        made.append(self)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(celery_backends.Backend, "__init__", counted)
+    celery_app = Celery("shared", broker=redis_url, backend=redis_url, set_as_current=False)
+    celery_app.conf.task_default_queue = queue_name
+
+    @celery_app.task(name="shared.add")  # type: ignore[untyped-decorator]
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    worker = CeleryApp(celery_app).Worker(concurrency=20)
+    worker.start()
+    try:
+        assert [r.get(timeout=10) for r in [add.delay(i, 1) for i in range(40)]] == [
+            i + 1 for i in range(40)
+        ]
+    finally:
+        worker.stop()
+        trace.reset_worker_optimizations(celery_app)
+        celery_app.close()
+    assert len(made) == 1

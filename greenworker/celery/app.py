@@ -184,6 +184,10 @@ class CeleryApp(App):
         if self._prepared:
             return
         self._prepared = True
+        if not user_set(self.celery, "result_backend_thread_safe"):
+            # Celery keeps one backend per thread, and under patching each task greenlet is
+            # a thread: one backend object (and one connection pool) for all of them instead
+            self.celery.conf.result_backend_thread_safe = True
         self.celery.loader.init_worker()
         trace.setup_worker_optimizations(self.celery, hostname)
         self.refresh_tasks()
