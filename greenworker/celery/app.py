@@ -40,7 +40,8 @@ class CeleryApp(App):
     """Runs the tasks of ``celery_app`` (a ``celery.Celery``) on greenworker's worker."""
 
     def __init__(self, celery_app: Celery) -> None:
-        super().__init__(celery_app.main or "__main__")
+        # not the current greenworker App: greenworker's shared tasks belong to those
+        super().__init__(celery_app.main or "__main__", set_as_current=False)
         #: The Celery app itself.
         self.celery = celery_app
         self.conf = worker_settings(celery_app)
@@ -194,9 +195,13 @@ class CeleryApp(App):
         warn_unhonoured(self.celery)
 
     def refresh_tasks(self) -> None:
-        """Register (again) every task of the Celery app with the options the worker reads."""
-        for name, task in self.celery.tasks.items():
-            self.tasks[name] = _task_options(self, task, self.celery)
+        """Register (again) every task of the Celery app with the options the worker reads,
+        and only those (in place: the worker's parts hold this dict)."""
+        fresh = {
+            name: _task_options(self, task, self.celery) for name, task in self.celery.tasks.items()
+        }
+        self.tasks.clear()
+        self.tasks.update(fresh)
 
     def Worker(self, **options: Any) -> Worker:
         """Build a worker for this Celery app, sending ``celeryd_init`` and ``worker_init``

@@ -28,7 +28,7 @@ from celery import states as celery_states
 from celery.app import trace
 from celery.app.task import Context
 from celery.app.task import Task as CeleryTask
-from celery.exceptions import Reject, SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.exceptions import NotRegistered, Reject, SoftTimeLimitExceeded, TimeLimitExceeded
 
 from ..backends.base import FAILURE, RETRY, SUCCESS
 from ..exceptions import Retry
@@ -95,7 +95,9 @@ class CeleryTaskRunner:
         return Context(self.request_dict(request))
 
     def run(self, request: Request, soft: float | None) -> Outcome:
-        task = self.app.tasks[request.name]
+        task = self.app.tasks.get(request.name)
+        if task is None:  # unregistered from the Celery app after the worker took it
+            return Outcome(FAILURE, exc=NotRegistered(request.name))
         msg = request.msg
         try:
             with body_started(request, soft, SoftTimeLimitExceeded):  # Celery's exception
