@@ -491,6 +491,7 @@ def test_which_scheduler_runs(tmp_path: Path) -> None:
     named = "tests.test_celery_beat.RecordingScheduler"
     assert resolve_scheduler(app, named) is RecordingScheduler
     assert resolve_scheduler(app, RecordingScheduler) is RecordingScheduler
+    assert resolve_scheduler(app, "lmdb") is LMDBScheduler  # the installed alias (setup.cfg)
     explicit = "celery.beat:PersistentScheduler"
     assert resolve_scheduler(app, explicit) is celery_beat.PersistentScheduler
     app.conf.beat_scheduler = "tests.test_celery_beat:RecordingScheduler"
