@@ -676,3 +676,32 @@ def test_task_greenlets_share_one_result_backend(
         trace.reset_worker_optimizations(celery_app)
         celery_app.close()
     assert len(made) == 1
+
+
+@pytest.mark.parametrize("backend", ["rpc://", "cache+memory://"])
+def test_other_celery_result_backends_through_the_apps_own_object(
+    backend: str, amqp_url: str, queue_name: str
+) -> None:
+    """Results go through the Celery app's own backend object, whatever it is: ``rpc://``
+    (results sent back to the caller's reply queue) and Celery's in-process cache."""
+    celery_app = Celery("backends", broker=amqp_url, backend=backend, set_as_current=False)
+    celery_app.conf.task_default_queue = queue_name
+
+    @celery_app.task(name="backends.add")  # type: ignore[untyped-decorator]
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    @celery_app.task(name="backends.fail")  # type: ignore[untyped-decorator]
+    def fail() -> None:
+        raise KeyError("gone")
+
+    worker = CeleryApp(celery_app).Worker(concurrency=5)
+    worker.start()
+    try:
+        assert add.delay(40, 2).get(timeout=10) == 42
+        with pytest.raises(KeyError):
+            fail.delay().get(timeout=10)
+    finally:
+        worker.stop()
+        trace.reset_worker_optimizations(celery_app)
+        celery_app.close()
