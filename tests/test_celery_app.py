@@ -705,3 +705,23 @@ def test_other_celery_result_backends_through_the_apps_own_object(
         worker.stop()
         trace.reset_worker_optimizations(celery_app)
         celery_app.close()
+
+
+def test_celeryd_init_may_change_settings_and_the_environment_still_holds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("GREENWORKER_WORKER_BLOCK_THRESHOLD", "5")
+    celery_app = Celery("byname", broker="memory://", set_as_current=False)
+
+    def per_worker(sender: str = "", conf: Any = None, **kwargs: Any) -> None:
+        conf.task_default_rate_limit = "10/m"  # Celery's docs' example: settings by node name
+
+    signals.celeryd_init.connect(per_worker, weak=False)
+    try:
+        app = CeleryApp(celery_app)
+        app.Worker(concurrency=2)
+    finally:
+        signals.celeryd_init.disconnect(per_worker)
+        trace.reset_worker_optimizations(celery_app)
+    assert app.conf.task_default_rate_limit == "10/m"
+    assert app.conf.worker_block_threshold == 5.0

@@ -12,6 +12,7 @@ through Celery's tracer (:mod:`greenworker.celery.runner`).
 
 from __future__ import annotations
 
+import copy
 import socket
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -26,6 +27,7 @@ from kombu.entity import Queue
 from ..client.app import App
 from ..client.result import AsyncResult
 from ..client.task import Task
+from ..config import Settings
 from .backend import CeleryResultBackend
 from .runner import CeleryTaskRunner
 from .settings import user_set, warn_unhonoured, worker_settings
@@ -44,11 +46,9 @@ class CeleryApp(App):
         super().__init__(celery_app.main or "__main__", set_as_current=False)
         #: The Celery app itself.
         self.celery = celery_app
-        self.conf = worker_settings(celery_app)
-        self.conf.update_from_env()  # GREENWORKER_<NAME> variables apply here too
+        self.conf = self._read_settings()
         #: The settings as first read, to tell later changes of Celery's conf from ours.
-        self._as_loaded = worker_settings(celery_app)
-        self._as_loaded.update_from_env()
+        self._as_loaded = copy.deepcopy(self.conf)
         #: Whether the app's configuration sets task_acks_late (else greenworker's default).
         self.acks_set_by_app = user_set(celery_app, "task_acks_late")
         self._results: CeleryResultBackend | None = None
@@ -235,9 +235,15 @@ class CeleryApp(App):
         signals.worker_init.send(sender=view)
         return worker
 
+    def _read_settings(self) -> Settings:
+        settings = worker_settings(self.celery)
+        settings.update_from_env()  # GREENWORKER_<NAME> variables apply here too
+        return settings
+
     def _apply_changed_settings(self) -> None:
-        """Settings a ``celeryd_init`` receiver changed in the Celery app's conf."""
-        fresh = worker_settings(self.celery)
+        """Settings a ``celeryd_init`` receiver changed in the Celery app's conf (read as
+        at load, environment included, so only what the receiver changed differs)."""
+        fresh = self._read_settings()
         before = self._as_loaded
         for name, value in vars(fresh).items():
             if value != getattr(before, name) and getattr(self.conf, name) == getattr(before, name):

@@ -106,9 +106,7 @@ def user_set(app: Celery, name: str) -> bool:
             return True
     elif name in conf:
         return True
-    source = app._config_source
-    if source is None or isinstance(source, str):
-        source = _resolved_source(app)
+    source = _resolved_source(app)
     if source is None:
         return False
     key = f"{app.namespace}_{name}".upper() if app.namespace else name
