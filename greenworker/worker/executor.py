@@ -355,12 +355,9 @@ class Executor:
             return
         if request.finished:
             return
-        request.finished = True
         self.state.rejected += 1
-        self.hooks.emit("after_task", request, REJECTED, outcome.exc)
         self.hooks.emit("task_rejected", request.message, f"{REJECTED_BY_TASK}: {outcome.exc!r}")
-        request.acked = True
-        self._reject_message(request.message, outcome.requeue)
+        self._finish(request, REJECTED, outcome.exc, record=None, requeue=outcome.requeue)
 
     def _storing(self, request: Request, meta: dict[str, Any]) -> Callable[[], None]:
         return partial(self.runner.store, request, meta)
@@ -418,15 +415,19 @@ class Executor:
         *,
         record: Callable[[], object] | None,
         force_ack: bool = False,
+        requeue: bool | None = None,
     ) -> None:
-        """End ``request``: ``record`` (the runner writing its result), the hooks, the ack."""
+        """End ``request``: ``record`` (the runner writing its result), the hooks, the ack
+        (or, with ``requeue`` True or False, the message handed back or dropped)."""
         if request.finished:
             return
         request.finished = True
         if record is not None:
             record()
         self.hooks.emit("after_task", request, state, result)
-        if (
+        if requeue is not None:
+            self._reject(request, requeue)
+        elif (
             state == SUCCESS
             or force_ack
             or not request.acks_late
@@ -434,13 +435,17 @@ class Executor:
         ):
             self._ack(request)
         else:
-            request.acked = True
-            self._reject_message(request.message, False)
+            self._reject(request, False)
 
     def _ack(self, request: Request) -> None:
         if not request.acked:
             request.acked = True
             self._ack_message(request.message)
+
+    def _reject(self, request: Request, requeue: bool) -> None:
+        if not request.acked:  # acked early: nothing is left to hand back
+            request.acked = True
+            self._reject_message(request.message, requeue)
 
 
 def _elapsed(request: Request) -> float:
