@@ -309,3 +309,27 @@ def test_retry_events_match_a_celery_gevent_worker(redis_url: str, queue_name: s
         client.close()
         delete_queues_and_close(app, queue_name)
     assert _check_retry_events(by_greenworker) == _check_retry_events(by_celery)
+
+
+@pytest.mark.timeout(60)
+def test_gossip_listens_again_after_the_worker_is_started_again(
+    broker: str, redis_url: str, queue_name: str, cleanup: list[App]
+) -> None:
+    app = _app(broker, redis_url, queue_name, worker_heartbeat=0.3)
+    cleanup.append(app)
+    first = app.Worker(hostname=f"again-{uuid.uuid4().hex[:6]}@test")
+    first.start()
+    first.stop(timeout=5)
+    first.start()  # the same worker, in the same process
+    assert first.gossip is not None and first.gossip.wait_ready(10)
+    second = app.Worker(hostname=f"peer-{uuid.uuid4().hex[:6]}@test")
+    second.start()
+    try:
+        for _ in range(100):
+            if second.hostname in first.gossip.alive():
+                break
+            green.sleep(0.05)
+        assert second.hostname in first.gossip.alive()
+    finally:
+        second.stop(timeout=5)
+        first.stop(timeout=5)

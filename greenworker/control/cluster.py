@@ -126,7 +126,7 @@ class Gossip:
         self._drain_interval = drain_interval
         self.peers: dict[str, dict[str, Any]] = {}
         self._greenlet: green.Greenlet | None = None
-        # set by stop (and never cleared: a stopped gossip stays stopped)
+        # set by stop, cleared by start (a worker stopped and started again listens again)
         self._stop = green.new_event()
         self._ready = green.new_event()
         self._retry = ConnectionRetry("gossip", consumer, max_backoff, on_lost=self._ready.clear)
@@ -140,6 +140,8 @@ class Gossip:
         )
 
     def start(self) -> None:
+        self._stop.clear()
+        self._ready.clear()
         self._greenlet = green.spawn(self._run)
 
     def wait_ready(self, timeout: float | None) -> bool:
