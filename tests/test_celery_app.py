@@ -29,10 +29,12 @@ import pytest
 from celery import Celery, chord, signals
 from celery import exceptions as celery_exceptions
 from celery.app import trace
+from kombu.message import Message
 
 from greenworker import Worker, green
 from greenworker.celery.app import CeleryApp
 from greenworker.exceptions import ImproperlyConfigured
+from greenworker.hooks import Middleware
 from greenworker.loader import load_app
 
 from .conftest import REDIS_URL, ROOT, _need_broker, run_cli, start_cli, wait_for_output
@@ -58,15 +60,30 @@ def proj_tasks() -> Iterator[ModuleType]:
 
 
 @pytest.fixture
-def proj_worker(proj_tasks: ModuleType) -> Iterator[Worker]:
+def proj_worker(proj_tasks: ModuleType, rejections: Rejections) -> Iterator[Worker]:
     app = load_app("proj")
-    worker = app.Worker(concurrency=20)
+    worker = app.Worker(concurrency=20, middleware=[rejections])
     worker.start()
     try:
         yield worker
     finally:
         worker.stop()
         trace.reset_worker_optimizations(proj_tasks.add.app)
+
+
+class Rejections(Middleware):
+    """The ``task_rejected`` hook's calls: (task id, requeue)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str | None, bool]] = []
+
+    def task_rejected(self, message: Message, reason: str, requeue: bool) -> None:
+        self.seen.append(((message.headers or {}).get("id"), requeue))
+
+
+@pytest.fixture
+def rejections() -> Rejections:
+    return Rejections()
 
 
 class SeenIds:
@@ -181,13 +198,18 @@ def test_retry_autoretry_and_failure(proj_worker: Worker, proj_tasks: ModuleType
     assert proj_worker.state.retried >= 4  # two by flaky, two by always_down
 
 
-def test_ignore_and_reject(proj_worker: Worker, proj_tasks: ModuleType, postrun: SeenIds) -> None:
+def test_ignore_and_reject(
+    proj_worker: Worker, proj_tasks: ModuleType, postrun: SeenIds, rejections: Rejections
+) -> None:
     tasks = proj_tasks
     key = uuid.uuid4().hex
-    assert tasks.reject_once.delay(key, True).get(timeout=10) == "run 2"  # requeued, ran again
+    requeued = tasks.reject_once.delay(key, True)
+    assert requeued.get(timeout=10) == "run 2"  # requeued, ran again
     dropped = tasks.reject_once.delay(key + "-drop", False)
     with pytest.raises(celery_exceptions.Reject):
         dropped.get(timeout=10)  # Celery stores a final FAILURE for a message it drops
+    # the hook (and so the task-rejected event) says what became of each message
+    assert rejections.seen == [(requeued.id, True), (dropped.id, False)]
     ignored = tasks.ignored.delay()
     postrun.wait(ignored.id)
     assert ignored.state == "STARTED"  # Ignore: nothing stored after STARTED, as in Celery

@@ -104,7 +104,7 @@ class CelerySignals(Middleware):
         )
         signals.task_received.send(sender=self.view, request=celery_request)
 
-    def task_rejected(self, message: Message, reason: str) -> None:
+    def task_rejected(self, message: Message, reason: str, requeue: bool) -> None:
         if reason.startswith(REJECTED_BY_TASK):
             return  # Reject() in a task: Celery sends no signal for it, only the event
         headers: dict[str, Any] = message.headers or {}

@@ -273,12 +273,12 @@ class TaskEvents(Middleware):
             expired=reason == "expired",
         )
 
-    def task_rejected(self, message: Message, reason: str) -> None:
+    def task_rejected(self, message: Message, reason: str, requeue: bool) -> None:
         if not self.events.collecting:  # task events off: build nothing
             return
         task_id = (message.headers or {}).get("id")
         if isinstance(task_id, str):
-            self.events.task("task-rejected", uuid=task_id, requeue=False)
+            self.events.task("task-rejected", uuid=task_id, requeue=requeue)
 
 
 def _safe_repr(value: Any, limit: int = 1024) -> str:

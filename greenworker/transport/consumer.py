@@ -19,6 +19,7 @@ from kombu.messaging import Consumer as KombuConsumer
 
 from .. import green
 from ..config import POLLING_WAKE
+from . import amqp_frames
 from .reconnect import Backoff, FailureBurst, retry_until_stopped
 
 if TYPE_CHECKING:
@@ -378,6 +379,8 @@ class Consumer(Reconnecting):
         self.connection_generation += 1
         channel = conn.channel()
         self._batch_acks = conn.transport.driver_type == "amqp"
+        if self._batch_acks:
+            amqp_frames.install(conn.connection)
         # RabbitMQ applies a per-consumer (global=False) count only to consumers started
         # after it; per channel, as Celery does there, a change takes effect at once
         self._qos_global = not conn.qos_semantics_matches_spec

@@ -356,7 +356,8 @@ class Executor:
         if request.finished:
             return
         self.state.rejected += 1
-        self.hooks.emit("task_rejected", request.message, f"{REJECTED_BY_TASK}: {outcome.exc!r}")
+        reason = f"{REJECTED_BY_TASK}: {outcome.exc!r}"
+        self.hooks.emit("task_rejected", request.message, reason, outcome.requeue)
         self._finish(request, REJECTED, outcome.exc, record=None, requeue=outcome.requeue)
 
     def _storing(self, request: Request, meta: dict[str, Any]) -> Callable[[], None]:

@@ -149,7 +149,7 @@ class MessageHandler:
 
     def _rejected(self, message: Message, reason: str) -> None:
         self.state.rejected += 1
-        self.hooks.emit("task_rejected", message, reason)
+        self.hooks.emit("task_rejected", message, reason, False)
 
     def _store_quietly(self, task_id: str, meta: dict[str, Any], what: str) -> None:
         try:

@@ -67,8 +67,9 @@ class Middleware:
     def task_revoked(self, request: Request, reason: str) -> None:
         """The task was revoked, terminated or expired."""
 
-    def task_rejected(self, message: Message, reason: str) -> None:
-        """A message was rejected as malformed or for an unknown task (the consumer greenlet)."""
+    def task_rejected(self, message: Message, reason: str, requeue: bool) -> None:
+        """A message was rejected: malformed or for an unknown task (the consumer greenlet,
+        never requeued), or by the task itself raising ``Reject`` (``requeue`` as it asked)."""
 
 
 class Hooks:
