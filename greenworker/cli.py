@@ -52,8 +52,13 @@ class CommandFailed(click.ClickException):
     exit_code = 1
 
 
-NO_REMOTE_CONTROL = "the embedded default has no remote control; use Redis or RabbitMQ"
-NO_EVENTS = "the embedded default has no events; use Redis or RabbitMQ"
+NO_REMOTE_CONTROL = (
+    "kombu's filesystem transport has no remote control; use the embedded default, Redis "
+    "or RabbitMQ"
+)
+NO_EVENTS = (
+    "kombu's filesystem transport has no events; use the embedded default, Redis or RabbitMQ"
+)
 
 # Celery's %-abbreviations: a percent sign and one word character, or %% for a literal one.
 _PERCENT_KEY = re.compile(r"%([%\w])")
@@ -1078,7 +1083,7 @@ def _broker_connection(app: App) -> Iterator[Connection]:
 
 
 def _require_remote_control(app: App, message: str = NO_REMOTE_CONTROL) -> None:
-    """The filesystem transport of the embedded default has no fanout between processes:
+    """kombu's filesystem transport has no fanout between processes:
     a worker on it serves no mailbox and sends no events, so asking it would only time out."""
     if app.broker_url.split("://", 1)[0] == "filesystem":
         raise CLIError(message)

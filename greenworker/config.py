@@ -149,8 +149,6 @@ class Settings:
     beat_scheduler: str | None = None
     #: Beat wakes at least this often (s), even when nothing is due.
     beat_max_loop_interval: float = 300.0
-    #: Seconds between polls of the filesystem transport on the embedded default.
-    filesystem_polling_interval: float = 0.05
 
     def update(
         self,

@@ -439,9 +439,9 @@ def test_call_wait_without_a_worker_names_the_queue(tmp_path: Path) -> None:
         (["events"], NO_EVENTS),
     ],
 )
-def test_remote_commands_refuse_the_embedded_default(
+def test_remote_commands_refuse_kombus_filesystem_transport(
     args: list[str], message: str, tmp_path: Path
 ) -> None:
-    result = run_cli("-A", "tests.cliapp", "--data-dir", str(tmp_path), *args)
+    result = run_cli("-A", "tests.cliapp", "-b", "filesystem://localhost/", *args)
     assert result.returncode == 2, result.stderr
     assert result.stderr == f"Error: {message}\n"

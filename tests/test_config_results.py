@@ -268,10 +268,10 @@ def test_cli_names_a_misspelt_setting_in_one_line(tmp_path: Path) -> None:
 
 def test_embedded_default_paths(tmp_path: Path) -> None:
     app = App("x", data_dir=str(tmp_path))
-    assert app.embedded and app.broker_url == "filesystem://localhost/"
+    assert app.embedded and app.broker_url == "lmdb://localhost/"
     assert app.result_backend_url == "lmdb://" + str(tmp_path / "results")
     options = app.transport_options()
-    assert options["data_folder_in"] == str(tmp_path / "queues" / "messages")
+    assert options["data_dir"] == str(tmp_path)
     other = App("y", broker="redis://127.0.0.1:6379/0")
     assert not other.embedded and other.result_backend_url is None
 

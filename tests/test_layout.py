@@ -20,11 +20,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "greenworker"
 
 
 #: The client side's only run-time imports of the worker side, each inside a function:
-#: ``App.Worker()`` builds a worker, and the App publishes through the native Redis
-#: publisher (client-side publishing that lives with the Redis transport code).
+#: ``App.Worker()`` builds a worker, the App publishes through the native Redis
+#: publisher (client-side publishing that lives with the Redis transport code), and
+#: the embedded default's connection names the LMDB transport to kombu.
 ALLOWED_CLIENT_EDGES = {
     ("greenworker.client.app", "greenworker.worker.worker"),
     ("greenworker.client.app", "greenworker.transport.redis_publisher"),
+    ("greenworker.client.app", "greenworker.transport.lmdb_transport"),
 }
 CLIENT_SIDE = ("greenworker.client", "greenworker.backends")
 WORKER_SIDE = ("greenworker.worker", "greenworker.control", "greenworker.transport")

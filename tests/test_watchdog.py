@@ -94,25 +94,29 @@ def test_block_past_hard_limit_exits_with_distinct_status(hub: str, tmp_path: Pa
     assert time.monotonic() - started < 10
     assert "blocks the hub" in output and "block.spin" in output
     assert "task task" not in output
-    # the embedded default's filesystem transport keeps no copy: no false "redelivered"
-    assert "its message is lost: kombu's filesystem transport" in output
-    assert "redelivered" not in output
+    # the embedded broker keeps the unacked message for the next consumer
+    assert "the embedded broker hands its unacked message to the next consumer" in output
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("broker", ["redis", "amqp"])
+@pytest.mark.parametrize("broker", ["redis", "amqp", "embedded"])
 def test_a_task_that_ended_a_worker_is_refused_when_it_comes_back(
     hub: str, broker: str, scratch_redis: str, queue_name: str, tmp_path: Path
 ) -> None:
     """The watchdog records the blocker in the state store before exit 70; the next
     worker on that store stores its FAILURE, rejects its redelivered message with one
     line, and stays up to run the next task -- no restart loop."""
-    broker_url = scratch_redis if broker == "redis" else request_amqp_url()
-    worker_args = ["-A", "tests.blockapp", "-P", hub, "-b", broker_url, "-c", "2"]
-    worker_args += ["--result-backend", scratch_redis, "--statedb", str(tmp_path / "state")]
+    worker_args = ["-A", "tests.blockapp", "-P", hub, "-c", "2"]
+    if broker == "embedded":  # the broker and the results in the data directory
+        worker_args += ["--data-dir", str(tmp_path / "data")]
+        client = App("blockclient", data_dir=str(tmp_path / "data"))
+    else:
+        broker_url = scratch_redis if broker == "redis" else request_amqp_url()
+        worker_args += ["-b", broker_url, "--result-backend", scratch_redis]
+        client = App("blockclient", broker=broker_url, backend=scratch_redis)
+    worker_args += ["--statedb", str(tmp_path / "state")]
     worker_args += ["-Q", queue_name, "--without-mingle", "--without-gossip"]
     env = {"GREENWORKER_BROKER_TRANSPORT_OPTIONS": '{"visibility_timeout": 1}'}
-    client = App("blockclient", broker=broker_url, backend=scratch_redis)
     try:
         first = start_cli(*worker_args, env=env)
         try:
@@ -127,10 +131,11 @@ def test_a_task_that_ended_a_worker_is_refused_when_it_comes_back(
         assert f"task block.spin[{blocker.id}] blocks the hub" in exit_line
         assert "task task" not in exit_line
         assert "recorded in the state store" in exit_line
-        if broker == "redis":
-            assert "Redis gives its unacked message back after the visibility timeout" in exit_line
-        else:
-            assert "RabbitMQ delivers its unacked message again" in exit_line
+        assert {
+            "redis": "Redis gives its unacked message back after the visibility timeout",
+            "amqp": "RabbitMQ delivers its unacked message again",
+            "embedded": "the embedded broker hands its unacked message to the next consumer",
+        }[broker] in exit_line
 
         second = start_cli(*worker_args, env=env)
         try:

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from ..worker.hooks import Middleware
     from ..worker.worker import Worker
 
-EMBEDDED_BROKER = "filesystem://localhost/"
+EMBEDDED_BROKER = "lmdb://localhost/"
 
 #: URL schemes whose broker (kombu's transport) or result backend needs redis-py.
 REDIS_BROKER_SCHEMES = frozenset({"redis", "rediss", "redis+socket", "sentinel"})
@@ -148,7 +148,7 @@ class App:
 
     @property
     def embedded(self) -> bool:
-        """True when no broker is configured: filesystem transport + LMDB in ``data_dir``."""
+        """True when no broker is configured: the LMDB broker and result store in ``data_dir``."""
         return not self.conf.broker_url
 
     @property
@@ -182,14 +182,7 @@ class App:
     def transport_options(self) -> dict[str, Any]:
         options = dict(self.conf.broker_transport_options)
         if self.embedded:
-            queue_dir = os.path.join(self.data_dir, "queues")
-            for sub in ("messages", "control"):
-                os.makedirs(os.path.join(queue_dir, sub), exist_ok=True)
-            options.setdefault("data_folder_in", os.path.join(queue_dir, "messages"))
-            options.setdefault("data_folder_out", os.path.join(queue_dir, "messages"))
-            options.setdefault("control_folder", os.path.join(queue_dir, "control"))
-            options.setdefault("store_processed", False)
-            options.setdefault("polling_interval", self.conf.filesystem_polling_interval)
+            options.setdefault("data_dir", self.data_dir)
         elif self.broker_url.startswith("memory://"):
             options.setdefault("polling_interval", 0.005)  # kombu's default is 1 s
         elif self.broker_url.startswith(("redis://", "rediss://")):
@@ -229,6 +222,10 @@ class App:
     def connection(self) -> Connection:
         """A new (lazy) kombu connection to the broker."""
         self.check_client_libraries()
+        if self.embedded:
+            from ..transport import lmdb_transport  # kombu learns the lmdb:// name
+
+            lmdb_transport.register()
         return Connection(
             self.broker_url,
             transport_options=self.transport_options(),

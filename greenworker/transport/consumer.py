@@ -404,7 +404,7 @@ class Consumer(Reconnecting):
         log.info(
             "consuming from %s on %s",
             ", ".join(self.queue_names),
-            conn.as_uri(),  # as_uri() masks the password
+            _where(conn),
         )
         self._ready.set()
         interval = self.app.conf.worker_drain_interval
@@ -514,6 +514,15 @@ class Consumer(Reconnecting):
         """True while ``message``'s ack waits for the next batched ``basic_ack`` (AMQP);
         on kombu's other transports an ack is sent when it is made."""
         return message.delivery_tag in self._acks_due
+
+
+def _where(conn: Connection) -> str:
+    """The broker for the log: its URL with the password masked, or the embedded
+    default's store."""
+    store = getattr(conn.transport, "store", None)
+    if store is not None:
+        return f"the embedded broker in {store.path}"
+    return str(conn.as_uri())  # as_uri() masks the password
 
 
 def _tag(message: Message) -> Any:

@@ -277,6 +277,11 @@ class Watchdog:
             )
         if scheme == "memory":
             return "its message is lost with the process (memory transport)"
+        if scheme == "lmdb":
+            return (
+                "the embedded broker hands its unacked message to the next consumer as soon as "
+                "this process is gone"
+            )
         if request.acked and not self.ack_pending(request.message):
             return "its message was acked before it ran (acks_late off): it is not delivered again"
         if scheme.startswith(("amqp", "pyamqp")):

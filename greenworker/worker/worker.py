@@ -114,8 +114,8 @@ class Worker:
             if conf.worker_max_tasks_per_child or conf.worker_max_memory_per_child
             else None
         )
-        # Remote control and events need fanout between processes: not on the
-        # filesystem transport of the embedded default.
+        # Remote control and events need fanout between processes: not on kombu's
+        # filesystem transport.
         fanout = self.broker_scheme != "filesystem"
         kind: list[Middleware] = (
             list(app_middleware) if app_middleware is not None else [CanvasMiddleware(app)]
@@ -400,14 +400,14 @@ class Worker:
             notes.append("no result_backend: results, STARTED states and chords are not stored")
         if self.broker_scheme == "filesystem":
             notes.append(
-                "embedded default (filesystem transport): messages this worker holds are "
+                "kombu's filesystem transport: messages this worker holds are "
                 "lost if it is killed -9; a warm shutdown returns them. Use Redis or "
                 "RabbitMQ where that matters"
             )
             if self.app.conf.worker_enable_remote_control or self.app.conf.worker_send_task_events:
                 notes.append(
-                    "embedded default: no remote control (inspect/control) or events over "
-                    "the filesystem transport"
+                    "no remote control (inspect/control) or events over kombu's filesystem "
+                    "transport"
                 )
         return notes
 
