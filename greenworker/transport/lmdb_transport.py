@@ -303,7 +303,7 @@ class Transport(virtual.Transport):
         if self._waiting and self._address is not None:
             self.store._wake([self._address])
 
-    def drain_events(self, connection: Any, timeout: Any = None) -> None:
+    def drain_events(self, connection: Any, timeout: Any = None, **kwargs: Any) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             sock = self._wake_socket()
