@@ -190,6 +190,7 @@ class Consumer(Reconnecting):
         # AMQP ack batching: tags delivered on the current channel and not settled yet,
         # and tags whose ack waits for the next flush (see _flush_acks)
         self._batch_acks = False
+        self._wakeable = False  # the transport's drain wait can be cut short (wake_self)
         self._ack_channel: Any = None
         self._unsettled: set[int] = set()
         self._acks_due: set[int] = set()
@@ -212,6 +213,8 @@ class Consumer(Reconnecting):
         if self._greenlet is not None:
             if self._batch_acks:
                 self._cancel_on_broker()
+            elif self._connection is not None and self._wakeable:
+                self._connection.transport.wake_self()  # the embedded broker: end the wait
             # no connection: it only waits to reconnect, nothing is lost by ending it now
             if self._connection is None or not self._greenlet.join(timeout):
                 self._greenlet.kill()
@@ -408,7 +411,8 @@ class Consumer(Reconnecting):
         )
         self._ready.set()
         interval = self.app.conf.worker_drain_interval
-        if not self._batch_acks:
+        self._wakeable = hasattr(conn.transport, "wake_self")
+        if not (self._batch_acks or self._wakeable):
             interval = min(interval, POLLING_WAKE)  # polling transports: stop cannot wake it
         self._queue_changes.clear()  # a fresh consumer already has the current queues
         generation = self.connection_generation
@@ -482,11 +486,18 @@ class Consumer(Reconnecting):
         """
         consumer = self._kombu_consumer
         channel = consumer.channel if consumer is not None else None
-        index_key = getattr(channel, "unacked_index_key", None)
-        if channel is None or index_key is None:
+        if channel is None:
             return 0
         tags = [m.delivery_tag for m in messages if m.channel is channel and not m.acknowledged]
-        if not tags:
+        store = getattr(channel, "store", None)  # the embedded broker: the same timeout
+        if store is not None and tags:
+            try:
+                return int(store.refresh(tags))
+            except Exception as exc:
+                log.warning("could not renew the visibility of %d message(s): %s", len(tags), exc)
+                return 0
+        index_key = getattr(channel, "unacked_index_key", None)
+        if index_key is None or not tags:
             return 0
         now = time.time()
         try:

@@ -386,6 +386,8 @@ class BrokerStore:
             now = time.time()
             for queue in queues:
                 info = self._queue_info(txn, queue)
+                if info is None:  # published before any declare: a plain durable queue
+                    txn.put(queue.encode(), QueueInfo().dumps(), db=self._dbs["queues"])
                 expiry = expires_at
                 if info is not None and info.message_ttl is not None:
                     ttl_expiry = now + info.message_ttl
@@ -396,7 +398,7 @@ class BrokerStore:
                 wake.extend(self._sleepers_of(txn, queue))
             return wake
 
-        self._wake(self._write(put))
+        self.wake(self._write(put))
 
     def _next_seq(self, txn: Any) -> int:
         raw = txn.get(b"seq", db=self._dbs["meta"])
@@ -408,17 +410,27 @@ class BrokerStore:
         raw = txn.get(queue.encode(), db=self._dbs["queues"])
         return QueueInfo.loads(raw) if raw is not None else None
 
-    def take(self, queues: Sequence[str], limit: int, address: bytes | None = None) -> list[Taken]:
+    def take(
+        self,
+        queues: Sequence[str],
+        limit: int,
+        address: bytes | None = None,
+        acks: Sequence[str] = (),
+    ) -> list[Taken]:
         """Deliver up to ``limit`` messages from ``queues`` (in that order; highest
         priority first within a queue) into ``unacked``, in one transaction.  Expired
-        messages are dropped on the way.  ``address``: the consumer stops waiting there."""
+        messages are dropped on the way.  ``address``: the consumer stops waiting there;
+        ``acks``: tags acked in the same transaction."""
         if limit <= 0 or not queues:
+            self.ack(acks)
             return []
         self.own()
         now = time.time()
 
         def take(txn: Any) -> list[Taken]:
             messages, unacked = self._dbs["messages"], self._dbs["unacked"]
+            for tag in acks:
+                txn.delete(tag.encode(), db=unacked)
             out: list[Taken] = []
             with txn.cursor(db=messages) as cursor:
                 for queue in queues:
@@ -477,7 +489,7 @@ class BrokerStore:
             return restored, wake
 
         restored, wake = self._write(requeue)
-        self._wake(wake)
+        self.wake(wake)
         return restored
 
     def _restore(self, txn: Any, tag_key: bytes, wake: list[bytes]) -> bool:
@@ -586,7 +598,7 @@ class BrokerStore:
         for token in dead:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.path, "owners", f"{token}.lock"))
-        self._wake(wake)
+        self.wake(wake)
         if restored:
             log.warning(
                 "restored %d unacked message(s) of %s to their queues",
@@ -679,7 +691,8 @@ class BrokerStore:
         for key in doomed:
             txn.delete(key, db=sleepers)
 
-    def _wake(self, addresses: Iterable[bytes]) -> None:
+    def wake(self, addresses: Iterable[bytes]) -> None:
+        """Send each waiting consumer at ``addresses`` its wake-up datagram."""
         if not CAN_WAKE:
             return
         for address in dict.fromkeys(addresses):
@@ -727,7 +740,7 @@ class BrokerStore:
             self._forget_owner(txn, self.token)
             return wake
 
-        self._wake(self._write(release))
+        self.wake(self._write(release))
         if self._wake_sender is not None:
             self._wake_sender.close()
             self._wake_sender = None

@@ -16,6 +16,9 @@ Transport options (``broker_transport_options``):
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import logging
 import os
 import socket
 import time
@@ -29,6 +32,8 @@ from kombu.utils.json import loads as kombu_loads
 
 from . import lmdb_store
 from .lmdb_store import BrokerStore, QueueInfo
+
+log = logging.getLogger("greenworker.broker")
 
 #: Messages taken in one transaction when the channel's prefetch sets no smaller limit.
 TAKE_BATCH = 64
@@ -46,15 +51,15 @@ def _seconds(arguments: dict[str, Any], name: str) -> float | None:
 
 
 class QoS(virtual.QoS):
-    """Acks and rejects go to the store at once; restore puts messages back where they
-    were (kombu's default re-routes them, which would copy a fanout message)."""
+    """Acks made while the connection drains ride on its next take (one transaction for
+    both); others, and rejects, go to the store at once.  Restore puts messages back
+    where they were (kombu's default re-routes them, which would copy a fanout message)."""
 
     channel: Channel
 
     def ack(self, delivery_tag: str) -> None:
-        self.channel.store.ack([delivery_tag])
+        self.channel.connection.ack(delivery_tag)
         super().ack(delivery_tag)
-        self.channel.connection.wake_self()  # a consumer waiting for prefetch room
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         if requeue:
@@ -62,7 +67,7 @@ class QoS(virtual.QoS):
         else:
             self.channel.store.ack([delivery_tag])
         self._quick_ack(delivery_tag)
-        self.channel.connection.wake_self()
+        self.channel.connection.interrupt()  # room in the prefetch window
 
     def restore_unacked(self) -> list[tuple[BaseException, Any]]:
         self._flush()
@@ -213,16 +218,18 @@ class Channel(virtual.Channel):
     def _restore(self, message: Any) -> None:
         self.store.requeue([message.delivery_tag])
 
-    def deliver_ready(self, address: bytes | None) -> int:
-        """Take what this channel's consumers may have now and hand it to their callbacks."""
+    def deliver_ready(self, address: bytes | None, acks: list[str]) -> int:
+        """Settle ``acks`` and take what this channel's consumers may have now (one
+        transaction), then hand it to their callbacks."""
         if not self._consumers or not self.qos.can_consume():
+            self.store.ack(acks)
             return 0
         room = self.qos.can_consume_max_estimate()
         limit = min(room, TAKE_BATCH) if room else TAKE_BATCH
         queues = list(dict.fromkeys(self._active_queues))
         if len(queues) > 1:  # take from each queue first in turn
             self._active_queues.append(self._active_queues.pop(0))
-        taken = self.store.take(queues, limit, address)
+        taken = self.store.take(queues, limit, address, acks)
         deliver = self.connection._deliver
         for item in taken:
             deliver(payload_of(item), item.queue)
@@ -261,11 +268,16 @@ class Transport(virtual.Transport):
             max_map_size=int(max_map) if max_map else None,
             visibility_timeout=float(options.get("visibility_timeout", 3600.0)),
         )
+        if options.get("data_dir"):
+            import_filesystem_queues(self.store, options["data_dir"])
         self.sweep_interval = float(options.get("sweep_interval", 2.0))
         self._next_sweep = 0.0
         self._address: bytes | None = None
         self._socket: socket.socket | None = None
         self._waiting = False
+        self._woken = False
+        self._draining = False
+        self._acks: list[str] = []  # made while draining: settled by the next take
         self._asleep_on: list[str] = []
 
     def driver_version(self) -> str:
@@ -278,7 +290,20 @@ class Transport(virtual.Transport):
         self._next_sweep = time.monotonic() + self.sweep_interval
         return super().establish_connection()
 
+    def ack(self, tag: str) -> None:
+        """Ack ``tag``: with the next take while this connection drains, else now."""
+        if self._draining:
+            self._acks.append(tag)
+            self.interrupt()  # a consumer waiting for prefetch room
+        else:
+            self.store.ack([tag])
+
+    def _pop_acks(self) -> list[str]:
+        acks, self._acks = self._acks, []
+        return acks
+
     def close_connection(self, connection: Any) -> None:
+        self.store.ack(self._pop_acks())
         super().close_connection(connection)
         if self._asleep_on and self._address is not None:
             self.store.wake_up(self._asleep_on, self._address)
@@ -299,20 +324,36 @@ class Transport(virtual.Transport):
         return self._socket
 
     def wake_self(self) -> None:
-        """End a wait of this connection's consumer (an ack made room, a stop)."""
+        """End a wait of this connection's consumer (an ack made room, a stop):
+        ``drain_events`` returns (as a timeout) unless there is a message to deliver."""
+        self._woken = True
+        self.interrupt()
+
+    def interrupt(self) -> None:
+        """End the current wait, if any, and look again (an ack made prefetch room)."""
         if self._waiting and self._address is not None:
-            self.store._wake([self._address])
+            self.store.wake([self._address])
 
     def drain_events(self, connection: Any, timeout: Any = None, **kwargs: Any) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
+        self._draining = True
+        try:
+            self._drain(None if timeout is None else time.monotonic() + timeout)
+        finally:
+            self._draining = False
+            self.store.ack(self._pop_acks())
+
+    def _drain(self, deadline: float | None) -> None:
         while True:
             sock = self._wake_socket()
             delivered = 0
             for channel in list(self.channels):
-                delivered += channel.deliver_ready(self._address)
+                delivered += channel.deliver_ready(self._address, self._pop_acks())
             self._asleep_on = [] if delivered else self._asleep_on
             if delivered:
                 return
+            if self._woken:
+                self._woken = False
+                raise TimeoutError()
             now = time.monotonic()
             if now >= self._next_sweep:
                 self._next_sweep = now + self.sweep_interval
@@ -360,3 +401,67 @@ def register() -> None:
 
 
 register()
+
+
+def import_filesystem_queues(store: BrokerStore, data_dir: str) -> int:
+    """Move the messages a 0.1.0 embedded default left in kombu's filesystem queues
+    (``<data_dir>/queues``) into ``store``, oldest first, then remove those folders.
+
+    Each file is deleted only after its message is committed here (a crash between the
+    two delivers it twice, never zero times); another process doing the same waits for
+    the lock.  A file that cannot be read is moved to ``queues/unreadable`` and named in
+    a warning."""
+    folder = os.path.join(os.path.abspath(data_dir), "queues")
+    messages = os.path.join(folder, "messages")
+    if not os.path.isdir(messages):
+        return 0
+    moved = 0
+    with open(os.path.join(folder, ".upgrade.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isdir(messages):  # another process did it meanwhile
+            return 0
+        for name in sorted(os.listdir(messages)):  # names start with the publish time
+            path = os.path.join(messages, name)
+            queue = name.partition(".")[2].removesuffix(".msg")
+            try:
+                with open(path, "rb") as file:
+                    raw = file.read()
+                payload = kombu_loads(raw)
+                priority = int(payload.get("properties", {}).get("priority") or 0)
+            except (OSError, ValueError, TypeError, AttributeError) as exc:
+                _set_aside(folder, path, name, exc)
+                continue
+            if not name.endswith(".msg") or not queue:
+                _set_aside(folder, path, name, ValueError("not a kombu message file"))
+                continue
+            store.put([queue], raw, priority)
+            os.unlink(path)
+            moved += 1
+        control = os.path.join(folder, "control")  # exchange tables: workers declare again
+        if os.path.isdir(control):
+            for name in os.listdir(control):
+                os.unlink(os.path.join(control, name))
+            os.rmdir(control)
+        os.rmdir(messages)
+    os.unlink(os.path.join(folder, ".upgrade.lock"))
+    with contextlib.suppress(OSError):
+        os.rmdir(folder)  # kept when unreadable files were set aside
+    log.warning(
+        "moved %d message(s) from the 0.1.0 filesystem queues in %s into the embedded broker",
+        moved,
+        folder,
+    )
+    return moved
+
+
+def _set_aside(folder: str, path: str, name: str, exc: BaseException) -> None:
+    aside = os.path.join(folder, "unreadable")
+    os.makedirs(aside, exist_ok=True)
+    os.replace(path, os.path.join(aside, name))
+    log.warning(
+        "could not move %s of the 0.1.0 filesystem queues (%s: %s); it is in %s",
+        name,
+        type(exc).__name__,
+        exc,
+        aside,
+    )
