@@ -188,12 +188,13 @@ class BrokerStore:
                 self.env.set_mapsize(0)  # another process grew it: adopt its size
             except lmdb.MapFullError:
                 size = self.env.info()["map_size"]
-                if self.max_map_size is not None and size * 2 > self.max_map_size:
+                limit = self.max_map_size
+                if limit is not None and size >= limit:
                     raise BrokerStoreError(
                         f"the broker store at {self.path} is full ({size} bytes, "
-                        f"max_map_size {self.max_map_size}): nothing was written"
+                        f"max_map_size {limit}): nothing was written"
                     ) from None
-                self.env.set_mapsize(size * 2)
+                self.env.set_mapsize(min(size * 2, limit) if limit is not None else size * 2)
             except lmdb.Error as exc:
                 if getattr(exc, "errno", None) == errno.ENOSPC or "No space" in str(exc):
                     raise BrokerStoreError(
@@ -377,6 +378,7 @@ class BrokerStore:
         expiry (the earlier of it and ``expires_at``)."""
         if not queues:
             return
+        self._check_room()
         priority = max(0, min(MAX_PRIORITY, priority))
 
         def put(txn: Any) -> list[bytes]:
@@ -399,6 +401,25 @@ class BrokerStore:
             return wake
 
         self.wake(self._write(put))
+
+    def _check_room(self) -> None:
+        """Refuse a publish once the store uses 3/4 of ``max_map_size``: the rest is
+        the room consumers need to take and ack what is there (every LMDB write, a
+        delete too, needs free pages)."""
+        if self.max_map_size is None:
+            return
+
+        def pages(txn: Any) -> int:
+            stats = [txn.stat(db) for db in self._dbs.values()] + [self.env.stat()]
+            return sum(s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"] for s in stats)
+
+        used = self._read(pages) * self.env.stat()["psize"]
+        if used > self.max_map_size * 3 // 4:
+            raise BrokerStoreError(
+                f"the broker store at {self.path} is full ({used} of max_map_size "
+                f"{self.max_map_size} bytes in use; the rest is kept for consumers): "
+                "nothing was written"
+            )
 
     def _next_seq(self, txn: Any) -> int:
         raw = txn.get(b"seq", db=self._dbs["meta"])
@@ -714,7 +735,7 @@ class BrokerStore:
             "path": self.path,
             "queues": {name: self.size(name) for name in sorted(queues)},
             "unacked": self.unacked_count(),
-            "owners": len(self._read(lambda txn: txn.stat(self._dbs["owners"])["entries"])),
+            "owners": int(self._read(lambda txn: txn.stat(self._dbs["owners"])["entries"])),
             "map_size": info["map_size"],
             "file_size": os.path.getsize(os.path.join(self.path, "data.mdb")),
         }

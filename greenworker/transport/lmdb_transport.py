@@ -357,7 +357,7 @@ class Transport(virtual.Transport):
             now = time.monotonic()
             if now >= self._next_sweep:
                 self._next_sweep = now + self.sweep_interval
-                self.store.sweep(visibility=False)
+                self.store.sweep()
             remaining = None if deadline is None else deadline - now
             if remaining is not None and remaining <= 0:
                 raise TimeoutError()
