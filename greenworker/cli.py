@@ -3,7 +3,7 @@
 ``greenworker -A proj [-P gevent|eventlet] [-c N] [-Q q1,q2]`` runs a worker.
 Eight subcommands: ``call``, ``purge``, ``inspect``, ``control``, ``status`` and
 ``events`` act as clients; ``beat`` runs the scheduler alone; ``statedb`` shows,
-compacts or clears a state store.  The chosen hub patches the process before the
+compacts or clears a state store, ``brokerdb`` shows or compacts the embedded broker's.  The chosen hub patches the process before the
 user's module is imported, so nothing here imports kombu or the app at module
 level.
 """
@@ -1237,6 +1237,30 @@ def statedb(path: str, action: str, force: bool) -> None:
             click.echo(f"cleared {path}")
     finally:
         store.close()
+
+
+@main.command()
+@click.argument("path", type=click.Path(file_okay=False))
+@click.argument("action", type=click.Choice(["show", "compact"]))
+def brokerdb(path: str, action: str) -> None:
+    """Inspect or compact the embedded broker's store: PATH is the data directory (or
+    its ``broker`` folder).  Compact with the workers and producers stopped."""
+    from .transport.lmdb_store import BrokerStoreError, open_store
+
+    store_dir = os.path.join(path, "broker")
+    if not os.path.isfile(os.path.join(store_dir, "data.mdb")):
+        store_dir = path
+    if not os.path.isfile(os.path.join(store_dir, "data.mdb")):
+        raise CLIError(f"no embedded broker store at {path}")
+    try:
+        store = open_store(store_dir)
+        if action == "show":
+            click.echo(json.dumps(store.summary(), indent=2, sort_keys=True))
+        else:
+            before, after = store.compact()
+            click.echo(f"compacted {store_dir}: {before} -> {after} bytes")
+    except BrokerStoreError as exc:
+        raise CLIError(str(exc)) from None
 
 
 INSPECT_COMMANDS = (

@@ -376,3 +376,31 @@ def test_a_0_1_0_data_directory_is_taken_over(data: Path, log: Path, hub: str) -
         del os.environ["EMBED_RUNS"]
     assert not (data / "queues").exists()  # moved, folders removed
     assert runs(log) == Counter(dict.fromkeys(ids, 1))
+
+
+def test_brokerdb_shows_and_compacts_and_refuses_while_a_consumer_lives(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    store = open_store(str(data / "broker"))
+    store.declare_queue("q", QueueInfo())
+    for _ in range(2000):
+        store.put(["q"], b"x" * 1000, 0)
+    held = store.take(["q"], 1)  # this process is now a live consumer
+    shown = run_cli("brokerdb", str(data), "show")
+    assert shown.returncode == 0, shown.stderr
+    summary = json.loads(shown.stdout)
+    assert summary["queues"] == {"q": 1999} and summary["unacked"] == 1
+    assert summary["consumers_alive"] == 1
+    refused = run_cli("brokerdb", str(data), "compact")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().endswith("stop the workers (and the programs that publish) first")
+    store.ack([t.tag for t in held])
+    store.ack([t.tag for t in store.take(["q"], 2000)])
+    store.release()  # gone: no consumer left
+    compacted = run_cli("brokerdb", str(data), "compact")
+    assert compacted.returncode == 0, compacted.stderr
+    before, after = (
+        int(n) for n in compacted.stdout.split(": ")[1].split(" bytes")[0].split(" -> ")
+    )
+    assert after < before
+    missing = run_cli("brokerdb", str(tmp_path / "nothing"), "show")
+    assert missing.returncode == 2 and "no embedded broker store" in missing.stderr

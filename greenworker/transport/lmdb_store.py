@@ -735,10 +735,40 @@ class BrokerStore:
             "path": self.path,
             "queues": {name: self.size(name) for name in sorted(queues)},
             "unacked": self.unacked_count(),
-            "owners": int(self._read(lambda txn: txn.stat(self._dbs["owners"])["entries"])),
+            "consumers_alive": len(self.live_owners()),
             "map_size": info["map_size"],
             "file_size": os.path.getsize(os.path.join(self.path, "data.mdb")),
         }
+
+    def live_owners(self) -> list[str]:
+        """The processes (other than this one) that hold messages or queues now."""
+
+        def read(txn: Any) -> list[str]:
+            with txn.cursor(db=self._dbs["owners"]) as cursor:
+                return [key.decode() for key in cursor.iternext(values=False)]
+
+        return [t for t in self._read(read) if t != self.token and self._owner_alive(t)]
+
+    def compact(self) -> tuple[int, int]:
+        """Rewrite the data file without its free pages; return (bytes before, after).
+        Refused while a consumer lives; producers must be stopped too (a process that
+        has the old file open would go on writing to it).  The store is closed after."""
+        alive = self.live_owners()
+        if alive:
+            raise BrokerStoreError(
+                f"the broker store at {self.path} is in use by {len(alive)} consumer "
+                "process(es): stop the workers (and the programs that publish) first"
+            )
+        data = os.path.join(self.path, "data.mdb")
+        before = os.path.getsize(data)
+        tmp = self.path + ".compact"
+        os.makedirs(tmp, exist_ok=True)
+        self.env.copy(tmp, compact=True)
+        self.env.close()
+        os.replace(os.path.join(tmp, "data.mdb"), data)
+        os.rmdir(tmp)
+        _stores.pop((os.getpid(), self.path), None)
+        return before, os.path.getsize(data)
 
     def release(self) -> None:
         """Drop this process's ownership at exit: what it still holds unacked goes back
