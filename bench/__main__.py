@@ -1,10 +1,14 @@
 """Side by side: greenworker, Celery 5 (-P gevent), Dramatiq 2 (gevent), Huey 3 (greenlet).
 
-    python -m bench [--scenarios A,B,C,D,E,F] [--systems greenworker,celery,dramatiq,huey]
-                    [--brokers redis,amqp] [--repeat 3] [--quick]
+    python -m bench [--scenarios A,B,C,D,E,F,G] [--systems greenworker,celery,dramatiq,huey]
+                    [--brokers redis,amqp,embedded] [--repeat 3] [--quick]
                     [--tasks 20000] [--concurrency 100,1000] [--timeout S]
 
-Scenarios (each on Redis and on RabbitMQ where the system supports it):
+Brokers: Redis, RabbitMQ, and ``embedded``: greenworker's embedded default (its own LMDB
+broker; the App gets no broker and a fresh data directory per run, GREENWORKER_DATA_DIR).
+Only greenworker runs on embedded; the other systems get a "skipped: ..." row.
+
+Scenarios (each on every broker the system supports):
 
 A  20,000 noop at concurrency 100 and 1000: tasks/s (first to last completion), peak RSS
 B  5,000 io(50 ms) at concurrency 500: run time (ideal 0.5 s)
@@ -12,6 +16,8 @@ C  publish-to-start latency while publishing 200 tasks/s for 10 s: p50 and p99
 D  broker ceiling: a bare kombu consumer draining 20,000 Celery messages: messages/s
 E  startup (start to first task done), idle CPU % over 5 s, idle shutdown (SIGTERM)
 F  10,000 io(1 s) at concurrency 10,000 in one process: run time, peak RSS
+G  scale-out: 20,000 noop on 1 and on 2 greenworker processes (-c 100 each) on one
+   broker: tasks/s (first to last completion) of each, and the ratio
 
 Each system pre-publishes with its own client.  Runs are interleaved (each round runs
 every system for a scenario) and repeated; the tables show median (min-max).  Rows are
@@ -38,7 +44,7 @@ from bench.proc import raise_nofile
 from bench.scenarios import QUICK, Runner, Sizes
 from bench.systems import ROOT
 
-SCENARIOS = ("A", "B", "C", "D", "E", "F")
+SCENARIOS = ("A", "B", "C", "D", "E", "F", "G")
 RESULTS = ROOT / "bench" / "results"
 LATEST = ROOT / "docs" / "bench-latest.txt"
 
@@ -68,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--brokers", default=",".join(systems.BROKERS))
     parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--quick", action="store_true", help="small counts: a smoke run")
-    parser.add_argument("--tasks", type=int, help="A's noop tasks and D's messages")
+    parser.add_argument("--tasks", type=int, help="A's and G's noop tasks and D's messages")
     parser.add_argument(
         "--concurrency",
         help="A's concurrencies, comma-separated (the first one is used by C and E)",
@@ -98,7 +104,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def sizes_from(args: argparse.Namespace) -> Sizes:
     sizes = QUICK if args.quick else Sizes()
     if args.tasks:
-        sizes = dataclasses.replace(sizes, a_tasks=args.tasks, d_messages=args.tasks)
+        sizes = dataclasses.replace(
+            sizes, a_tasks=args.tasks, d_messages=args.tasks, g_tasks=args.tasks
+        )
     if args.concurrency:
         levels = tuple(int(c) for c in _csv(args.concurrency))
         sizes = dataclasses.replace(
@@ -111,9 +119,13 @@ def cases(scenario: str, args: argparse.Namespace, runner: Runner) -> list[Case]
     sizes = runner.sizes
     found: list[Case] = []
 
-    def each(variant: str, run: Callable[[str, str], dict[str, Any]]) -> None:
+    def each(
+        variant: str, run: Callable[[str, str], dict[str, Any]], only: tuple[str, ...] = ()
+    ) -> None:
         for broker in args.brokers:
             for system in args.systems:
+                if only and system not in only:
+                    continue
                 why = systems.unsupported(system.removesuffix("-E"), broker)
                 bound = None if why else functools.partial(run, system, broker)
                 found.append(Case(scenario, variant, system, broker, bound, why))
@@ -134,6 +146,8 @@ def cases(scenario: str, args: argparse.Namespace, runner: Runner) -> list[Case]
         each("", functools.partial(_run_e, runner))
     elif scenario == "F":
         each("", functools.partial(_run_io, runner, "F"))
+    elif scenario == "G":  # greenworker's own scale-out: its worker commands only
+        each("", runner.run_g, only=systems.GREENWORKER_SYSTEMS)
     return found
 
 
@@ -160,6 +174,10 @@ def notes(sizes: Sizes) -> Callable[[str], list[str]]:
             "D": "No worker: kombu alone, no_ack=False, an ack per message.",
             "E": f"Concurrency {sizes.c_concurrency}; idle CPU over {sizes.e_idle:g} s.",
             "F": "Target for greenworker at full size: <= 3 s and <= 250 MB.",
+            "G": (
+                f"{sizes.g_tasks} noop; each process -c {sizes.g_concurrency}, its own -n "
+                "(and -S on embedded); greenworker systems only. Ratio: N=2 / N=1 per round."
+            ),
         }.get(scenario)
         return ["", text] if text else []
 

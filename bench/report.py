@@ -26,6 +26,7 @@ TITLES = {
     "D": "D: broker ceiling, a bare kombu consumer acking pre-published Celery messages",
     "E": "E: startup (process start to first task done), idle CPU, idle shutdown (SIGTERM)",
     "F": "F: I/O tasks, 1 s each, all at once in one process",
+    "G": "G: scale-out, noop throughput of N worker processes on one broker",
 }
 
 
@@ -75,6 +76,13 @@ COLUMNS: dict[str, list[Column]] = {
         Column("run s", "run_s", 2),
         Column("peak concurrent", "peak_concurrent"),
         Column("peak RSS MB", "peak_rss_mb", 1),
+    ],
+    "G": [
+        Column("tasks", "tasks", fixed=True),
+        Column("c each", "concurrency", fixed=True),
+        Column("N=1 tasks/s", "n1_tasks_per_s"),
+        Column("N=2 tasks/s", "n2_tasks_per_s"),
+        Column("N=2 / N=1", "scale_ratio", 2),
     ],
 }
 

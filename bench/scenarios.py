@@ -2,7 +2,8 @@
 
 Every ``run_*`` returns a row (a dict of metrics) or raises; the caller turns an
 exception into an ``error: ...`` row.  Workers run in their own process group and are
-killed on the way out; the broker's queues are purged before and after each run.
+killed on the way out; the broker's queues are purged before and after each run (on the
+embedded broker: each run gets a new, empty data directory, removed after).
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import contextlib
 import http.client
 import json
 import math
+import shutil
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,11 +26,22 @@ import redis
 
 from bench import systems
 from bench.proc import Group
-from bench.systems import BROKERS, COUNTER_KEY, LATENCY_KEY, PY, REDIS_URL, ROOT
+from bench.systems import (
+    BROKERS,
+    COUNTER_KEY,
+    EMBEDDED,
+    EMBEDDED_KOMBU_URL,
+    LATENCY_KEY,
+    PY,
+    REDIS_URL,
+    ROOT,
+)
 
 POLL = 0.005  # seconds between reads of the counter
 RSS_EVERY = 0.05  # seconds between samples of the worker tree's RSS
 MB = 1024 * 1024
+#: G's worker process counts: the table shows each and the ratio of the last to the first.
+G_PROCESSES = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -49,9 +63,19 @@ class Sizes:
     f_tasks: int = 10_000
     f_concurrency: int = 10_000
     f_ms: int = 1000
+    g_tasks: int = 20_000
+    g_concurrency: int = 100  # each process's
     #: Per-run timeouts (seconds from the worker's start) by scenario.
     timeouts: dict[str, float] = field(
-        default_factory=lambda: {"A": 600, "B": 120, "C": 60, "D": 300, "E": 60, "F": 30}
+        default_factory=lambda: {
+            "A": 600,
+            "B": 120,
+            "C": 60,
+            "D": 300,
+            "E": 60,
+            "F": 30,
+            "G": 600,
+        }
     )
 
 
@@ -64,7 +88,8 @@ QUICK = Sizes(
     e_idle=2.0,
     f_tasks=1_000,
     f_concurrency=1_000,
-    timeouts={"A": 60, "B": 30, "C": 30, "D": 60, "E": 30, "F": 20},
+    g_tasks=1_000,
+    timeouts={"A": 60, "B": 30, "C": 30, "D": 60, "E": 30, "F": 20, "G": 60},
 )
 
 
@@ -109,6 +134,10 @@ class Runner:
         self.slow_port = 0
         self._slow: Group | None = None
         self._runs = 0
+        #: The embedded broker's data directory of the run in progress (see ``clean``).
+        self.data_dir: str | None = None
+        #: G's runs so far per (system, broker): the order of its process counts alternates.
+        self._g_runs: dict[tuple[str, str], int] = {}
 
     def timeout(self, scenario: str) -> float:
         return self.timeout_override or self.sizes.timeouts[scenario]
@@ -152,18 +181,45 @@ class Runner:
 
     # ------------------------------------------------------------ helpers
 
-    def start_worker(self, system: str, broker: str, concurrency: int, tag: str) -> Group:
+    def start_worker(
+        self, system: str, broker: str, concurrency: int, tag: str, extra: tuple[str, ...] = ()
+    ) -> Group:
         self._runs += 1
         return Group(
-            systems.worker_command(system, concurrency),
-            env=systems.worker_env(BROKERS[broker], self.slow_port, concurrency, system),
+            systems.worker_command(system, concurrency, extra),
+            env=systems.worker_env(
+                BROKERS[broker], self.slow_port, concurrency, system, self.data_dir
+            ),
             cwd=systems.worker_cwd(system),
             log_path=self.log_dir / f"{self._runs:04d}-{tag}-{system}-{broker}.log",
         )
 
+    def publish(
+        self,
+        system: str,
+        broker: str,
+        task: str,
+        count: int,
+        *,
+        ms: int = 50,
+        rate: float | None = None,
+        timeout: float = 600,
+    ) -> float:
+        """``systems.publish`` to this run's broker (and data directory)."""
+        return systems.publish(
+            system,
+            BROKERS[broker],
+            task,
+            count,
+            ms=ms,
+            rate=rate,
+            timeout=timeout,
+            data_dir=self.data_dir,
+        )
+
     def watch(
         self,
-        worker: Group,
+        worker: Group | Sequence[Group],
         target: int,
         deadline: float,
         *,
@@ -171,7 +227,9 @@ class Runner:
         is_list: bool = False,
         sample_rss: bool = True,
     ) -> Progress:
-        """Poll the counter (or the list's length) until ``target``, the deadline, or death."""
+        """Poll the counter (or the list's length) until ``target``, the deadline, or the
+        death of a worker (RSS: the sum of the workers' process trees)."""
+        workers = [worker] if isinstance(worker, Group) else list(worker)
         seen = Progress()
         next_sample = 0.0
         while True:
@@ -181,28 +239,35 @@ class Runner:
             if done and seen.first is None:
                 seen.first = now
             if sample_rss and now >= next_sample:
-                seen.peak_rss = max(seen.peak_rss, worker.rss_bytes())
+                seen.peak_rss = max(seen.peak_rss, sum(w.rss_bytes() for w in workers))
                 next_sample = now + RSS_EVERY
             if done >= target:
                 seen.last = now
                 return seen
-            if not worker.alive():
-                raise WorkerDied(
-                    f"worker exited with code {worker.popen.returncode}: {worker.log_tail(3)}"
-                )
+            for one in workers:
+                if not one.alive():
+                    raise WorkerDied(
+                        f"worker exited with code {one.popen.returncode}: {one.log_tail(3)}"
+                    )
             if now > deadline:
                 return seen
             time.sleep(POLL)
 
     @contextlib.contextmanager
     def clean(self, broker: str) -> Any:
-        """Purge before, and after whatever happened."""
+        """Purge before, and after whatever happened.  On the embedded broker the run gets
+        a new, empty data directory (``self.data_dir``), removed after."""
         systems.purge(broker)
+        if broker == EMBEDDED:
+            self.data_dir = systems.new_data_dir()
         try:
             yield
         finally:
             with contextlib.suppress(Exception):
                 systems.purge(broker)
+            if self.data_dir is not None:
+                shutil.rmtree(self.data_dir, ignore_errors=True)
+                self.data_dir = None
 
     @staticmethod
     def timed_out(seen: Progress, target: int, timeout: float) -> str:
@@ -211,9 +276,8 @@ class Runner:
     # ------------------------------------------------------------ A: noop throughput
 
     def run_a(self, system: str, broker: str, tasks: int, concurrency: int) -> dict[str, Any]:
-        url = BROKERS[broker]
         with self.clean(broker):
-            publish_s = systems.publish(system, url, "noop", tasks)
+            publish_s = self.publish(system, broker, "noop", tasks)
             started = time.time()
             with self.start_worker(system, broker, concurrency, "A") as worker:
                 seen = self.watch(worker, tasks, started + self.timeout("A"))
@@ -243,11 +307,10 @@ class Runner:
     def run_io(
         self, scenario: str, system: str, broker: str, tasks: int, concurrency: int, ms: int
     ) -> dict[str, Any]:
-        url = BROKERS[broker]
         self.start_slow_server()
         timeout = self.timeout(scenario)
         with self.clean(broker):
-            publish_s = systems.publish(system, url, "io", tasks, ms=ms)
+            publish_s = self.publish(system, broker, "io", tasks, ms=ms)
             if self.server("/reset") is None:
                 raise RuntimeError("the slow server does not answer")
             started = time.time()
@@ -283,19 +346,18 @@ class Runner:
     # ------------------------------------------------------------ C: latency
 
     def run_c(self, system: str, broker: str) -> dict[str, Any]:
-        url = BROKERS[broker]
         sizes = self.sizes
         count = int(sizes.c_rate * sizes.c_seconds)
         timeout = self.timeout("C")
         with self.clean(broker):
-            systems.publish(system, url, "noop", 1)  # warm-up: the worker is consuming
+            self.publish(system, broker, "noop", 1)  # warm-up: the worker is consuming
             started = time.time()
             with self.start_worker(system, broker, sizes.c_concurrency, "C") as worker:
                 ready = self.watch(worker, 1, started + timeout, sample_rss=False)
                 if not ready.finished:
                     return {"status": f"timeout (not ready after {timeout:.0f}s)"}
-                publish_s = systems.publish(
-                    system, url, "latency", count, rate=sizes.c_rate, timeout=sizes.c_seconds * 3
+                publish_s = self.publish(
+                    system, broker, "latency", count, rate=sizes.c_rate, timeout=sizes.c_seconds * 3
                 )
                 seen = self.watch(
                     worker,
@@ -334,13 +396,19 @@ class Runner:
         count = self.sizes.d_messages
         timeout = self.timeout("D")
         with self.clean(broker):
-            publish_s = systems.publish("greenworker", url, "noop", count)
+            publish_s = self.publish("greenworker", broker, "noop", count)
+            # the embedded broker: kombu alone on the store greenworker published to
+            where = (
+                [EMBEDDED_KOMBU_URL, "--data-dir", self.data_dir]
+                if self.data_dir is not None
+                else [url]
+            )
             done = subprocess.run(
                 [
                     PY,
                     "-m",
                     "bench.kombu_bare",
-                    url,
+                    *where,
                     str(count),
                     "--prefetch",
                     str(self.sizes.d_prefetch),
@@ -348,7 +416,7 @@ class Runner:
                     str(timeout),
                 ],
                 cwd=ROOT,
-                env=systems.worker_env(url, self.slow_port),
+                env=systems.worker_env(url, self.slow_port, data_dir=self.data_dir),
                 capture_output=True,
                 text=True,
                 timeout=timeout + 30,
@@ -371,12 +439,11 @@ class Runner:
     # ------------------------------------------------------------ E: startup, idle, shutdown
 
     def run_e(self, system: str, broker: str, concurrency: int) -> dict[str, Any]:
-        url = BROKERS[broker]
         sizes = self.sizes
         timeout = self.timeout("E")
         row: dict[str, Any] = {"concurrency": concurrency, "idle_window_s": sizes.e_idle}
         with self.clean(broker):
-            systems.publish(system, url, "noop", 1)
+            self.publish(system, broker, "noop", 1)
             started = time.time()
             with self.start_worker(system, broker, concurrency, "E") as worker:
                 seen = self.watch(worker, 1, started + timeout)
@@ -397,3 +464,77 @@ class Runner:
                     row["exit_code"] = worker.popen.returncode
                     return {**row, "status": "ok"}
                 return {**row, "status": f"timeout (still running {timeout:.0f}s after SIGTERM)"}
+
+    # ------------------------------------------------------------ G: scale-out
+
+    def run_g(self, system: str, broker: str) -> dict[str, Any]:
+        """G's noop throughput with 1 and then 2 worker processes (each at the same
+        concurrency) on one broker, and the ratio.  The order alternates from one round
+        to the next, so that neither count always runs first."""
+        sizes = self.sizes
+        runs = self._g_runs.get((system, broker), 0)
+        self._g_runs[system, broker] = runs + 1
+        order = G_PROCESSES[::-1] if runs % 2 else G_PROCESSES
+        row: dict[str, Any] = {
+            "tasks": sizes.g_tasks,
+            "concurrency": sizes.g_concurrency,
+            "order": list(order),
+            "log_errors": 0,
+        }
+        problems = []
+        for processes in order:
+            try:
+                part = self._run_g_once(system, broker, processes)
+            except Exception as exc:  # one count failing still reports the other
+                part = {"status": f"error: {type(exc).__name__}: {exc}"}
+            row["log_errors"] += part.pop("log_errors", 0)
+            status = part.pop("status")
+            if status != "ok":
+                problems.append(f"N={processes}: {status}")
+            row.update({f"n{processes}_{name}": value for name, value in part.items()})
+        first, last = (row.get(f"n{n}_tasks_per_s") for n in (G_PROCESSES[0], G_PROCESSES[-1]))
+        if first and last:
+            row["scale_ratio"] = round(last / first, 2)
+        return {**row, "status": "; ".join(problems) or "ok"}
+
+    def _run_g_once(self, system: str, broker: str, processes: int) -> dict[str, Any]:
+        tasks, concurrency = self.sizes.g_tasks, self.sizes.g_concurrency
+        timeout = self.timeout("G")
+        with self.clean(broker), contextlib.ExitStack() as stack:
+            publish_s = self.publish(system, broker, "noop", tasks)
+            started = time.time()
+            workers = [
+                stack.enter_context(
+                    self.start_worker(
+                        system, broker, concurrency, f"G{processes}", self.node_options(number)
+                    )
+                )
+                for number in range(1, processes + 1)
+            ]
+            seen = self.watch(workers, tasks, started + timeout)
+            measured = [worker.log_size() for worker in workers]
+            for worker in workers:
+                worker.stop()
+            log_errors = sum(w.log_errors(upto) for w, upto in zip(workers, measured, strict=True))
+        row: dict[str, Any] = {
+            "log_errors": log_errors,
+            "publish_s": round(publish_s, 2),
+            "peak_rss_mb": round(seen.peak_rss / MB, 1),
+        }
+        if not seen.finished or seen.first is None or seen.last is None:
+            return {**row, "status": self.timed_out(seen, tasks, timeout)}
+        elapsed = seen.last - seen.first
+        return {
+            **row,
+            "status": "ok",
+            "seconds": round(elapsed, 3),
+            "tasks_per_s": round(tasks / elapsed, 1) if elapsed > 0 else None,
+        }
+
+    def node_options(self, number: int) -> tuple[str, ...]:
+        """Worker ``number``'s own hostname, and on the embedded broker its own state
+        store (two workers cannot share one)."""
+        options: tuple[str, ...] = ("-n", f"bench{number}@%h")
+        if self.data_dir is not None:
+            options += ("-S", f"{self.data_dir}/state-{number}")
+        return options

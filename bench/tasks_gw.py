@@ -1,4 +1,9 @@
-"""The benchmark contract for greenworker (bodies in bench/contract.py); defaults: acks late."""
+"""The benchmark contract for greenworker (bodies in bench/contract.py); defaults: acks late.
+
+``BENCH_BROKER`` is the broker URL; ``embedded`` gives the App no broker: greenworker's
+embedded default, the LMDB broker in ``GREENWORKER_DATA_DIR`` (the harness makes a fresh
+directory per run).
+"""
 
 from __future__ import annotations
 
@@ -11,9 +16,11 @@ from greenworker import App
 
 QUEUE = "bench"
 
+BROKER = os.environ.get("BENCH_BROKER", "redis://127.0.0.1:6379/0")
+
 app = App(
     "bench",
-    broker=os.environ.get("BENCH_BROKER", "redis://127.0.0.1:6379/0"),
+    broker=None if BROKER == "embedded" else BROKER,
     config={"task_ignore_result": True},
 )
 
