@@ -1,11 +1,11 @@
 """The ``greenworker`` command.
 
 ``greenworker -A proj [-P gevent|eventlet] [-c N] [-Q q1,q2]`` runs a worker.
-Eight subcommands: ``call``, ``purge``, ``inspect``, ``control``, ``status`` and
+Nine subcommands: ``call``, ``purge``, ``inspect``, ``control``, ``status`` and
 ``events`` act as clients; ``beat`` runs the scheduler alone; ``statedb`` shows,
-compacts or clears a state store, ``brokerdb`` shows or compacts the embedded broker's.  The chosen hub patches the process before the
-user's module is imported, so nothing here imports kombu or the app at module
-level.
+compacts or clears a state store, ``brokerdb`` shows or compacts the embedded
+broker's store.  The chosen hub patches the process before the user's module is
+imported, so nothing here imports kombu or the app at module level.
 """
 
 from __future__ import annotations
@@ -1244,7 +1244,7 @@ def statedb(path: str, action: str, force: bool) -> None:
 @click.argument("action", type=click.Choice(["show", "compact"]))
 def brokerdb(path: str, action: str) -> None:
     """Inspect or compact the embedded broker's store: PATH is the data directory (or
-    its ``broker`` folder).  Compact with the workers and producers stopped."""
+    its broker folder).  Compact with the workers and producers stopped."""
     from .transport.lmdb_store import BrokerStoreError, open_store
 
     store_dir = os.path.join(path, "broker")
