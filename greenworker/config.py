@@ -49,12 +49,12 @@ QUEUE_TYPES = ("classic", "quorum")
 class Settings:
     """Worker and client settings (names as in Celery's configuration docs)."""
 
-    #: Broker URL; ``None`` means the embedded default (filesystem transport in ``data_dir``).
+    #: Broker URL; ``None`` means the embedded default (the LMDB broker in ``data_dir``).
     broker_url: str | None = None
     #: Result backend URL: ``redis://...``, ``lmdb:///path``, ``memory://``; ``None`` means
     #: LMDB in ``data_dir`` on the embedded default and no results with another broker.
     result_backend: str | None = None
-    #: Where the embedded default keeps its queue files and LMDB stores.
+    #: Where the embedded default keeps its LMDB broker, results and state.
     data_dir: str = ".greenworker"
     broker_transport_options: dict[str, Any] = field(default_factory=dict)
     broker_connection_timeout: float = 4.0

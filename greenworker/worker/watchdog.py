@@ -272,7 +272,7 @@ class Watchdog:
         scheme = self.broker_scheme
         if scheme == "filesystem":
             return (
-                "its message is lost: kombu's filesystem transport (the embedded default) "
+                "its message is lost: kombu's filesystem transport "
                 "keeps no copy of a message it delivered"
             )
         if scheme == "memory":
