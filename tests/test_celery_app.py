@@ -422,7 +422,7 @@ def test_the_apps_ack_setting_is_honoured_and_unset_means_at_least_once(
         celery_app.conf.task_acks_late = acks_late
     release = green.new_event()
 
-    @celery_app.task(name="acks.wait")  # type: ignore[untyped-decorator]
+    @celery_app.task(name="acks.wait", shared=False)  # type: ignore[untyped-decorator]
     def wait() -> str:
         release.wait(10)
         return "done"
