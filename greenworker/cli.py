@@ -730,7 +730,7 @@ class _WorkerPlan:
 def _run_worker(app: App, options: WorkerOptions, quiet: bool) -> bool:
     """Run the worker until it stops; True if the process should restart in place."""
     from .daemon import DaemonError, PidfileInUse
-    from .exceptions import ImproperlyConfigured
+    from .exceptions import BeatError, ImproperlyConfigured
     from .worker.signals import SignalSupervisor
     from .worker.store import StoreError
 
@@ -761,7 +761,7 @@ def _run_worker(app: App, options: WorkerOptions, quiet: bool) -> bool:
         worker.run()
     except PidfileInUse as exc:
         raise CommandFailed(str(exc)) from None
-    except (StoreError, ImproperlyConfigured, ValueError, DaemonError) as exc:
+    except (StoreError, BeatError, ImproperlyConfigured, ValueError, DaemonError) as exc:
         raise CLIError(str(exc)) from None
     if supervisor.shutdown:
         return False  # a SIGTERM during a stop for a limit: no restart

@@ -14,6 +14,11 @@ class ImproperlyConfigured(GreenworkerError):
     """A setting or URL cannot be used."""
 
 
+class BeatError(GreenworkerError):
+    """Beat cannot start or went down; the one-line text says why (a schedule in use by
+    another beat, a scheduler that cannot be loaded, a bad ``beat_schedule`` entry)."""
+
+
 class NotRegistered(GreenworkerError, KeyError):
     """A message names a task this worker does not know."""
 

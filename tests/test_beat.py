@@ -16,7 +16,7 @@ import pytest
 import redis
 from croniter import CroniterBadDateError, croniter
 
-from greenworker import App
+from greenworker import App, green
 from greenworker.beat import Beat, PeriodicEntry, crontab, every
 from greenworker.exceptions import ImproperlyConfigured
 from greenworker.worker.store import StateStore, StoreLocked
@@ -425,6 +425,59 @@ def test_one_beat_per_schedule_store(beat_app: App) -> None:
             worker.start()
     finally:
         first.close()
+
+
+def test_a_warm_shutdown_stops_embedded_beat_before_running_tasks_end(beat_app: App) -> None:
+    """``-B``: from the start of a warm shutdown beat sends nothing, while a task runs on."""
+    started, release, ended = green.new_event(), green.new_event(), green.new_event()
+    ticked = green.new_event()
+
+    @beat_app.task(name="beat.hold")
+    def hold() -> None:
+        started.set()
+        release.wait(10)
+        ended.set()
+
+    @beat_app.task(name="beat.tick")
+    def tick() -> None:
+        ticked.set()
+
+    beat_app.add_periodic_task(0.05, tick)
+    worker = beat_app.Worker(concurrency=5, beat=True)
+    worker.start()
+    stopper = None
+    try:
+        beat = worker.beat
+        assert isinstance(beat, Beat)
+        hold.delay()
+        assert started.wait(10) and ticked.wait(10)
+        stopper = green.spawn(worker.stop)
+        release.wait(0.1)  # the stop gets to its wait for the task
+        sent_at_stop = beat.sent
+        release.wait(0.3)  # six intervals, the task still running: nothing may be sent
+        assert not ended.is_set()
+        assert beat.sent == sent_at_stop
+    finally:
+        release.set()
+        if stopper is not None:
+            stopper.join(10)
+        else:
+            worker.stop()
+
+
+def test_cli_worker_with_beat_on_a_schedule_in_use_exits_2(
+    hub: str, tmp_path: Path, queue_name: str
+) -> None:
+    schedule = str(tmp_path / "schedule")
+    other_beat = StateStore(schedule).open()
+    try:
+        env = {"BEATAPP_BROKER": "memory://", "BEATAPP_QUEUE": queue_name}
+        done = run_cli("-A", "tests.beatapp", "worker", "-P", hub, "-B", "-s", schedule, env=env)
+    finally:
+        other_beat.close()
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1].startswith(f"Error: the state store {schedule} is in use")
+    assert "Traceback" not in done.stderr and " ready:" not in done.stderr
 
 
 # ----------------------------------------------------------------- real time

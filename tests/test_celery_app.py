@@ -422,7 +422,7 @@ def test_the_apps_ack_setting_is_honoured_and_unset_means_at_least_once(
         celery_app.conf.task_acks_late = acks_late
     release = green.new_event()
 
-    @celery_app.task(name="acks.wait")  # type: ignore[untyped-decorator]
+    @celery_app.task(name="acks.wait", shared=False)  # type: ignore[untyped-decorator]
     def wait() -> str:
         release.wait(10)
         return "done"
@@ -665,6 +665,101 @@ def test_celery_beat_runs_the_projects_schedule(embedded: bool, tmp_path: Path) 
     assert all(process.returncode == 0 for process in processes), outputs
     assert (schedule / "data.mdb").exists(), outputs
     assert not any("Traceback" in output for output in outputs), outputs
+
+
+def test_worker_with_beat_on_a_schedule_in_use_exits_2_before_consuming(
+    tmp_path: Path,
+) -> None:
+    """A second ``-B`` on a beat schedule another beat holds: one ``Error:`` line and exit
+    2, as ``greenworker -A proj beat`` says it, not a hook traceback and a beat-less run."""
+    from greenworker.celery.beat import open_schedule_store
+
+    _need_broker(6379, "Redis")
+    queue = f"proj-beat-{uuid.uuid4().hex[:8]}"
+    env = {
+        "PROJ_BROKER_URL": REDIS_URL,
+        "PROJ_RESULT_BACKEND": REDIS_URL,
+        "PROJ_QUEUE": queue,
+        "PYTHONPATH": str(ROOT),
+    }
+    schedule = tmp_path / "schedule"
+    other_beat = open_schedule_store(str(schedule))
+    try:
+        done = run_cli(
+            *("-A", "proj", "worker", "-P", "gevent", "-Q", queue, "-B", "-s", str(schedule)),
+            cwd=PROJECT,
+            env=env,
+        )
+    finally:
+        other_beat.close()
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.splitlines()[-1]
+    assert last == (
+        f"Error: the beat schedule {schedule} is in use by pid {os.getpid()} on "
+        f"{socket.gethostname()}: only one beat may use a schedule; give this one another (-s)"
+    )
+    assert "Traceback" not in done.stderr and " ready:" not in done.stderr, done.stderr
+    assert "consuming from" not in done.stderr
+
+
+def test_git_ignores_the_schedule_the_examples_beat_leaves() -> None:
+    """``-B`` without ``-s`` keeps Celery's default, ``celerybeat-schedule``: an LMDB
+    directory in the project's directory, which a checkout must not show as untracked."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    store = PROJECT / "celerybeat-schedule" / "data.mdb"
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", str(store.relative_to(ROOT))], cwd=ROOT, check=False
+    )
+    assert ignored.returncode == 0
+
+
+def test_a_retried_tasks_results_are_freed_while_the_hub_runs(proj_tasks: ModuleType) -> None:
+    """``self.retry()`` sends the next run, and Celery keeps its AsyncResult in the task's
+    request, which a reference cycle holds (the Retry's traceback); freed at interpreter exit
+    its ``__del__`` fails (``greenlet is being finalized``).  The worker's stop frees it."""
+    from celery.result import AsyncResult as CeleryAsyncResult
+
+    app = load_app("proj")
+    worker = app.Worker(concurrency=5)
+    gc.collect()
+    gc.disable()  # only the worker's own collection may free the cycle
+    try:
+        worker.start()
+        try:
+            result = proj_tasks.flaky.delay(1)
+            assert result.get(timeout=10) == 1
+        finally:
+            worker.stop()
+        left = [
+            obj
+            for obj in gc.get_objects()
+            if isinstance(obj, CeleryAsyncResult) and obj.id == result.id and obj is not result
+        ]
+    finally:
+        gc.enable()
+        trace.reset_worker_optimizations(proj_tasks.add.app)
+    assert left == []
+
+
+def test_sigterm_after_a_retry_is_quiet(hub: str, proj_tasks: ModuleType) -> None:
+    """The user's report: ``flaky.delay(1).get()``, then SIGTERM: exit 0 and no
+    ``Exception ignored in: <function AsyncResult.__del__>`` on stderr."""
+    worker = start_cli(
+        *("-A", "proj", "worker", "-P", hub, "-c", "5", "-Q", QUEUE, "-l", "info"),
+        "--without-mingle",
+        cwd=PROJECT,
+        env={"PYTHONPATH": str(ROOT)},  # the broker, backend and queue: from proj_tasks
+    )
+    try:
+        wait_for_output(worker, " ready: ")
+        assert proj_tasks.flaky.delay(1).get(timeout=20) == 1
+    finally:
+        worker.terminate()
+        output, _ = worker.communicate(timeout=30)
+    assert worker.returncode == 0, output
+    assert "retry: Retry in" in output  # it did retry
+    assert "Exception ignored" not in output and "Traceback" not in output, output
 
 
 def test_task_greenlets_share_one_result_backend(

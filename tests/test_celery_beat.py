@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from celery import Celery
+from celery import Celery, signals
 from celery import beat as celery_beat
+from celery.app import trace
 from celery.exceptions import ImproperlyConfigured as CeleryImproperlyConfigured
 from celery.schedules import crontab, schedule, solar
 from kombu.connection import Connection
@@ -28,6 +29,7 @@ from kombu.entity import Exchange, Queue
 from kombu.message import Message
 
 from greenworker import green
+from greenworker.celery.app import CeleryApp
 from greenworker.celery.beat import (
     ENTRY_PREFIX,
     TABLE,
@@ -35,6 +37,7 @@ from greenworker.celery.beat import (
     BeatHandle,
     LMDBScheduler,
     SchedulerNotFound,
+    open_schedule_store,
     resolve_scheduler,
     run_beat,
     start_embedded,
@@ -537,6 +540,89 @@ def test_the_workers_store_is_shared_when_the_paths_agree(tmp_path: Path) -> Non
         assert "entry:e" in dict(worker_store.table(TABLE).items())
     finally:
         worker_store.close()
+
+
+# ------------------------------------------------------- -B in a worker
+
+
+class BeatSends:
+    """The messages Celery's beat published (``before_task_publish`` with its header)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first = green.new_event()
+
+    def __call__(self, headers: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if (headers or {}).get("celery_beat_task"):
+            self.count += 1
+            self.first.set()
+
+
+@pytest.fixture
+def beat_sends() -> Iterator[BeatSends]:
+    sends = BeatSends()
+    signals.before_task_publish.connect(sends, weak=False)
+    yield sends
+    signals.before_task_publish.disconnect(sends)
+
+
+def test_a_warm_shutdown_stops_the_workers_beat_first(
+    redis_url: str, queues: tuple[str, str], fast_app: Celery, beat_sends: BeatSends
+) -> None:
+    """``-B``: beat stops (and sends nothing more) when the warm shutdown begins, not
+    when the tasks still running have ended."""
+    started, release, ended = green.new_event(), green.new_event(), green.new_event()
+
+    @fast_app.task(name="beattest.hold", shared=False)  # type: ignore[untyped-decorator]
+    def hold() -> None:
+        started.set()
+        release.wait(10)
+        ended.set()
+
+    worker = CeleryApp(fast_app).Worker(concurrency=5, beat=True)
+    worker.start()
+    stopper = None
+    try:
+        beat = worker.beat
+        assert isinstance(beat, BeatHandle) and beat.running
+        hold.delay()
+        assert started.wait(10) and beat_sends.first.wait(10)
+        stopper = green.spawn(worker.stop)  # what SIGTERM and `control shutdown` do
+        assert beat.join(2.0), "beat still runs while the warm shutdown waits for a task"
+        assert not ended.is_set()  # the task runs on
+        sent_before_the_stop = beat_sends.count
+    finally:
+        release.set()
+        if stopper is not None:
+            stopper.join(10)
+        else:
+            worker.stop()
+        trace.reset_worker_optimizations(fast_app)
+    assert beat_sends.count == sent_before_the_stop
+    assert not beat.running and beat.error is None
+
+
+def test_a_worker_whose_beat_schedule_is_in_use_does_not_start(
+    redis_url: str, queues: tuple[str, str], fast_app: Celery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A second ``-B`` on a schedule another beat holds: the worker's start raises the
+    one-line BeatError before it consumes anything (no hook traceback, no beat-less run)."""
+    queue, _ = queues
+    path = fast_app.conf.beat_schedule_filename
+    other_beat = open_schedule_store(path)
+    try:
+        waiting = fast_app.send_task("beattest.tick", (7,), queue=queue)
+        worker = CeleryApp(fast_app).Worker(concurrency=5, beat=True)
+        with pytest.raises(BeatError, match=rf"in use by pid {os.getpid()}") as caught:
+            worker.start()
+        assert "\n" not in str(caught.value)
+        assert worker.beat is None and not worker.consumer.ready
+        assert worker.store is None or worker.store.env is None
+        trace.reset_worker_optimizations(fast_app)
+    finally:
+        other_beat.close()
+    assert [m.headers["id"] for m in drain(redis_url, queue)] == [waiting.id]  # not consumed
+    assert "raised; ignored" not in caplog.text
 
 
 # ------------------------------------------------------- the standalone process

@@ -29,7 +29,7 @@ from ..client.result import AsyncResult
 from ..client.task import Task
 from ..config import Settings
 from .backend import CeleryResultBackend
-from .runner import CeleryTaskRunner
+from .runner import CeleryTaskRunner, CollectTraceGarbage
 from .settings import user_set, warn_unhonoured, worker_settings
 from .signals import CelerySignals, WorkerView
 
@@ -218,17 +218,16 @@ class CeleryApp(App):
         )
         self._apply_changed_settings()
         runner = CeleryTaskRunner(self.celery, hostname, self.backend)
-        kind: list[Middleware] = [CelerySignals(self.celery, view)]
-        if options.pop("beat", False):  # -B: Celery's own beat, not greenworker's
+        # the garbage first: worker_shutdown receivers may close the backend
+        kind: list[Middleware] = [CollectTraceGarbage(), CelerySignals(self.celery, view)]
+        if options.get("beat"):  # -B: Celery's own beat, not greenworker's
             from .beat import EmbeddedBeat
 
-            kind.append(
-                EmbeddedBeat(
-                    self.celery,
-                    scheduler=self.conf.beat_scheduler,
-                    schedule_path=self.conf.beat_schedule_filename,
-                    max_interval=None,
-                )
+            options["beat_opener"] = EmbeddedBeat(
+                self.celery,
+                scheduler=self.conf.beat_scheduler,
+                schedule_path=self.conf.beat_schedule_filename,
+                max_interval=None,
             )
         worker = Worker(self, task_runner=runner, app_middleware=kind, **options)
         view.worker = worker

@@ -13,8 +13,9 @@ routes, options and the ``celery_beat_task`` header are as under
   instead of ``time.sleep``, so beat stops at once when asked, in a greenlet of
   the worker's hub (``-B``) or as the whole process (``greenworker beat``).
 * :func:`run_beat` (the loop in the calling greenlet), :func:`start_embedded`
-  (a greenlet, returns a :class:`BeatHandle`) and :func:`run_forever` (the
-  standalone command: SIGTERM and SIGINT stop it).
+  (a greenlet, returns a :class:`BeatHandle`; :func:`open_embedded` sets it up
+  without starting it), :func:`run_forever` (the standalone command: SIGTERM
+  and SIGINT stop it) and :class:`EmbeddedBeat` (the worker's ``-B``).
 """
 
 from __future__ import annotations
@@ -35,12 +36,11 @@ from celery.utils.imports import load_extension_class_names, symbol_by_name
 from celery.utils.time import maybe_make_aware
 
 from .. import green
-from ..exceptions import GreenworkerError
-from ..worker.hooks import Middleware
+from ..exceptions import BeatError
 from ..worker.store import LOCK_FILE, StateStore, StoreError, StoreLocked
 
 if TYPE_CHECKING:
-    from ..worker.worker import Worker
+    from ..worker.timer import Timer
 
 __all__ = [
     "BeatError",
@@ -49,6 +49,7 @@ __all__ = [
     "GreenService",
     "LMDBScheduler",
     "SchedulerNotFound",
+    "open_embedded",
     "resolve_scheduler",
     "run_beat",
     "run_forever",
@@ -68,10 +69,6 @@ _CELERY_DEFAULT = celery_beat.PersistentScheduler
 _ALIASES_NAMESPACE = "celery.beat_schedulers"
 #: How long :meth:`BeatHandle.stop` waits for the loop before it kills the greenlet.
 STOP_TIMEOUT = 1.0
-
-
-class BeatError(GreenworkerError):
-    """Beat cannot start or went down; the one-line text says why."""
 
 
 class SchedulerNotFound(BeatError):
@@ -447,18 +444,25 @@ def run_beat(
 
 
 class BeatHandle:
-    """Beat running in a greenlet of its own (from :func:`start_embedded`)."""
+    """Beat in a greenlet of its own, from :meth:`start` to :meth:`stop` (see
+    :func:`open_embedded` and :func:`start_embedded`)."""
 
     def __init__(self, service: GreenService, embedded: bool) -> None:
         self.service = service
+        self.embedded = embedded
         #: The exception that ended beat on its own, if one did (it is logged too).
         self.error: BaseException | None = None
         self._done = green.new_event()
-        self._greenlet = green.spawn(self._run, embedded)
+        self._greenlet: green.Greenlet | None = None
 
-    def _run(self, embedded: bool) -> None:
+    def start(self) -> None:
+        """Run beat in a new greenlet of the current hub (once)."""
+        if self._greenlet is None and not self._done.is_set():
+            self._greenlet = green.spawn(self._run)
+
+    def _run(self) -> None:
         try:
-            self.service.start(embedded_process=embedded)
+            self.service.start(embedded_process=self.embedded)
         except Exception as exc:
             self.error = exc
             log.exception("beat stopped: %s", exc)
@@ -467,13 +471,18 @@ class BeatHandle:
 
     @property
     def running(self) -> bool:
-        return not self._done.is_set()
+        return self._greenlet is not None and not self._done.is_set()
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Stop beat and wait until it synced and closed its schedule; after
         ``timeout`` seconds (a send stuck on the broker) its greenlet is killed,
-        which still syncs and closes."""
+        which still syncs and closes.  Beat never started just closes its schedule."""
         self.service.stop()
+        if self._greenlet is None:
+            if not self._done.is_set():
+                self.service.sync()
+                self._done.set()
+            return
         if not self._done.wait(timeout):
             log.warning("beat: still busy after %gs (a send stuck?): killing it", timeout)
             self._greenlet.kill()
@@ -484,6 +493,24 @@ class BeatHandle:
         return self._done.wait(timeout)
 
 
+def open_embedded(
+    celery_app: Any,
+    *,
+    scheduler: str | type | None = None,
+    schedule_path: str | None = None,
+    max_interval: float | None = None,
+    worker_store: StateStore | None = None,
+) -> BeatHandle:
+    """Beat for the worker's ``-B``, set up (its schedule open and locked) but not yet
+    running: :meth:`BeatHandle.start` runs it.  The arguments are :func:`run_beat`'s.
+    Raises :class:`BeatError` when beat cannot start."""
+    green.require_patched()
+    service = _service(
+        celery_app, scheduler, schedule_path, max_interval, worker_store=worker_store
+    )
+    return BeatHandle(service, embedded=True)
+
+
 def start_embedded(
     celery_app: Any,
     *,
@@ -492,14 +519,18 @@ def start_embedded(
     max_interval: float | None = None,
     worker_store: StateStore | None = None,
 ) -> BeatHandle:
-    """Start beat in a greenlet of the current hub (the worker's ``-B``); stop it
-    with :meth:`BeatHandle.stop`.  The arguments are :func:`run_beat`'s.  Raises
+    """Start beat in a greenlet of the current hub; stop it with
+    :meth:`BeatHandle.stop`.  The arguments are :func:`run_beat`'s.  Raises
     :class:`BeatError` before anything runs when beat cannot start."""
-    green.require_patched()
-    service = _service(
-        celery_app, scheduler, schedule_path, max_interval, worker_store=worker_store
+    handle = open_embedded(
+        celery_app,
+        scheduler=scheduler,
+        schedule_path=schedule_path,
+        max_interval=max_interval,
+        worker_store=worker_store,
     )
-    return BeatHandle(service, embedded=True)
+    handle.start()
+    return handle
 
 
 def run_forever(
@@ -538,6 +569,7 @@ def run_forever(
         hostname=hostname,
     )
     handle = BeatHandle(service, embedded=False)
+    handle.start()
     for signum in (signal.SIGTERM, signal.SIGINT):
         green.on_signal(signum, handle.stop)
     handle.join()
@@ -545,9 +577,12 @@ def run_forever(
         raise BeatError(f"beat stopped: {handle.error}".splitlines()[0]) from handle.error
 
 
-class EmbeddedBeat(Middleware):
-    """``-B`` for a Celery app: Celery's beat in a greenlet of the worker, from its start
-    to its stop, sharing the worker's state store when the schedule is there."""
+class EmbeddedBeat:
+    """``-B`` for a Celery app: the worker's beat opener
+    (:data:`~greenworker.worker.worker.BeatOpener`).  The worker opens Celery's beat
+    before it starts anything (a schedule in use stops the start with
+    :class:`BeatError`), runs it in a greenlet, and stops it first in a warm shutdown.
+    The worker's state store is shared when the schedule is there."""
 
     def __init__(
         self,
@@ -561,18 +596,15 @@ class EmbeddedBeat(Middleware):
         self.scheduler = scheduler
         self.schedule_path = schedule_path
         self.max_interval = max_interval
-        self.handle: BeatHandle | None = None
 
-    def worker_start(self, worker: Worker) -> None:
-        self.handle = start_embedded(
+    def __call__(
+        self, timer: Timer, worker_store: StateStore | None
+    ) -> tuple[BeatHandle, StateStore | None]:
+        handle = open_embedded(
             self.celery_app,
             scheduler=self.scheduler,
             schedule_path=self.schedule_path,
             max_interval=self.max_interval,
-            worker_store=worker.store,
+            worker_store=worker_store,
         )
-
-    def worker_stop(self, worker: Worker) -> None:
-        if self.handle is not None:
-            self.handle.stop()
-            self.handle = None
+        return handle, None  # the scheduler closes a store of its own itself

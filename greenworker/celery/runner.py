@@ -16,6 +16,7 @@ revocation, ``Reject``) is done here with Celery's calls and signals.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import traceback
@@ -33,10 +34,12 @@ from celery.exceptions import NotRegistered, Reject, SoftTimeLimitExceeded, Time
 from ..backends.base import FAILURE, RETRY, SUCCESS
 from ..exceptions import Retry
 from ..worker.executor import IGNORED, REJECTED, Outcome, body_started
+from ..worker.hooks import Middleware
 from .backend import CeleryResultBackend
 
 if TYPE_CHECKING:
     from ..worker.request import Request
+    from ..worker.worker import Worker
 
 log = logging.getLogger("greenworker.request")
 
@@ -208,3 +211,21 @@ class CeleryTaskRunner:
             )
         finally:
             exc.__traceback__ = None
+
+
+class CollectTraceGarbage(Middleware):
+    """Frees, when the worker stops, what Celery's tracer left in reference cycles.
+
+    A task that sent a message (``self.retry()`` does, as does ``other.delay()``)
+    keeps its ``AsyncResult`` in ``task.request.children``; a retry or a failure
+    keeps that request in a cycle (the exception's traceback holds the tracer's
+    frame, which holds the exception), so only the cyclic garbage collector frees
+    it.  ``AsyncResult.__del__`` unsubscribes from the result backend, which under
+    gevent needs the current greenlet: at interpreter exit there is none
+    (``RuntimeError: greenlet is being finalized``, printed as ``Exception ignored``).
+    Collecting while the hub still runs lets those ``__del__`` run as they would
+    during the run; one that fails for a real reason is still printed.
+    """
+
+    def worker_stop(self, worker: Worker) -> None:
+        gc.collect()

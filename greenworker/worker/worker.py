@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kombu.utils.url import maybe_sanitize_url
 
 from .. import green
-from ..beat import Beat, open_embedded_beat
+from ..beat import open_embedded_beat
 from ..control.cluster import Gossip, Heart, mingle
 from ..control.commands import ControlTarget, set_rate_limit, set_time_limit, summary
 from ..control.events import EventDispatcher, TaskEvents
@@ -46,6 +46,23 @@ if TYPE_CHECKING:
 log = logging.getLogger("greenworker.worker")
 
 
+class BeatComponent(Protocol):
+    """Beat run by the worker (``-B``): started with it, stopped first when it stops."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None:
+        """Send nothing more from now on (a warm shutdown has begun)."""
+        ...
+
+
+#: Opens the worker's beat when it starts, before anything runs: given the worker's timer
+#: and its open state store (or None), returns the beat and a store of beat's own for
+#: the worker to close at stop (or None).  Raises when beat cannot start (a schedule in
+#: use by another beat, a bad ``beat_schedule`` entry); the worker's start fails with it.
+BeatOpener = Callable[[Timer, StateStore | None], tuple[BeatComponent, StateStore | None]]
+
+
 class Worker:
     """Runs an app's tasks.  Build with ``app.Worker(concurrency=100, queues=["q"])``."""
 
@@ -63,10 +80,12 @@ class Worker:
         beat: bool = False,
         task_runner: TaskRunner | None = None,
         app_middleware: Sequence[Middleware] | None = None,
+        beat_opener: BeatOpener | None = None,
     ) -> None:
-        """``task_runner`` and ``app_middleware`` are what differs between kinds of app:
-        by default greenworker's own (:class:`AppTaskRunner`, canvas callbacks); a Celery
-        app (:mod:`greenworker.celery`) passes Celery's tracer and signals."""
+        """``task_runner``, ``app_middleware`` and ``beat_opener`` (what ``beat`` runs) are
+        what differs between kinds of app: by default greenworker's own
+        (:class:`AppTaskRunner`, canvas callbacks, :class:`~greenworker.beat.Beat`); a
+        Celery app (:mod:`greenworker.celery`) passes Celery's tracer, signals and beat."""
         self.app = app
         conf = app.conf
         self.broker_scheme = app.broker_url.split("://", 1)[0]
@@ -124,8 +143,10 @@ class Worker:
         self._build_execution(task_runner or AppTaskRunner(lambda: app.backend))
         self._build_control(fanout)
         #: Embedded beat (``-B``): sends the app's periodic tasks from this process.
-        self.beat: Beat | None = None
-        self._beat_wanted = beat
+        self.beat: BeatComponent | None = None
+        self._beat_opener: BeatOpener | None = (
+            (beat_opener or functools.partial(open_embedded_beat, app)) if beat else None
+        )
         self._beat_store: StateStore | None = None
         self._stopped = green.new_event()
         #: Set once mingle has merged the other workers' revoked ids (or was skipped).
@@ -308,8 +329,13 @@ class Worker:
             assert self._saver is not None
             self._saver.load()
             self.watchdog.load_blockers()
-        if self._beat_wanted:
-            self.beat, self._beat_store = open_embedded_beat(self.app, self.timer, self.store)
+        if self._beat_opener is not None:
+            try:
+                self.beat, self._beat_store = self._beat_opener(self.timer, self.store)
+            except BaseException:
+                if self.store is not None:
+                    self.store.close()
+                raise
         self._started = True
         self.restart_reason = None
         if self.limits is not None:
