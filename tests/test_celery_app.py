@@ -76,9 +76,18 @@ class Rejections(Middleware):
 
     def __init__(self) -> None:
         self.seen: list[tuple[str | None, bool]] = []
+        self._changed = green.new_event()
 
     def task_rejected(self, message: Message, reason: str, requeue: bool) -> None:
         self.seen.append(((message.headers or {}).get("id"), requeue))
+        self._changed.set()
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> None:
+        """Until ``count`` calls were seen (the hook runs after the FAILURE is stored)."""
+        deadline = time.monotonic() + timeout
+        while len(self.seen) < count:
+            self._changed.clear()
+            assert self._changed.wait(max(0.0, deadline - time.monotonic())), self.seen
 
 
 @pytest.fixture
@@ -209,6 +218,7 @@ def test_ignore_and_reject(
     with pytest.raises(celery_exceptions.Reject):
         dropped.get(timeout=10)  # Celery stores a final FAILURE for a message it drops
     # the hook (and so the task-rejected event) says what became of each message
+    rejections.wait_for(2)
     assert rejections.seen == [(requeued.id, True), (dropped.id, False)]
     ignored = tasks.ignored.delay()
     postrun.wait(ignored.id)
