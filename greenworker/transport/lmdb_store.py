@@ -198,6 +198,8 @@ class BrokerStore:
                         f"the broker store at {self.path} is full ({size} bytes, "
                         f"max_map_size {limit}): nothing was written"
                     ) from None
+                # a remap (well under 1 ms): done here, not in a thread, as no other
+                # transaction of this process may be open while it runs
                 self.env.set_mapsize(min(size * 2, limit) if limit is not None else size * 2)
             except lmdb.Error as exc:
                 if getattr(exc, "errno", None) == errno.ENOSPC or "No space" in str(exc):
