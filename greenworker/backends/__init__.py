@@ -7,6 +7,7 @@ mapping, the :class:`~greenworker.backends.base.ResultBackend` protocol).
 from __future__ import annotations
 
 import os
+from typing import Any
 from urllib.parse import urlparse
 
 from ..exceptions import ImproperlyConfigured
@@ -16,12 +17,15 @@ from .memory import MemoryBackend
 from .redis import RedisBackend
 
 
-def backend_from_url(url: str | None, *, expires: float | None) -> ResultBackend:
+def backend_from_url(
+    url: str | None, *, expires: float | None, redis_tls: dict[str, Any] | None = None
+) -> ResultBackend:
+    """The backend for ``url``; ``redis_tls``: redis-py's TLS options for a Redis one."""
     if not url:
         return DisabledBackend()
     scheme = urlparse(url).scheme
     if scheme in ("redis", "rediss", "unix"):
-        return RedisBackend(url, expires)
+        return RedisBackend(url, expires, tls=redis_tls)
     if scheme == "memory":
         return MemoryBackend(url)
     if scheme == "lmdb":
