@@ -1071,13 +1071,19 @@ def _broker_connection(app: App) -> Iterator[Connection]:
     rather than after kombu's default retries."""
     from kombu.utils.url import maybe_sanitize_url
 
+    from .exceptions import ImproperlyConfigured
+
+    try:
+        errors = _connection_errors(app)
+    except ImproperlyConfigured as exc:  # a broker setting that cannot work
+        raise CLIError(str(exc)) from None
     try:
         with app.connection() as conn:
             conn.ensure_connection(
                 max_retries=2, interval_start=0.25, interval_step=0.25, interval_max=0.5
             )
             yield conn
-    except _connection_errors(app) as exc:
+    except errors as exc:
         where = maybe_sanitize_url(app.broker_url)
         raise CommandFailed(f"broker unreachable ({where}): {exc}") from None
 

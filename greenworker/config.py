@@ -65,6 +65,17 @@ class Settings:
     broker_use_ssl: bool | dict[str, Any] | None = None
     #: TLS to a Redis result backend (Celery's name): redis-py's ``ssl_*`` options.
     redis_backend_use_ssl: dict[str, Any] | None = None
+    #: Options of the result backend's connection (Celery's name); for ``sentinel://``:
+    #: ``master_name``, ``sentinel_kwargs``, ``min_other_sentinels``.
+    result_backend_transport_options: dict[str, Any] = field(default_factory=dict)
+    #: Retry a result store that failed for a lost connection (Celery's name; Celery's
+    #: default is False: greenworker's keeps results through a failover or restart).
+    result_backend_always_retry: bool = True
+    #: How many times (Celery's default: no limit).
+    result_backend_max_retries: float = float("inf")
+    #: The first pause, doubling up to the maximum, each fully jittered (Celery's names).
+    result_backend_base_sleep_between_retries_ms: int = 10
+    result_backend_max_sleep_between_retries_ms: int = 10000
     #: On Redis, consume and publish with greenworker's native paths (kombu's key layout,
     #: atomic pops, batched acks, one round trip per publish); False uses kombu's Redis
     #: transport.  A transport option in REDIS_LAYOUT_OPTIONS turns them off too.

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import builtins
 import logging
+import random
 import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -174,6 +176,21 @@ def decode_meta(raw: bytes | str | None) -> dict[str, Any] | None:
         return None
     value = loads(raw)
     return value if isinstance(value, dict) else None
+
+
+@dataclass(frozen=True)
+class StoreRetry:
+    """Celery's ``result_backend_always_retry`` and its limits: a store that fails for
+    a lost connection is tried again after an exponential, fully jittered pause."""
+
+    always: bool = True
+    max_retries: float = float("inf")
+    base_sleep: float = 0.01
+    max_sleep: float = 10.0
+
+    def pause(self, attempt: int) -> float:
+        """Seconds to wait before try ``attempt`` + 1 (0 is the first retry)."""
+        return random.uniform(0, min(self.max_sleep, self.base_sleep * 2**attempt))
 
 
 class ResultBackend(Protocol):

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import ImproperlyConfigured
-from .base import ChordPart, decode_meta, dumps, encode_meta, group_key, loads, result_key
+from .base import (
+    ChordPart,
+    StoreRetry,
+    decode_meta,
+    dumps,
+    encode_meta,
+    group_key,
+    loads,
+    result_key,
+)
 
 if TYPE_CHECKING:
-    pass
+    import redis
 
 log = logging.getLogger("greenworker.results")
 
@@ -22,7 +32,13 @@ class RedisBackend:
     """
 
     def __init__(
-        self, url: str, expires: float | None, *, tls: dict[str, Any] | None = None
+        self,
+        url: str,
+        expires: float | None,
+        *,
+        tls: dict[str, Any] | None = None,
+        client: redis.Redis | None = None,
+        retry: StoreRetry | None = None,
     ) -> None:
         try:
             import redis
@@ -32,6 +48,12 @@ class RedisBackend:
             ) from exc
         self.url = url
         self._expires = int(expires) if expires else None
+        self._retry = retry or StoreRetry(always=False)
+        self._unreachable = False  # said so once, until a store goes through again
+        self._connection_errors = (redis.ConnectionError, redis.TimeoutError)
+        if client is not None:  # made elsewhere: Sentinel's
+            self._client: redis.Redis = client
+            return
         # A blocking pool: with hundreds of task greenlets storing at once, the
         # extra ones wait (cooperatively) for a connection instead of failing.
         if tls is not None and url.startswith("redis://"):
@@ -42,12 +64,31 @@ class RedisBackend:
         self._client = redis.Redis(connection_pool=pool)
 
     def store(self, task_id: str, meta: dict[str, Any]) -> None:
+        """Store (and publish) a result; with ``retry.always``, a lost connection is
+        retried, the calling greenlet waiting, until it goes through or the retries run
+        out (a failover, a restart of the server)."""
         key = result_key(task_id)
         value = encode_meta(meta)
-        pipe = self._client.pipeline(transaction=False)
-        pipe.set(key, value, ex=self._expires)
-        pipe.publish(key, value)
-        pipe.execute()
+        attempt = 0
+        while True:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.set(key, value, ex=self._expires)
+            pipe.publish(key, value)
+            try:
+                pipe.execute()
+            except self._connection_errors as exc:
+                if not self._retry.always or attempt >= self._retry.max_retries:
+                    raise
+                if not self._unreachable:
+                    self._unreachable = True
+                    log.warning("result backend unreachable (%s): stores wait and retry", exc)
+                time.sleep(self._retry.pause(attempt))  # the hub's sleep: others run
+                attempt += 1
+                continue
+            if self._unreachable:
+                self._unreachable = False
+                log.info("result backend reachable again: results are stored")
+            return
 
     def get(self, task_id: str) -> dict[str, Any] | None:
         raw = self._client.get(result_key(task_id))

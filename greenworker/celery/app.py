@@ -67,7 +67,10 @@ class CeleryApp(App):
     def broker_url(self) -> str:
         if self.conf.broker_url:  # -b on the command line
             return self.conf.broker_url
-        uri: str = self.celery.connection_for_read().as_uri(include_password=True)
+        connection = self.celery.connection_for_read()
+        if connection.transport_cls == "sentinel" and connection.alt:
+            return ";".join(connection.alt)  # every sentinel, for the native paths
+        uri: str = connection.as_uri(include_password=True)
         return uri
 
     def connection(self) -> Connection:

@@ -15,7 +15,7 @@ from kombu.entity import Exchange, Queue
 from kombu.messaging import Producer
 
 from ..backends import backend_from_url
-from ..backends.base import ResultBackend
+from ..backends.base import ResultBackend, StoreRetry
 from ..backends.lmdb import LMDBBackend
 from ..config import (
     POLLING_WAKE,
@@ -223,6 +223,13 @@ class App:
     def connection(self) -> Connection:
         """A new (lazy) kombu connection to the broker."""
         self.check_client_libraries()
+        if self.broker_url.startswith("sentinel://") and not self.transport_options().get(
+            "master_name"
+        ):
+            raise ImproperlyConfigured(
+                "broker_url: a sentinel:// URL needs the transport option 'master_name' "
+                "(broker_transport_options = {'master_name': ...})"
+            )
         if self.embedded:
             from ..transport import lmdb_transport  # kombu learns the lmdb:// name
 
@@ -595,7 +602,7 @@ class App:
         """Redis, with greenworker's native consumer and publisher on (the default)."""
         if not self.conf.broker_native_redis:
             return False
-        if not self.broker_url.startswith(("redis://", "rediss://")):
+        if not self.broker_url.startswith(("redis://", "rediss://", "sentinel://")):
             return False
         options = self.conf.broker_transport_options
         return not any(name in options for name in REDIS_LAYOUT_OPTIONS)
@@ -616,6 +623,13 @@ class App:
                 self.result_backend_url,
                 expires=self.conf.result_expires,
                 redis_tls=redis_tls_options(self.conf.redis_backend_use_ssl),
+                transport_options=self.conf.result_backend_transport_options,
+                retry=StoreRetry(
+                    always=self.conf.result_backend_always_retry,
+                    max_retries=self.conf.result_backend_max_retries,
+                    base_sleep=self.conf.result_backend_base_sleep_between_retries_ms / 1000,
+                    max_sleep=self.conf.result_backend_max_sleep_between_retries_ms / 1000,
+                ),
             )
         return self._backend
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from ..backends.sentinel import sentinel_client
 from ..config import redis_tls_options
 
 if TYPE_CHECKING:
@@ -36,6 +37,16 @@ def broker_client(app: App) -> redis.Redis:
     and TLS options (``broker_use_ssl``, as kombu's Redis transport takes them)."""
     url = app.broker_url
     tls = redis_tls_options(app.conf.broker_use_ssl)
+    if url.startswith("sentinel://"):
+        return sentinel_client(
+            url,
+            app.conf.broker_transport_options,
+            what="broker_url",
+            max_connections=int(app.conf.broker_transport_options.get("max_connections", 50)),
+            tls=tls,
+            socket_connect_timeout=app.conf.broker_connection_timeout,
+            socket_keepalive=True,
+        )
     if tls is not None and url.startswith("redis://"):
         url = "rediss://" + url[len("redis://") :]  # kombu: the setting turns TLS on
     return redis.Redis.from_url(
