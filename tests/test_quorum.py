@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from celery import Celery
 from celery.app import trace
-from kombu import Connection, Exchange, Queue
+from kombu.connection import Connection
+from kombu.entity import Exchange, Queue
 
 from greenworker import App, green
 from greenworker.celery.app import CeleryApp
