@@ -288,3 +288,47 @@ def test_celery_app_worker_on_quorum_queues_with_a_delivery_limit(
         assert message_count(amqp_url, limited) == 0
     finally:
         stop(worker, celery_app)
+
+
+def test_a_quorum_queue_added_at_run_time_is_consumed(
+    amqp_url: str, redis_url: str, queue_name: str, cleanup: Callable[..., None]
+) -> None:
+    """add_consumer of a quorum queue on a worker whose queues were classic: the channel's
+    global QoS would be refused, so the consumer reconnects with per-consumer QoS and
+    consumes both; cancelling a queue there stops its consumers."""
+    added = f"{queue_name}.added"
+    cleanup([queue_name, added])
+    config = {
+        "task_default_queue": queue_name,
+        "task_create_missing_queue_type": "quorum",
+        "worker_enable_mingle": False,
+        "worker_enable_gossip": False,
+    }
+    app = App("added", broker=amqp_url, backend=redis_url, config=config)
+
+    @app.task(name="added.echo")
+    def echo(x: int) -> int:
+        return x
+
+    worker = app.Worker(concurrency=4)
+    worker.start()
+    consumer: Any = worker.consumer
+    try:
+        assert consumer.wait_ready(10) and consumer._qos_global
+        assert echo.delay(1).get(timeout=10) == 1
+        consumer.add_queue(added)
+        assert echo.apply_async((2,), queue=added).get(timeout=20) == 2
+        assert consumer._credit is not None and not consumer._qos_global
+        assert queue_kind(amqp_url, added) == "quorum"
+        assert echo.delay(3).get(timeout=10) == 3  # the classic queue, per consumer too
+        tags = [tag for _, tag, _ in consumer._credit._consumers[added]]
+        consumer.cancel_queue(added)
+        # the consumer greenlet forgets a tag once the broker confirmed its cancel
+        wait_for(lambda: not set(tags) & set(consumer._ack_channel.callbacks), 10, "cancel-ok")
+        assert added not in consumer._credit._consumers
+        echo.apply_async((4,), queue=added)
+        assert echo.delay(5).get(timeout=10) == 5
+        assert message_count(amqp_url, added) == 1  # not consumed any more
+    finally:
+        stop(worker)
+        app.close()
