@@ -332,3 +332,26 @@ def test_a_quorum_queue_added_at_run_time_is_consumed(
     finally:
         stop(worker)
         app.close()
+
+
+def test_quorum_settings_change_nothing_off_rabbitmq(queue_name: str) -> None:
+    """On kombu's other transports the queue type is only a declaration argument: the
+    worker consumes as before, a queue added at run time included."""
+    config = {"task_default_queue": queue_name, "worker_hostname": f"{queue_name}@test", **QUORUM}
+    app = App("offrabbit", broker="memory://", backend=f"memory://{queue_name}", config=config)
+
+    @app.task(name="offrabbit.echo")
+    def echo(x: int) -> int:
+        return x
+
+    worker = app.Worker(concurrency=2)
+    worker.start()
+    consumer: Any = worker.consumer
+    try:
+        assert echo.delay(1).get(timeout=10) == 1
+        consumer.add_queue(f"{queue_name}.added")
+        assert echo.apply_async((2,), queue=f"{queue_name}.added").get(timeout=10) == 2
+        assert consumer._credit is None and consumer.reconnects == 0
+    finally:
+        stop(worker)
+        app.close()

@@ -283,7 +283,8 @@ class Consumer(Reconnecting):
     def _apply_queue_changes(self, consumer: KombuConsumer) -> None:
         while self._queue_changes:
             action, name = self._queue_changes[0]
-            if action == "add" and self._credit is None and self._is_quorum(name):
+            quorum_on_global = self._batch_acks and self._credit is None
+            if action == "add" and quorum_on_global and self._is_quorum(name):
                 # the channel's global QoS would close it at basic.consume: consume all
                 # queues again on a new connection, with per-consumer QoS (the broker
                 # redelivers what this one held)
