@@ -22,6 +22,8 @@ from greenworker.celery.app import CeleryApp
 from greenworker.exceptions import ImproperlyConfigured
 from greenworker.worker.worker import Worker
 
+from .conftest import start_cli, wait_for_output
+
 QUORUM = {"task_default_queue_type": "quorum", "task_create_missing_queue_type": "quorum"}
 
 
@@ -108,6 +110,31 @@ def test_app_worker_consumes_quorum_queues_a_celery_client_sends_to(
     finally:
         stop(worker, celery_app)
         app.close()
+
+
+def test_celery_project_on_quorum_queues_from_the_command_line(
+    amqp_url: str, redis_url: str, queue_name: str, cleanup: Callable[..., None]
+) -> None:
+    """``greenworker -A proj worker`` with ``task_default_queue_type = "quorum"``: the
+    worker declares and consumes the quorum queue, a Celery client with the same
+    setting sends to it, and the tasks (countdown ones too) run."""
+    cleanup([queue_name])
+    env = {"QUORUM_BROKER": amqp_url, "QUORUM_BACKEND": redis_url, "QUORUM_QUEUE": queue_name}
+    worker = start_cli("-A", "tests.quorumapp", "worker", "-c", "5", "-l", "info", env=env)
+    client = Celery("client", broker=amqp_url, backend=redis_url, set_as_current=False)
+    client.conf.update(task_default_queue=queue_name, task_default_queue_type="quorum")
+    try:
+        wait_for_output(worker, "global QoS is disabled")
+        sent = [client.send_task("quorumapp.add", (i, 1)) for i in range(10)]
+        sent += [client.send_task("quorumapp.add", (i, 2), countdown=0.5) for i in range(3)]
+        assert [r.get(timeout=20) for r in sent] == [i + 1 for i in range(10)] + [2, 3, 4]
+        assert queue_kind(amqp_url, queue_name) == "quorum"
+    finally:
+        worker.terminate()
+        output, _ = worker.communicate(timeout=30)
+        client.close()
+    assert worker.returncode == 0, output
+    assert "Traceback" not in output and "not used by greenworker" not in output, output
 
 
 def test_classic_queues_keep_the_global_qos(
