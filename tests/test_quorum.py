@@ -19,6 +19,7 @@ from kombu.entity import Exchange, Queue
 
 from greenworker import App, green
 from greenworker.celery.app import CeleryApp
+from greenworker.celery.settings import warn_unhonoured
 from greenworker.exceptions import ImproperlyConfigured
 from greenworker.worker.worker import Worker
 
@@ -166,6 +167,18 @@ def test_without_detection_a_quorum_queue_is_refused_clearly(
     with pytest.raises(ImproperlyConfigured, match="worker_detect_quorum_queues is False"):
         app.Worker()
     app.close()
+    # a Celery app's setting is honoured the same way, and no longer warned about
+    celery_app = Celery("nodetect", broker=amqp_url, set_as_current=False)
+    celery_app.conf.update(config)
+    try:
+        assert warn_unhonoured(celery_app) == []
+        with pytest.raises(ImproperlyConfigured, match=f"quorum queues \\({queue_name}\\)"):
+            CeleryApp(celery_app).Worker()
+        celery_app.conf.worker_detect_quorum_queues = True
+        assert CeleryApp(celery_app).conf.worker_detect_quorum_queues is True
+    finally:
+        trace.reset_worker_optimizations(celery_app)
+        celery_app.close()
 
 
 # ---------------------------------------------------------------- prefetch changes
