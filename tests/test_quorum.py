@@ -38,7 +38,8 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
 
 @pytest.fixture
 def cleanup(amqp_url: str) -> Iterator[Callable[..., None]]:
-    """Register queues (and exchanges, as ``exchange:NAME``) to delete after the test."""
+    """Register queues to delete after the test, with the exchange named like each (as
+    Celery declares them), and other exchanges as ``exchange:NAME``."""
     names: list[str] = []
     yield names.extend
     with Connection(amqp_url) as conn:
@@ -48,6 +49,7 @@ def cleanup(amqp_url: str) -> Iterator[Callable[..., None]]:
                 channel.exchange_delete(name.partition(":")[2])
             else:
                 channel.queue_delete(name)
+                channel.exchange_delete(name)
             channel.close()
 
 
@@ -275,7 +277,7 @@ def test_celery_app_worker_on_quorum_queues_with_a_delivery_limit(
     limited = f"{queue_name}.limited"
     dead = f"{queue_name}.dead"
     dlx = f"{queue_name}.dlx"
-    cleanup([queue_name, limited, dead, f"exchange:{dlx}", f"exchange:{limited}"])
+    cleanup([queue_name, limited, dead, f"exchange:{dlx}"])
     with Connection(amqp_url) as conn:  # where the dead letters go
         dead_queue = Queue(dead, Exchange(dlx, type="direct", durable=True), routing_key=dead)
         dead_queue(conn.default_channel).declare()
