@@ -145,6 +145,9 @@ class Settings:
     result_expires: float | None = 86400.0
     worker_concurrency: int = 100
     worker_prefetch_multiplier: int = 4
+    #: On RabbitMQ, consume queues declared ``x-queue-type: quorum`` with per-consumer
+    #: QoS (quorum queues refuse a global one); False keeps the global QoS.
+    worker_detect_quorum_queues: bool = True
     worker_hostname: str | None = None
     #: Seconds a warm shutdown waits for running tasks before killing them.
     worker_shutdown_timeout: float = 30.0

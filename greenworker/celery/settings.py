@@ -64,7 +64,6 @@ UNHONOURED: dict[str, str] = {
     "worker_eta_task_limit": "held ETA tasks raise the prefetch count instead",
     "worker_enable_prefetch_count_reduction": "prefetch follows the pool size and held ETA tasks",
     "worker_disable_prefetch": "prefetch is pool size x worker_prefetch_multiplier",
-    "worker_detect_quorum_queues": "queues are declared as classic queues",
     "worker_redirect_stdouts": "print() in a task goes to the worker's stdout",
     "worker_redirect_stdouts_level": "print() in a task goes to the worker's stdout",
     "worker_hijack_root_logger": "the worker command configures the root logger (-l)",

@@ -652,17 +652,18 @@ class App:
         return Worker(self, **options)
 
     def _refuse_quorum_consumption(self, queues: Sequence[str]) -> None:
-        """The worker's consumer sets a global QoS on RabbitMQ, which quorum queues
-        refuse (NOT_IMPLEMENTED on basic.consume): say so now rather than reconnect
-        forever."""
+        """With ``worker_detect_quorum_queues`` off, the worker's consumer sets a global
+        QoS on RabbitMQ, which quorum queues refuse (NOT_IMPLEMENTED on basic.consume):
+        say so now rather than reconnect forever."""
+        if self.conf.worker_detect_quorum_queues:
+            return
         if self.broker_url.partition("://")[0].lower() not in AMQP_SCHEMES:
             return
         quorum = [name for name in queues if self.queue_type(name) == "quorum"]
         if quorum:
             raise ImproperlyConfigured(
-                f"greenworker's worker cannot consume quorum queues on RabbitMQ yet "
-                f"({', '.join(quorum)}): its global QoS is refused by them; "
-                "clients can send to them"
+                f"worker_detect_quorum_queues is False, so the worker sets a global QoS, "
+                f"which quorum queues ({', '.join(quorum)}) refuse; set it to True"
             )
 
     def _reset_clients(self) -> None:

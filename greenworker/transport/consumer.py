@@ -4,12 +4,18 @@ Reading happens in the consumer greenlet only.  Acks and rejects come from
 many task greenlets; they go through one lock so frames never interleave on
 the shared connection.  Changes of QoS are applied by the consumer greenlet
 itself, because on AMQP they wait for a reply that only the reader may read.
+
+Quorum queues on RabbitMQ refuse a global QoS.  There the prefetch window is
+per consumer (``basic.qos`` with ``global=False``), which RabbitMQ applies only
+to consumers started after it: :class:`ConsumerCredit` makes a changed window
+effective at once by starting or cancelling extra consumers on each queue.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -184,6 +190,8 @@ class Consumer(Reconnecting):
         self._qos_dirty = False
         self._delivering = False
         self._qos_global = False
+        # quorum queues: the window is per consumer, kept by starting and cancelling them
+        self._credit: ConsumerCredit | None = None
         self._queue_changes: list[tuple[str, str]] = []
         self._connection: Connection | None = None
         self._kombu_consumer: KombuConsumer | None = None
@@ -274,14 +282,35 @@ class Consumer(Reconnecting):
 
     def _apply_queue_changes(self, consumer: KombuConsumer) -> None:
         while self._queue_changes:
-            action, name = self._queue_changes.pop(0)
+            action, name = self._queue_changes[0]
+            quorum_on_global = self._batch_acks and self._credit is None
+            if action == "add" and quorum_on_global and self._is_quorum(name):
+                # the channel's global QoS would close it at basic.consume: consume all
+                # queues again on a new connection, with per-consumer QoS (the broker
+                # redelivers what this one held)
+                raise ConnectionError(f"quorum queue {name} added: reconnecting without global QoS")
+            self._queue_changes.pop(0)
+            credit = self._credit
             with self._write_lock:
                 if action == "add":
-                    consumer.add_queue(self.app.queue(name))
-                    consumer.consume()
-                else:
+                    queue = consumer.add_queue(self.app.queue(name))
+                    if credit is None:
+                        consumer.consume()
+                    else:
+                        credit.start_queue(queue)
+                elif credit is None:
                     consumer.cancel_by_queue(name)
+                else:
+                    consumer.queues = [q for q in consumer.queues or [] if q.name != name]
+                    credit.cancel_queue(name)
             log.info("%s queue %s", "consuming from" if action == "add" else "cancelled", name)
+
+    def _is_quorum(self, name: str) -> bool:
+        """Whether the worker treats ``name`` as a quorum queue (``x-queue-type`` of its
+        declaration), as Celery's ``worker_detect_quorum_queues`` does."""
+        return bool(self.app.conf.worker_detect_quorum_queues) and (
+            self.app.queue_type(name) == "quorum"
+        )
 
     def update_prefetch(self) -> None:
         """Apply the current prefetch count: on AMQP at once when asked from outside a
@@ -385,8 +414,17 @@ class Consumer(Reconnecting):
         if self._batch_acks:
             amqp_frames.install(conn.connection)
         # RabbitMQ applies a per-consumer (global=False) count only to consumers started
-        # after it; per channel, as Celery does there, a change takes effect at once
-        self._qos_global = not conn.qos_semantics_matches_spec
+        # after it; per channel, as Celery does there, a change takes effect at once.
+        # Quorum queues refuse a global count: per consumer there (ConsumerCredit).
+        quorum = [n for n in self.queue_names if self._is_quorum(n)] if self._batch_acks else []
+        self._qos_global = not conn.qos_semantics_matches_spec and not quorum
+        self._credit = None
+        if quorum:
+            log.info(
+                "quorum queue(s) %s: global QoS is disabled, the prefetch count is kept "
+                "per consumer",
+                ", ".join(quorum),
+            )
         self._ack_channel = channel
         self._ack_channel_generation = self.connection_generation
         self._unsettled = set()
@@ -401,8 +439,18 @@ class Consumer(Reconnecting):
             accept=self.app.conf.accept_content,
             no_ack=False,
         )
-        self._apply_qos(consumer)
-        consumer.consume()
+        if quorum:
+            self._credit = ConsumerCredit(
+                channel, consumer._receive_callback, self._write_lock
+            )  # kombu's own hand-off of a raw delivery: decode, accept, on_message
+            count = _prefetch_limit(self._prefetch_count())
+            with self._write_lock:
+                for queue in consumer.queues or []:
+                    self._credit.start_queue(queue, count)
+            self._applied_prefetch = count
+        else:
+            self._apply_qos(consumer)
+            consumer.consume()
         self._kombu_consumer = consumer
         log.info(
             "consuming from %s on %s",
@@ -430,6 +478,8 @@ class Consumer(Reconnecting):
         with self._write_lock:
             try:
                 consumer.cancel()
+                if self._credit is not None:
+                    self._credit.cancel_all()
             except Exception as exc:
                 log.debug("cancelling the consumer failed: %s", exc)
         self._kombu_consumer = None
@@ -441,6 +491,11 @@ class Consumer(Reconnecting):
         for the next drain wake-up would hold up a pool that just grew."""
         self._qos_dirty = False
         count = _prefetch_limit(self._prefetch_count())
+        credit = self._credit
+        if credit is not None:
+            if credit.resize(count):
+                self._applied_prefetch = credit.window
+            return
         if count == self._applied_prefetch:
             return
         if self._batch_acks:
@@ -461,6 +516,7 @@ class Consumer(Reconnecting):
         self._unsettled = set()
         conn, self._connection = self._connection, None
         self._kombu_consumer = None
+        self._credit = None
         self._applied_prefetch = None
         if conn is not None:
             try:
@@ -525,6 +581,111 @@ class Consumer(Reconnecting):
         """True while ``message``'s ack waits for the next batched ``basic_ack`` (AMQP);
         on kombu's other transports an ack is sent when it is made."""
         return message.delivery_tag in self._acks_due
+
+
+class ConsumerCredit:
+    """The prefetch window of a channel with per-consumer QoS (quorum queues).
+
+    RabbitMQ gives each consumer the ``basic.qos`` count in force when it started,
+    and a later ``basic.qos`` changes nothing for it.  So each queue has one or
+    more consumers, and the window of a queue is the sum of their counts: a larger
+    window starts one more consumer with the difference, a smaller one cancels the
+    newest consumers (their unacked messages stay ours until settled) and starts
+    one for what is missing.  Each start is a replicated log entry on a quorum
+    queue, so a growing window grows by at least a quarter and a shrinking one
+    acts once it is a quarter too large: a flood of held ETA tasks costs a few
+    consumers, not one per task.  Every frame goes out without waiting for its
+    reply (the consumer greenlet reads those), so a change can be made from any
+    greenlet and takes effect at once.
+
+    Like Celery's per-consumer QoS, each consumed queue has the whole window.
+    """
+
+    def __init__(self, channel: Any, callback: Callable[[Any], None], lock: Any) -> None:
+        self._channel = channel
+        self._callback = callback
+        self._lock = lock
+        self._prefix = f"gw-{uuid.uuid4().hex[:12]}"
+        self._serial = 0
+        #: The consumers of each queue, oldest first: (bound queue, tag, count).
+        self._consumers: dict[str, list[tuple[Any, str, int]]] = {}
+        #: The window asked for last; each queue's consumers add up to about this.
+        self.asked = 0
+
+    @property
+    def window(self) -> int:
+        """The largest window of a queue: what the broker may deliver on one queue."""
+        return max((sum(c for _, _, c in cs) for cs in self._consumers.values()), default=0)
+
+    def start_queue(self, queue: Any, count: int | None = None) -> None:
+        """Consume ``queue`` (bound to the channel) with the current window (the caller
+        holds the write lock)."""
+        if count is not None:
+            self.asked = count
+        self._consumers.setdefault(queue.name, [])
+        self._start(queue, self.asked)
+
+    def cancel_queue(self, name: str) -> None:
+        """Stop consuming ``name`` (the caller holds the write lock)."""
+        for _, tag, _ in self._consumers.pop(name, []):
+            self._cancel(tag)
+
+    def cancel_all(self) -> None:
+        for name in list(self._consumers):
+            self.cancel_queue(name)
+
+    def resize(self, count: int) -> bool:
+        """Make each queue's window ``count``, within the slack said above.  False if
+        the frames could not be sent (the connection is going: it reconnects anyway)."""
+        if count == self.asked:
+            return True
+        self.asked = count
+        with self._lock:
+            try:
+                for consumers in self._consumers.values():
+                    self._resize_queue(consumers, count)
+            except Exception as exc:
+                log.debug("changing the prefetch window to %d failed: %s", count, exc)
+                return False
+        return True
+
+    def _resize_queue(self, consumers: list[tuple[Any, str, int]], count: int) -> None:
+        if not consumers:
+            return
+        queue = consumers[0][0]
+        window = sum(c for _, _, c in consumers)
+        if window < count:
+            self._start(queue, max(count - window, window // 4))
+        elif window > count + count // 4:
+            while consumers and window > count:
+                _, tag, taken = consumers.pop()
+                self._cancel(tag)
+                window -= taken
+            if window < count:
+                self._start(queue, count - window)
+
+    def _start(self, queue: Any, count: int) -> None:
+        from amqp import spec  # kombu's own AMQP client, there whenever the driver is amqp
+
+        self._serial += 1
+        tag = f"{self._prefix}.{self._serial}"
+        channel = self._channel
+        channel.send_method(spec.Basic.Qos, "lBb", (0, count, False))
+        # registered first: a delivery may follow the consume at once
+        channel.callbacks[tag] = self._callback
+        channel.send_method(
+            spec.Basic.Consume,
+            "BssbbbbF",
+            (0, queue.name, tag, False, False, False, True, queue.consumer_arguments or {}),
+        )
+        self._consumers[queue.name].append((queue, tag, count))
+
+    def _cancel(self, tag: str) -> None:
+        from amqp import spec
+
+        # cancel-ok is read by the consumer greenlet, which forgets the tag then: a
+        # delivery already on its way still finds its callback
+        self._channel.send_method(spec.Basic.Cancel, "sb", (tag, False))
 
 
 def _where(conn: Connection) -> str:
