@@ -763,6 +763,8 @@ def _run_worker(app: App, options: WorkerOptions, quiet: bool) -> bool:
         raise CommandFailed(str(exc)) from None
     except (StoreError, BeatError, ImproperlyConfigured, ValueError, DaemonError) as exc:
         raise CLIError(str(exc)) from None
+    if worker.fatal is not None:
+        raise SystemExit(1)  # said already, in one CRITICAL line
     if supervisor.shutdown:
         return False  # a SIGTERM during a stop for a limit: no restart
     return supervisor.restart or worker.restart_reason is not None

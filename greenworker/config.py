@@ -64,6 +64,15 @@ class Settings:
     broker_native_redis: bool = True
     #: Seconds between reconnect attempts grow up to this.
     broker_connection_max_backoff: float = 10.0
+    #: Reconnect after a lost broker connection (Celery's meaning); False: the worker
+    #: logs one CRITICAL line and exits with status 1 instead.
+    broker_connection_retry: bool = True
+    #: The same for the first connection at startup; None: ``broker_connection_retry``
+    #: decides (Celery 5's rule).
+    broker_connection_retry_on_startup: bool | None = None
+    #: Retries before the worker gives up on the broker (one CRITICAL line, exit 1), counted
+    #: from the last connection; None or 0: retry forever (Celery's default is 100).
+    broker_connection_max_retries: int | None = None
     task_serializer: str = "json"
     accept_content: list[str] = field(default_factory=lambda: ["json"])
     task_default_queue: str = "celery"
