@@ -701,7 +701,7 @@ def _worker(loader: AppLoader, quiet: bool, options: WorkerOptions) -> None:
     logging.basicConfig(level=(options.loglevel or "INFO").upper(), format=LOG_FORMAT)
     from .daemon import already_detached
 
-    app = loader.load()
+    app = loader.load(worker=True)
     try:
         restart = _run_worker(app, options, quiet)
     except click.ClickException as exc:
@@ -1011,7 +1011,9 @@ class AppLoader:
     #: --loader: a Celery app's loader (celery's CELERY_LOADER); a greenworker App has none.
     loader: str | None = None
 
-    def load(self) -> App:
+    def load(self, *, worker: bool = False) -> App:
+        """The app with the command line's settings applied, its URLs checked: the
+        broker's, and for a ``worker`` the result backend's too."""
         from .config import ConfigError
         from .exceptions import ImproperlyConfigured
         from .loader import load_app
@@ -1040,7 +1042,8 @@ class AppLoader:
             app.conf.data_dir = self.data_dir
         try:
             app.check_client_libraries()  # one line naming the extra, not an ImportError
-        except ImproperlyConfigured as exc:
+            app.check_urls(backend=worker)
+        except (ImproperlyConfigured, ConfigError) as exc:
             raise CLIError(str(exc)) from None
         return app
 

@@ -7,7 +7,7 @@ mapping, the :class:`~greenworker.backends.base.ResultBackend` protocol).
 from __future__ import annotations
 
 import os
-from urllib.parse import urlparse
+from urllib.parse import urlsplit
 
 from ..exceptions import ImproperlyConfigured
 from .base import DisabledBackend, ResultBackend
@@ -15,20 +15,33 @@ from .lmdb import LMDBBackend
 from .memory import MemoryBackend
 from .redis import RedisBackend
 
+#: The result backends greenworker's own App has, by URL scheme.
+BACKEND_SCHEMES = ("redis", "rediss", "unix", "memory", "lmdb")
+
+
+def check_backend_url(url: str) -> None:
+    """Raise :class:`ImproperlyConfigured` for a scheme greenworker has no backend for,
+    or :class:`ValueError` for a malformed URL (host or port); opens nothing."""
+    parts = urlsplit(url)  # ValueError: unbalanced IPv6 brackets
+    scheme = parts.scheme.lower()
+    if scheme not in BACKEND_SCHEMES:
+        raise ImproperlyConfigured(
+            f"unsupported result backend {scheme!r}: use redis://, lmdb:// or memory://"
+        )
+    if scheme == "lmdb" and not url[len("lmdb://") :]:
+        raise ImproperlyConfigured("lmdb:// result backend needs a path: lmdb:///abs/dir")
+    parts.port  # noqa: B018  (ValueError: not a number, or out of range)
+
 
 def backend_from_url(url: str | None, *, expires: float | None) -> ResultBackend:
     if not url:
         return DisabledBackend()
-    scheme = urlparse(url).scheme
+    check_backend_url(url)
+    scheme = urlsplit(url).scheme.lower()
     if scheme in ("redis", "rediss", "unix"):
         return RedisBackend(url, expires)
     if scheme == "memory":
         return MemoryBackend(url)
     if scheme == "lmdb":
-        path = url[len("lmdb://") :]
-        if not path:
-            raise ImproperlyConfigured("lmdb:// result backend needs a path: lmdb:///abs/dir")
-        return LMDBBackend(os.path.abspath(path), expires)
-    raise ImproperlyConfigured(
-        f"unsupported result backend {scheme!r}: use redis://, lmdb:// or memory://"
-    )
+        return LMDBBackend(os.path.abspath(url[len("lmdb://") :]), expires)
+    raise AssertionError(scheme)  # check_backend_url refused it

@@ -24,10 +24,11 @@ from celery.app.task import Task as CeleryTask
 from kombu.connection import Connection
 from kombu.entity import Queue
 
-from ..client.app import App
+from ..client.app import App, check_url_syntax
 from ..client.result import AsyncResult
 from ..client.task import Task
 from ..config import Settings
+from ..exceptions import ImproperlyConfigured
 from .backend import CeleryResultBackend
 from .runner import CeleryTaskRunner, CollectTraceGarbage
 from .settings import user_set, warn_unhonoured, worker_settings
@@ -78,6 +79,34 @@ class CeleryApp(App):
             self.conf.broker_url or None, transport_options=self.transport_options()
         )
         return conn
+
+    def _broker_url_as_written(self) -> str:
+        conf = self.celery.conf
+        return str(self.conf.broker_url or conf.broker_read_url or conf.broker_url or "amqp://")
+
+    def _backend_url_as_written(self) -> str:
+        return self.result_backend_url or ""
+
+    def _check_broker_url(self) -> None:
+        """The connection as Celery makes it parses the URL; kombu finds its transport."""
+        check_url_syntax(self._broker_url_as_written())
+        self.celery.connection_for_read(self.conf.broker_url or None).get_transport_cls()
+
+    def _check_backend_url(self) -> None:
+        """Celery finds the backend class for the URL (``by_url``: an unknown one is
+        ImproperlyConfigured); the URL's host and port must parse.  Nothing is built."""
+        url = self.result_backend_url
+        if not url:
+            return
+        from celery.app.backends import by_url
+
+        try:
+            by_url(url, self.celery.loader)
+        except ImportError as exc:  # by_url reports only a ValueError as ImproperlyConfigured
+            name = url.split("://", 1)[0].split("+", 1)[0]
+            raise ImproperlyConfigured(f"Celery has no result backend {name!r} ({exc})") from None
+        if "://" in url:
+            check_url_syntax(url.split("+", 1)[1] if "+" in url.split("://", 1)[0] else url)
 
     def queue(
         self,
@@ -211,6 +240,7 @@ class CeleryApp(App):
         hostname = options.get("hostname") or self.hostname
         self.prepare_worker(hostname)
         self.check_client_libraries()
+        self.check_urls()
         self._refuse_quorum_consumption(options.get("queues") or [self.conf.task_default_queue])
         view = WorkerView(self.celery, hostname)
         signals.celeryd_init.send(
