@@ -319,7 +319,8 @@ _WORKER_OPTIONS: tuple[Callable[[Any], Any], ...] = (
         "--hostname",
         group=_WORKER,
         help="Set custom hostname (e.g., 'w1@%h').  Expands: %h (hostname), %n (name) and "
-        "%d, (domain).  [default: worker_hostname, else greenworker@%h]",
+        "%d, (domain).  [default: worker_hostname, else greenworker@%h; celery@%h for a "
+        "Celery app]",
     ),
     _option(
         "-D",
@@ -805,7 +806,7 @@ def _plan(app: App, options: WorkerOptions) -> _WorkerPlan:
         conf.beat_scheduler = options.scheduler
     _check_scheduler(app, option_given=options.scheduler is not None, beat_runs=options.embed_beat)
     if options.hostname:
-        hostname = expand_node_name(_celery_node_name(options.hostname))
+        hostname = expand_node_name(_celery_node_name(options.hostname, app.node_name_default))
     elif conf.worker_hostname:
         hostname = expand_node_name(conf.worker_hostname, what="worker_hostname")
     else:
@@ -848,9 +849,14 @@ def _plan(app: App, options: WorkerOptions) -> _WorkerPlan:
     )
 
 
-def _celery_node_name(value: str) -> str:
-    """Celery's -n without ``@``: the host part, with the default name."""
-    return value if "@" in value else f"greenworker@{value}"
+def _celery_node_name(value: str, default_name: str) -> str:
+    """Celery's -n, as its ``default_nodename`` reads it: without ``@`` the host part,
+    with the app's default name (``celery@box`` for a Celery app); an empty part is the
+    default name, or this machine's host name."""
+    name, at, host = value.partition("@")
+    if not at:
+        name, host = "", value
+    return f"{name or default_name}@{host or socket.gethostname()}"
 
 
 def _consumed_queues(queues: list[str], excluded: list[str] | None) -> list[str]:

@@ -13,7 +13,6 @@ through Celery's tracer (:mod:`greenworker.celery.runner`).
 from __future__ import annotations
 
 import copy
-import socket
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -141,9 +140,8 @@ class CeleryApp(App):
             self._results = CeleryResultBackend(self.celery.backend, self.result_backend_url or "")
         return self._results
 
-    @property
-    def hostname(self) -> str:
-        return self.conf.worker_hostname or f"celery@{socket.gethostname()}"
+    #: Celery's default name (``celery.utils.nodenames.NODENAME_DEFAULT``).
+    node_name_default = "celery"
 
     # ------------------------------------------------------------ sending
 

@@ -190,9 +190,12 @@ class App:
             return os.path.abspath(self.conf.worker_state_db)
         return os.path.join(self.data_dir, "state") if self.embedded else None
 
+    #: The name part of a worker's default node name, and of ``-n HOST`` (no ``@``).
+    node_name_default = "greenworker"
+
     @property
     def hostname(self) -> str:
-        return self.conf.worker_hostname or f"greenworker@{socket.gethostname()}"
+        return self.conf.worker_hostname or f"{self.node_name_default}@{socket.gethostname()}"
 
     def transport_options(self) -> dict[str, Any]:
         options = dict(self.conf.broker_transport_options)
