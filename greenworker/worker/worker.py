@@ -28,7 +28,7 @@ from ..control.mailbox import RemoteControl
 from ..transport.base import TaskConsumer
 from ..transport.consumer import Consumer
 from . import harness
-from .autoscale import Autoscaler, ScalingPolicy
+from .autoscale import Autoscaler, ScalingPolicy, start_size
 from .canvas import CanvasMiddleware
 from .executor import AppTaskRunner, Executor, TaskRunner
 from .handler import MessageHandler
@@ -594,7 +594,5 @@ class Worker:
 
 def _pool_size(concurrency: int | None, autoscale: tuple[int, int] | None, default: int) -> int:
     if autoscale:
-        # the pool starts at the minimum (or -c, kept within the bounds) and follows load
-        maximum, minimum = autoscale
-        return max(minimum, min(concurrency or minimum, maximum))
+        return start_size(*autoscale, concurrency)  # MIN, as Celery's; -c is not used
     return concurrency or default
