@@ -58,6 +58,13 @@ class Settings:
     data_dir: str = ".greenworker"
     broker_transport_options: dict[str, Any] = field(default_factory=dict)
     broker_connection_timeout: float = 4.0
+    #: TLS to the broker (Celery's name): True, or a dict of options.  RabbitMQ takes
+    #: py-amqp's (``ca_certs``, ``cert_reqs``, ``certfile``, ``keyfile``,
+    #: ``server_hostname``); Redis takes redis-py's (``ssl_ca_certs``, ``ssl_cert_reqs``,
+    #: ``ssl_certfile``, ``ssl_keyfile``...), for kombu's transport and the native paths.
+    broker_use_ssl: bool | dict[str, Any] | None = None
+    #: TLS to a Redis result backend (Celery's name): redis-py's ``ssl_*`` options.
+    redis_backend_use_ssl: dict[str, Any] | None = None
     #: On Redis, consume and publish with greenworker's native paths (kombu's key layout,
     #: atomic pops, batched acks, one round trip per publish); False uses kombu's Redis
     #: transport.  A transport option in REDIS_LAYOUT_OPTIONS turns them off too.
@@ -392,6 +399,14 @@ def check_priority(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
         raise ConfigError(f"{what} must be an int from 0 to 255, not {value!r}")
     return value
+
+
+def redis_tls_options(value: bool | dict[str, Any] | None) -> dict[str, Any] | None:
+    """redis-py's keyword arguments for a TLS setting on Redis (``broker_use_ssl``,
+    ``redis_backend_use_ssl``): None for no TLS, else the options (maybe none)."""
+    if not value:
+        return None
+    return {} if value is True else dict(value)
 
 
 def _check_queue_type(value: Any, what: str) -> None:

@@ -856,11 +856,11 @@ def test_other_celery_result_backends_through_the_apps_own_object(
     celery_app = Celery("backends", broker=amqp_url, backend=backend, set_as_current=False)
     celery_app.conf.task_default_queue = queue_name
 
-    @celery_app.task(name="backends.add")  # type: ignore[untyped-decorator]
+    @celery_app.task(name="backends.add", shared=False)  # type: ignore[untyped-decorator]
     def add(x: int, y: int) -> int:
         return x + y
 
-    @celery_app.task(name="backends.fail")  # type: ignore[untyped-decorator]
+    @celery_app.task(name="backends.fail", shared=False)  # type: ignore[untyped-decorator]
     def fail() -> None:
         raise KeyError("gone")
 

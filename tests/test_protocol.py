@@ -112,3 +112,18 @@ def test_malformed_messages_name_the_field(
 ) -> None:
     with pytest.raises(MalformedMessage, match=fragment):
         decode_task_message(body, headers, {})
+
+
+def test_an_envelope_decodes_as_kombu_decodes_it_typed_values_or_not() -> None:
+    from kombu.utils.json import dumps as kombu_dumps
+    from kombu.utils.json import loads as kombu_loads
+
+    from greenworker.transport.envelope import loads_envelope
+
+    when = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+    plain = kombu_dumps({"body": "e30=", "headers": {"id": "a", "eta": None}}).encode()
+    typed = kombu_dumps({"body": "e30=", "headers": {"id": "a", "eta": when}}).encode()
+    assert b"__type__" in typed
+    for raw in (plain, typed):
+        assert loads_envelope(raw) == kombu_loads(raw)
+    assert loads_envelope(typed)["headers"]["eta"] == when

@@ -7,6 +7,7 @@ mapping, the :class:`~greenworker.backends.base.ResultBackend` protocol).
 from __future__ import annotations
 
 import os
+from typing import Any
 from urllib.parse import urlsplit
 
 from ..exceptions import ImproperlyConfigured
@@ -33,13 +34,16 @@ def check_backend_url(url: str) -> None:
     parts.port  # noqa: B018  (ValueError: not a number, or out of range)
 
 
-def backend_from_url(url: str | None, *, expires: float | None) -> ResultBackend:
+def backend_from_url(
+    url: str | None, *, expires: float | None, redis_tls: dict[str, Any] | None = None
+) -> ResultBackend:
+    """The backend for ``url``; ``redis_tls``: redis-py's TLS options for a Redis one."""
     if not url:
         return DisabledBackend()
     check_backend_url(url)
     scheme = urlsplit(url).scheme.lower()
     if scheme in ("redis", "rediss", "unix"):
-        return RedisBackend(url, expires)
+        return RedisBackend(url, expires, tls=redis_tls)
     if scheme == "memory":
         return MemoryBackend(url)
     if scheme == "lmdb":

@@ -21,7 +21,9 @@ class RedisBackend:
     does) see the result at once.
     """
 
-    def __init__(self, url: str, expires: float | None) -> None:
+    def __init__(
+        self, url: str, expires: float | None, *, tls: dict[str, Any] | None = None
+    ) -> None:
         try:
             import redis
         except ImportError as exc:
@@ -32,7 +34,11 @@ class RedisBackend:
         self._expires = int(expires) if expires else None
         # A blocking pool: with hundreds of task greenlets storing at once, the
         # extra ones wait (cooperatively) for a connection instead of failing.
-        pool = redis.BlockingConnectionPool.from_url(url, max_connections=64, timeout=30)
+        if tls is not None and url.startswith("redis://"):
+            url = "rediss://" + url[len("redis://") :]  # the setting turns TLS on
+        pool = redis.BlockingConnectionPool.from_url(
+            url, max_connections=64, timeout=30, **(tls or {})
+        )
         self._client = redis.Redis(connection_pool=pool)
 
     def store(self, task_id: str, meta: dict[str, Any]) -> None:

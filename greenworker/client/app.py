@@ -27,6 +27,7 @@ from ..config import (
     Settings,
     check_priority,
     import_object,
+    redis_tls_options,
 )
 from ..exceptions import ImproperlyConfigured
 from ..protocol import build_task_message
@@ -289,6 +290,7 @@ class App:
             lmdb_transport.register()
         return Connection(
             self.broker_url,
+            ssl=self.conf.broker_use_ssl or False,
             transport_options=self.transport_options(),
             connect_timeout=self.conf.broker_connection_timeout,
         )
@@ -672,7 +674,9 @@ class App:
     def backend(self) -> ResultBackend:
         if self._backend is None:
             self._backend = backend_from_url(
-                self.result_backend_url, expires=self.conf.result_expires
+                self.result_backend_url,
+                expires=self.conf.result_expires,
+                redis_tls=redis_tls_options(self.conf.redis_backend_use_ssl),
             )
         return self._backend
 

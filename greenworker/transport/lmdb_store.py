@@ -123,6 +123,10 @@ def _message_key(queue: str, priority: int, seq: int) -> bytes:
     return _queue_prefix(queue) + bytes([MAX_PRIORITY - priority]) + _SEQ.pack(seq)
 
 
+def _binding_key(exchange: str, queue: str, routing_key: str) -> bytes:
+    return SEP.join(part.encode() for part in (exchange, queue, routing_key))
+
+
 def _queue_of(key: bytes) -> str:
     return key.split(SEP, 1)[0].decode()
 
@@ -194,6 +198,8 @@ class BrokerStore:
                         f"the broker store at {self.path} is full ({size} bytes, "
                         f"max_map_size {limit}): nothing was written"
                     ) from None
+                # a remap (well under 1 ms): done here, not in a thread, as no other
+                # transaction of this process may be open while it runs
                 self.env.set_mapsize(min(size * 2, limit) if limit is not None else size * 2)
             except lmdb.Error as exc:
                 if getattr(exc, "errno", None) == errno.ENOSPC or "No space" in str(exc):
@@ -317,13 +323,13 @@ class BrokerStore:
 
     def bind(self, exchange: str, queue: str, routing_key: str, row: Sequence[Any]) -> None:
         """Record kombu's routing-table ``row`` (routing key, pattern, queue) of a binding."""
-        key = SEP.join(part.encode() for part in (exchange, queue, routing_key))
+        key = _binding_key(exchange, queue, routing_key)
         self._write(
             lambda txn: txn.put(key, json.dumps(list(row)).encode(), db=self._dbs["bindings"])
         )
 
     def unbind(self, exchange: str, queue: str, routing_key: str) -> None:
-        key = SEP.join(part.encode() for part in (exchange, queue, routing_key))
+        key = _binding_key(exchange, queue, routing_key)
         self._write(lambda txn: txn.delete(key, db=self._dbs["bindings"]))
 
     def _unbind_matching(self, txn: Any, prefix: bytes, match: Callable[[list[Any]], bool]) -> None:
@@ -580,12 +586,15 @@ class BrokerStore:
             os.close(fd)  # closing drops a lock we took
         return False
 
-    def dead_owners(self) -> list[str]:
+    def _other_owners(self) -> list[str]:
         def read(txn: Any) -> list[str]:
             with txn.cursor(db=self._dbs["owners"]) as cursor:
                 return [key.decode() for key in cursor.iternext(values=False)]
 
-        return [t for t in self._read(read) if t != self.token and not self._owner_alive(t)]
+        return [token for token in self._read(read) if token != self.token]
+
+    def dead_owners(self) -> list[str]:
+        return [token for token in self._other_owners() if not self._owner_alive(token)]
 
     def sweep(self, *, visibility: bool = True) -> int:
         """Hand back what dead owners held (their unacked messages, their auto-delete
@@ -635,11 +644,8 @@ class BrokerStore:
         marker = token.encode()
         self._delete_sleepers(txn, lambda queue, address: marker in address)
         with txn.cursor(db=self._dbs["queues"]) as cursor:
-            owned = [
-                key.decode()
-                for key, value in cursor
-                if QueueInfo.loads(value).auto_delete and QueueInfo.loads(value).owner == token
-            ]
+            infos = ((key.decode(), QueueInfo.loads(value)) for key, value in cursor)
+            owned = [name for name, info in infos if info.auto_delete and info.owner == token]
         for queue in owned:
             self._delete_queue(txn, queue)
 
@@ -742,12 +748,7 @@ class BrokerStore:
 
     def live_owners(self) -> list[str]:
         """The processes (other than this one) that hold messages or queues now."""
-
-        def read(txn: Any) -> list[str]:
-            with txn.cursor(db=self._dbs["owners"]) as cursor:
-                return [key.decode() for key in cursor.iternext(values=False)]
-
-        return [t for t in self._read(read) if t != self.token and self._owner_alive(t)]
+        return [token for token in self._other_owners() if self._owner_alive(token)]
 
     def compact(self) -> tuple[int, int]:
         """Rewrite the data file without its free pages; return (bytes before, after).

@@ -31,6 +31,7 @@ from kombu.utils.json import dumps as kombu_dumps
 from kombu.utils.json import loads as kombu_loads
 
 from . import lmdb_store
+from .envelope import loads_envelope
 from .lmdb_store import BrokerStore, QueueInfo
 
 log = logging.getLogger("greenworker.broker")
@@ -238,7 +239,7 @@ class Channel(virtual.Channel):
 
 def payload_of(item: lmdb_store.Taken) -> dict[str, Any]:
     """kombu's message payload for a delivered message, with its delivery tag."""
-    payload: dict[str, Any] = kombu_loads(item.envelope)
+    payload: dict[str, Any] = loads_envelope(item.envelope)
     payload["properties"]["delivery_tag"] = item.tag
     if item.redelivered:
         payload["redelivered"] = True

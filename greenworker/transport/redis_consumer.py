@@ -52,6 +52,7 @@ from kombu.utils.url import maybe_sanitize_url
 
 from .. import green
 from .consumer import Reconnecting
+from .envelope import loads_envelope
 from .redis_layout import (
     BINDING_KEY,
     PRIORITY_SEP,
@@ -555,7 +556,7 @@ class NativeRedisConsumer(Reconnecting):
         for i in range(0, len(reply), 3):
             tag, raw, source = reply[i].decode(), reply[i + 1], reply[i + 2].decode()
             try:
-                payload = json.loads(raw)
+                payload = loads_envelope(raw)
                 if not isinstance(payload, dict) or not tag:
                     raise ValueError("not a kombu message envelope")
                 message = RedisMessage(self, payload, source)

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from ..config import redis_tls_options
+
 if TYPE_CHECKING:
     from ..client.app import App
 
@@ -30,13 +32,19 @@ BLMOVE_SINCE = (6, 2)
 
 
 def broker_client(app: App) -> redis.Redis:
-    """A redis-py client for the broker URL, with the app's connect timeout and pool size."""
+    """A redis-py client for the broker URL, with the app's connect timeout, pool size
+    and TLS options (``broker_use_ssl``, as kombu's Redis transport takes them)."""
+    url = app.broker_url
+    tls = redis_tls_options(app.conf.broker_use_ssl)
+    if tls is not None and url.startswith("redis://"):
+        url = "rediss://" + url[len("redis://") :]  # kombu: the setting turns TLS on
     return redis.Redis.from_url(
-        app.broker_url,
+        url,
         socket_connect_timeout=app.conf.broker_connection_timeout,
         socket_keepalive=True,
         max_connections=int(app.conf.broker_transport_options.get("max_connections", 50)),
         health_check_interval=0,
+        **(tls or {}),
     )
 
 
