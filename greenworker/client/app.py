@@ -274,7 +274,8 @@ class App:
 
             lmdb_transport.register()
         check_url_syntax(url)
-        Connection(url).get_transport_cls()
+        # with the app's TLS options, as connection() makes it (else kombu warns of none)
+        Connection(url, ssl=self.conf.broker_use_ssl or False).get_transport_cls()
 
     def _check_backend_url(self) -> None:
         url = self.result_backend_url
