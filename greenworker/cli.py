@@ -319,7 +319,8 @@ _WORKER_OPTIONS: tuple[Callable[[Any], Any], ...] = (
         "--hostname",
         group=_WORKER,
         help="Set custom hostname (e.g., 'w1@%h').  Expands: %h (hostname), %n (name) and "
-        "%d, (domain).  [default: worker_hostname, else greenworker@%h]",
+        "%d, (domain).  [default: worker_hostname, else greenworker@%h; celery@%h for a "
+        "Celery app]",
     ),
     _option(
         "-D",
@@ -701,7 +702,7 @@ def _worker(loader: AppLoader, quiet: bool, options: WorkerOptions) -> None:
     logging.basicConfig(level=(options.loglevel or "INFO").upper(), format=LOG_FORMAT)
     from .daemon import already_detached
 
-    app = loader.load()
+    app = loader.load(worker=True)
     try:
         restart = _run_worker(app, options, quiet)
     except click.ClickException as exc:
@@ -763,6 +764,8 @@ def _run_worker(app: App, options: WorkerOptions, quiet: bool) -> bool:
         raise CommandFailed(str(exc)) from None
     except (StoreError, BeatError, ImproperlyConfigured, ValueError, DaemonError) as exc:
         raise CLIError(str(exc)) from None
+    if worker.fatal is not None:
+        raise SystemExit(1)  # said already, in one CRITICAL line
     if supervisor.shutdown:
         return False  # a SIGTERM during a stop for a limit: no restart
     return supervisor.restart or worker.restart_reason is not None
@@ -803,7 +806,7 @@ def _plan(app: App, options: WorkerOptions) -> _WorkerPlan:
         conf.beat_scheduler = options.scheduler
     _check_scheduler(app, option_given=options.scheduler is not None, beat_runs=options.embed_beat)
     if options.hostname:
-        hostname = expand_node_name(_celery_node_name(options.hostname))
+        hostname = expand_node_name(_celery_node_name(options.hostname, app.node_name_default))
     elif conf.worker_hostname:
         hostname = expand_node_name(conf.worker_hostname, what="worker_hostname")
     else:
@@ -846,9 +849,14 @@ def _plan(app: App, options: WorkerOptions) -> _WorkerPlan:
     )
 
 
-def _celery_node_name(value: str) -> str:
-    """Celery's -n without ``@``: the host part, with the default name."""
-    return value if "@" in value else f"greenworker@{value}"
+def _celery_node_name(value: str, default_name: str) -> str:
+    """Celery's -n, as its ``default_nodename`` reads it: without ``@`` the host part,
+    with the app's default name (``celery@box`` for a Celery app); an empty part is the
+    default name, or this machine's host name."""
+    name, at, host = value.partition("@")
+    if not at:
+        name, host = "", value
+    return f"{name or default_name}@{host or socket.gethostname()}"
 
 
 def _consumed_queues(queues: list[str], excluded: list[str] | None) -> list[str]:
@@ -1009,7 +1017,9 @@ class AppLoader:
     #: --loader: a Celery app's loader (celery's CELERY_LOADER); a greenworker App has none.
     loader: str | None = None
 
-    def load(self) -> App:
+    def load(self, *, worker: bool = False) -> App:
+        """The app with the command line's settings applied, its URLs checked: the
+        broker's, and for a ``worker`` the result backend's too."""
         from .config import ConfigError
         from .exceptions import ImproperlyConfigured
         from .loader import load_app
@@ -1038,7 +1048,8 @@ class AppLoader:
             app.conf.data_dir = self.data_dir
         try:
             app.check_client_libraries()  # one line naming the extra, not an ImportError
-        except ImproperlyConfigured as exc:
+            app.check_urls(backend=worker)
+        except (ImproperlyConfigured, ConfigError) as exc:
             raise CLIError(str(exc)) from None
         return app
 

@@ -82,6 +82,15 @@ class Settings:
     broker_native_redis: bool = True
     #: Seconds between reconnect attempts grow up to this.
     broker_connection_max_backoff: float = 10.0
+    #: Reconnect after a lost broker connection (Celery's meaning); False: the worker
+    #: logs one CRITICAL line and exits with status 1 instead.
+    broker_connection_retry: bool = True
+    #: The same for the first connection at startup; None: ``broker_connection_retry``
+    #: decides (Celery 5's rule).
+    broker_connection_retry_on_startup: bool | None = None
+    #: Retries before the worker gives up on the broker (one CRITICAL line, exit 1), counted
+    #: from the last connection; None or 0: retry forever (Celery's default is 100).
+    broker_connection_max_retries: int | None = None
     task_serializer: str = "json"
     accept_content: list[str] = field(default_factory=lambda: ["json"])
     task_default_queue: str = "celery"
@@ -308,6 +317,64 @@ _CELERY_NAMES = """
 #: Celery's settings: those greenworker does not have are warned about, never dropped.
 CELERY_SETTING_NAMES = frozenset(_CELERY_NAMES.split())
 
+#: Celery's worker-side settings greenworker does not honour, with what it does instead:
+#: the warning for a Celery app's (at startup) and a greenworker App's (when loaded) says
+#: it.  Every other worker_*, control_* and event_* setting of Celery is a Settings field.
+UNHONOURED: dict[str, str] = {
+    "worker_pool": "greenworker runs on one green hub (-P gevent or eventlet)",
+    "worker_pool_restarts": "pool_restart is refused; SIGHUP restarts the worker in place",
+    "worker_pool_putlocks": "there is no process pool",
+    "worker_pool_start_method": "there is no process pool",
+    "worker_proc_alive_timeout": "there is no process pool",
+    "worker_lost_wait": "there is no process pool",
+    "worker_agent": "no worker agent is started",
+    "worker_autoscaler": "greenworker's own autoscaler runs (--autoscale)",
+    "worker_consumer": "greenworker's own consumer runs",
+    "worker_timer": "greenworker's own green timer runs",
+    "worker_timer_precision": "greenworker's own green timer runs",
+    "worker_direct": "no per-worker direct queue is consumed; use -Q",
+    "worker_cancel_long_running_tasks_on_connection_loss": (
+        "running tasks carry on when the connection is lost; their acks wait for it"
+    ),
+    "worker_enable_soft_shutdown_on_idle": "a warm shutdown waits worker_shutdown_timeout",
+    "worker_soft_shutdown_timeout": (
+        "a warm shutdown waits greenworker's worker_shutdown_timeout (30 s by default)"
+    ),
+    "worker_deduplicate_successful_tasks": (
+        "a redelivered task runs again, whatever its stored state"
+    ),
+    "worker_eta_task_limit": "held ETA tasks raise the prefetch count instead",
+    "worker_enable_prefetch_count_reduction": "prefetch follows the pool size and held ETA tasks",
+    "worker_disable_prefetch": "prefetch is pool size x worker_prefetch_multiplier",
+    "worker_redirect_stdouts": "print() in a task goes to the worker's stdout",
+    "worker_redirect_stdouts_level": "print() in a task goes to the worker's stdout",
+    "worker_hijack_root_logger": "the worker command configures the root logger (-l)",
+    "worker_log_color": "log lines are not coloured",
+    "worker_log_format": "the worker command's log format is used",
+    "worker_log_datefmt": "the worker command's log format is used",
+    "worker_task_log_format": "the worker command's log format is used",
+    "worker_task_log_datefmt": "the worker command's log format is used",
+    "control_exchange": "remote control uses Celery's default celery.pidbox exchange",
+    "control_queue_ttl": "greenworker's pidbox queue settings are used",
+    "control_queue_expires": "greenworker's pidbox queue settings are used",
+    "control_queue_exclusive": "greenworker's pidbox queue settings are used",
+    "control_queue_durable": "greenworker's pidbox queue settings are used",
+    "event_exchange": "events go to Celery's default celeryev exchange",
+    "event_serializer": "events are sent as JSON",
+    "event_queue_prefix": "gossip uses greenworker's own event queue",
+    "event_queue_ttl": "gossip uses greenworker's own event queue",
+    "event_queue_expires": "gossip uses greenworker's own event queue",
+    "event_queue_exclusive": "gossip uses greenworker's own event queue",
+    "event_queue_durable": "gossip uses greenworker's own event queue",
+    "broker_native_delayed_delivery_queue_type": (
+        "ETA tasks are held by the worker, not delayed by the broker"
+    ),
+    "task_acks_on_failure": "task_acks_on_failure_or_timeout decides both",
+    "task_acks_on_timeout": "task_acks_on_failure_or_timeout decides both",
+    "beat_enable_remote_control": "beat answers no remote control",
+}
+
+
 #: How close (difflib's ratio) an unknown name must be to a setting to count as its typo.
 _TYPO_CUTOFF = 0.8
 
@@ -424,7 +491,8 @@ def _sort(
         if name in _FIELD_NAMES:
             known[name] = value
         elif name in CELERY_SETTING_NAMES:
-            unused[name] = f"setting {name} is not used by greenworker (a Celery setting)"
+            instead = f": {UNHONOURED[name]}" if name in UNHONOURED else ""
+            unused[name] = f"setting {name} is not used by greenworker (a Celery setting{instead})"
         elif name != name.lower():
             counterpart = _lowercase_counterpart(name)
             if counterpart in _FIELD_NAMES:

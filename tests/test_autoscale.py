@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import signal
 import time
 
 import pytest
@@ -10,6 +12,8 @@ from greenworker import App, green
 from greenworker.worker.autoscale import Autoscaler, LoadSample, PressurePolicy
 from greenworker.worker.pool import GreenPool
 from greenworker.worker.timer import Timer
+
+from .conftest import start_cli, wait_for_output
 
 
 def test_pressure_policy_decisions() -> None:
@@ -24,6 +28,49 @@ def test_pressure_policy_decisions() -> None:
 def test_bad_bounds_are_refused() -> None:
     with pytest.raises(ValueError, match="min <= max"):
         Autoscaler(GreenPool(1), Timer(), 2, 5)
+
+
+AUTOSCALE_SETS = "autoscale sets the pool size: it starts at MIN 3 greenlet(s)"
+
+
+def test_an_autoscaled_pool_starts_at_min_and_a_concurrency_given_too_is_said_unused(
+    memory_app: App, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="greenworker.autoscale")
+    plain = memory_app.Worker(autoscale=(10, 3))
+    assert (plain.pool.size, plain.concurrency, plain.describe_concurrency()) == (
+        3,
+        3,
+        "3 {min=3, max=10}",
+    )
+    assert AUTOSCALE_SETS not in caplog.text  # no -c: nothing to say
+    for concurrency in (1, 5, 50):  # under MIN, between, over MAX: MIN all the same
+        assert memory_app.Worker(concurrency=concurrency, autoscale=(10, 3)).pool.size == 3
+    lines = [r.getMessage() for r in caplog.records if AUTOSCALE_SETS in r.getMessage()]
+    assert [line.rsplit("; ", 1)[1] for line in lines] == [
+        f"concurrency {c} (-c) is not used" for c in (1, 5, 50)
+    ]
+    assert all(r.levelno == logging.INFO for r in caplog.records if AUTOSCALE_SETS in r.message)
+
+
+@pytest.mark.timeout(60)
+def test_the_command_line_starts_at_min_and_says_c_is_not_used(hub: str) -> None:
+    proc = start_cli(
+        *("-A", "tests.cliapp", "-b", "memory://", "worker", "-P", hub),
+        *("--autoscale", "10,3", "-c", "50", "--without-mingle"),
+    )
+    try:
+        out = wait_for_output(proc, " ready: ")
+        proc.send_signal(signal.SIGTERM)
+        out += proc.communicate(timeout=15)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert "concurrency 3 {min=3, max=10}" in out, out  # banner and ready line
+    lines = [line for line in out.splitlines() if AUTOSCALE_SETS in line]
+    assert len(lines) == 1 and "INFO/greenworker.autoscale" in lines[0], out
+    assert lines[0].endswith("up to MAX 10; concurrency 50 (-c) is not used"), lines[0]
 
 
 @pytest.mark.timeout(60)

@@ -8,6 +8,7 @@ through Celery's tracer.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import importlib
 import json
@@ -31,8 +32,9 @@ from celery import exceptions as celery_exceptions
 from celery.app import trace
 from kombu.message import Message
 
-from greenworker import Worker, green
+from greenworker import App, Worker, green
 from greenworker.celery.app import CeleryApp
+from greenworker.config import UNHONOURED, Settings
 from greenworker.exceptions import ImproperlyConfigured
 from greenworker.hooks import Middleware
 from greenworker.loader import load_app
@@ -171,6 +173,44 @@ def test_a_setting_the_user_wrote_wins_and_one_greenworker_cannot_honour_is_name
     with caplog.at_level(logging.WARNING, "greenworker.celery"):
         app.prepare_worker("own@test")
     assert "Celery setting worker_pool_restarts is not used by greenworker" in caplog.text
+
+
+def _celery_settings(*namespaces: str) -> list[str]:
+    """Celery's own setting names in ``namespaces``, from its defaults (not our list)."""
+    from celery.app.defaults import NAMESPACES
+
+    return sorted(f"{ns}_{key}" for ns in namespaces for key in NAMESPACES[ns])
+
+
+def test_every_worker_control_and_event_setting_of_celery_is_implemented_or_warned(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from greenworker.celery.settings import _NOT_MAPPED
+
+    names = _celery_settings("worker", "control", "event")
+    assert len(names) > 40, names  # Celery's defaults were read
+    implemented = {field.name for field in dataclasses.fields(Settings)} - _NOT_MAPPED
+    neither = [name for name in names if name not in implemented and name not in UNHONOURED]
+    assert neither == [], "neither implemented nor warned about"
+    assert [name for name in names if name in implemented and name in UNHONOURED] == []
+    warned = [name for name in names if name in UNHONOURED]
+    # and the warning is given, for a Celery app at startup...
+    celery_app = Celery("every", broker="memory://", set_as_current=False)
+    celery_app.conf.update({name: "set" for name in warned})
+    app = CeleryApp(celery_app)
+    with caplog.at_level(logging.WARNING, "greenworker.celery"):
+        app.prepare_worker("every@test")
+    said = caplog.text
+    missing = [n for n in warned if f"Celery setting {n} is not used by greenworker: " not in said]
+    assert missing == []
+    # ...and for a greenworker App when its configuration is loaded, with the same reason
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "greenworker.config"):
+        App("every", broker="memory://", config={n: "set" for n in warned}, set_as_current=False)
+    said = caplog.text
+    missing = [n for n in warned if f"setting {n} is not used by greenworker (a Celery" not in said]
+    assert missing == []
+    assert "setting worker_direct is not used by greenworker (a Celery setting: no per-" in said
 
 
 def test_tasks_run_through_celerys_tracer(proj_worker: Worker, proj_tasks: ModuleType) -> None:

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 import redis
+from celery import Celery
 from click.testing import CliRunner
 
 from greenworker import App
+from greenworker.celery.app import CeleryApp
 from greenworker.cli import WorkerOptions, _plan, main, worker_command
 
 from .conftest import ROOT, run_cli, start_cli, wait_for_output
@@ -176,6 +178,12 @@ def test_celery_node_names_and_defaults() -> None:
     app = App("plan", broker="memory://")
     # -n without "@" is the host part, as in Celery (celery@NAME there)
     assert _plan(app, _parse("-n", "box")).hostname == "greenworker@box"
+    assert _plan(app, _parse("-n", "w1@")).hostname == f"w1@{HOST}"  # Celery's default_nodename
+    assert _plan(app, _parse("-n", "@box")).hostname == "greenworker@box"
+    celery_app = CeleryApp(Celery("plan", broker="memory://", set_as_current=False))
+    assert _plan(celery_app, _parse("-n", "box")).hostname == "celery@box"
+    assert _plan(celery_app, _parse("-n", "io@%h")).hostname == f"io@{HOST}"
+    assert _plan(celery_app, _parse()).hostname == f"celery@{HOST}"
     plan = _plan(
         app, _parse("--autoscale", "10", "--without-heartbeat", "--heartbeat-interval", "5")
     )
@@ -286,6 +294,31 @@ def test_celerys_worker_command_line_runs(hub: str, redis_url: str, queue_name: 
     # -c from before `worker`; -X took the other queue off
     assert f"concurrency 20, queues {queue_name}, hub {hub}" in out
     assert "DEBUG/" not in out  # -l INFO after `worker` won
+
+
+@pytest.mark.timeout(60)
+def test_n_without_at_is_the_host_of_the_apps_default_name_in_banner_and_ready_line(
+    hub: str,
+) -> None:
+    env = {"RETRYAPP_BROKER": "memory://"}
+    procs = {
+        name: start_cli(
+            *("-A", f"tests.retryapp:{kind}", "worker", "-P", hub, "-n", "box"),
+            *("--without-mingle", "--without-gossip"),
+            env=env,
+        )
+        for kind, name in (("celery_app", "celery@box"), ("gw_app", "greenworker@box"))
+    }
+    try:
+        for name, proc in procs.items():
+            out = wait_for_output(proc, f"worker {name} ready")
+            assert f"greenworker 0.1.0 · {name}\n" in out, out  # the banner
+            out += _stop(proc)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
 
 
 @pytest.mark.timeout(60)

@@ -194,11 +194,10 @@ def test_settings_greenworker_does_not_use_are_warned_once_each(
         "setting ENABLE_UTC is not used by greenworker (enable_utc is a Celery setting it "
         "does not implement); ignored",
         "setting base_url is not a greenworker or Celery setting; ignored",
-        "setting broker_connection_retry_on_startup is not used by greenworker "
-        "(a Celery setting); ignored",
         "setting result_extended is not used by greenworker (a Celery setting); ignored",
     ]
     assert app.conf.task_routes == {"proj.slow": {"queue": "slow"}}
+    assert app.conf.broker_connection_retry_on_startup is True  # a Celery setting it honours
 
     # the same Celery names in a dict or keywords warn too, instead of raising
     caplog.clear()

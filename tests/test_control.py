@@ -247,12 +247,12 @@ def test_conf_and_ready_line_report_the_concurrency_that_runs(
             [conf_fixed] = broadcast(conn, "conf", {}, destination=[fixed.hostname], timeout=3)
             [conf_scaled] = broadcast(conn, "conf", {}, destination=[scaled.hostname], timeout=3)
         assert conf_fixed[fixed.hostname]["worker_concurrency"] == 50  # not the default 100
-        assert scaled.pool.size == 10 and scaled.concurrency == 10  # -c 200 is above the max
-        assert conf_scaled[scaled.hostname]["worker_concurrency"] == 10
+        assert scaled.pool.size == 3 and scaled.concurrency == 3  # MIN: -c 200 is not used
+        assert conf_scaled[scaled.hostname]["worker_concurrency"] == 3
         ready = [r.getMessage() for r in caplog.records if " ready: " in r.getMessage()]
         assert any(f"{fixed.hostname} ready: concurrency 50," in line for line in ready), ready
         assert any(
-            f"{scaled.hostname} ready: concurrency 10 {{min=3, max=10}}," in line for line in ready
+            f"{scaled.hostname} ready: concurrency 3 {{min=3, max=10}}," in line for line in ready
         ), ready
     finally:
         scaled.stop(timeout=5)

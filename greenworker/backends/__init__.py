@@ -9,13 +9,38 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import urlsplit
 
 from ..exceptions import ImproperlyConfigured
 from .base import DisabledBackend, ResultBackend, StoreRetry
 from .lmdb import LMDBBackend
 from .memory import MemoryBackend
 from .redis import RedisBackend
+
+#: The result backends greenworker's own App has, by URL scheme.
+BACKEND_SCHEMES = ("redis", "rediss", "unix", "sentinel", "memory", "lmdb")
+
+
+def check_backend_url(url: str, transport_options: Mapping[str, Any] | None = None) -> None:
+    """Raise :class:`ImproperlyConfigured` for a scheme greenworker has no backend for
+    (or a ``sentinel://`` URL without ``master_name`` in ``transport_options``), or
+    :class:`ValueError` for a malformed URL (host or port); opens nothing."""
+    for part in url.split(";"):  # sentinel://a;sentinel://b
+        parts = urlsplit(part.strip())  # ValueError: unbalanced IPv6 brackets
+        parts.port  # noqa: B018  (ValueError: not a number, or out of range)
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in BACKEND_SCHEMES:
+        raise ImproperlyConfigured(
+            f"unsupported result backend {scheme!r}: "
+            "use redis://, sentinel://, lmdb:// or memory://"
+        )
+    if scheme == "lmdb" and not url[len("lmdb://") :]:
+        raise ImproperlyConfigured("lmdb:// result backend needs a path: lmdb:///abs/dir")
+    if scheme == "sentinel" and not (transport_options or {}).get("master_name"):
+        raise ImproperlyConfigured(
+            "a sentinel:// result backend needs the option 'master_name' "
+            "(result_backend_transport_options = {'master_name': ...})"
+        )
 
 
 def backend_from_url(
@@ -31,7 +56,8 @@ def backend_from_url(
     how a Redis store is retried after a lost connection."""
     if not url:
         return DisabledBackend()
-    scheme = urlparse(url.split(";", 1)[0]).scheme
+    check_backend_url(url, transport_options)
+    scheme = urlsplit(url.split(";", 1)[0]).scheme.lower()
     if scheme in ("redis", "rediss", "unix"):
         return RedisBackend(url, expires, tls=redis_tls, retry=retry)
     if scheme == "sentinel":
@@ -49,10 +75,5 @@ def backend_from_url(
     if scheme == "memory":
         return MemoryBackend(url)
     if scheme == "lmdb":
-        path = url[len("lmdb://") :]
-        if not path:
-            raise ImproperlyConfigured("lmdb:// result backend needs a path: lmdb:///abs/dir")
-        return LMDBBackend(os.path.abspath(path), expires)
-    raise ImproperlyConfigured(
-        f"unsupported result backend {scheme!r}: use redis://, sentinel://, lmdb:// or memory://"
-    )
+        return LMDBBackend(os.path.abspath(url[len("lmdb://") :]), expires)
+    raise AssertionError(scheme)  # check_backend_url refused it

@@ -13,7 +13,6 @@ through Celery's tracer (:mod:`greenworker.celery.runner`).
 from __future__ import annotations
 
 import copy
-import socket
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -24,10 +23,11 @@ from celery.app.task import Task as CeleryTask
 from kombu.connection import Connection
 from kombu.entity import Queue
 
-from ..client.app import App
+from ..client.app import App, check_url_syntax
 from ..client.result import AsyncResult
 from ..client.task import Task
 from ..config import Settings
+from ..exceptions import ImproperlyConfigured
 from .backend import CeleryResultBackend
 from .runner import CeleryTaskRunner, CollectTraceGarbage
 from .settings import user_set, warn_unhonoured, worker_settings
@@ -82,6 +82,34 @@ class CeleryApp(App):
         )
         return conn
 
+    def _broker_url_as_written(self) -> str:
+        conf = self.celery.conf
+        return str(self.conf.broker_url or conf.broker_read_url or conf.broker_url or "amqp://")
+
+    def _backend_url_as_written(self) -> str:
+        return self.result_backend_url or ""
+
+    def _check_broker_url(self) -> None:
+        """The connection as Celery makes it parses the URL; kombu finds its transport."""
+        check_url_syntax(self._broker_url_as_written())
+        self.celery.connection_for_read(self.conf.broker_url or None).get_transport_cls()
+
+    def _check_backend_url(self) -> None:
+        """Celery finds the backend class for the URL (``by_url``: an unknown one is
+        ImproperlyConfigured); the URL's host and port must parse.  Nothing is built."""
+        url = self.result_backend_url
+        if not url:
+            return
+        from celery.app.backends import by_url
+
+        try:
+            by_url(url, self.celery.loader)
+        except ImportError as exc:  # by_url reports only a ValueError as ImproperlyConfigured
+            name = url.split("://", 1)[0].split("+", 1)[0]
+            raise ImproperlyConfigured(f"Celery has no result backend {name!r} ({exc})") from None
+        if "://" in url:
+            check_url_syntax(url.split("+", 1)[1] if "+" in url.split("://", 1)[0] else url)
+
     def queue(
         self,
         name: str | None = None,
@@ -115,9 +143,8 @@ class CeleryApp(App):
             self._results = CeleryResultBackend(self.celery.backend, self.result_backend_url or "")
         return self._results
 
-    @property
-    def hostname(self) -> str:
-        return self.conf.worker_hostname or f"celery@{socket.gethostname()}"
+    #: Celery's default name (``celery.utils.nodenames.NODENAME_DEFAULT``).
+    node_name_default = "celery"
 
     # ------------------------------------------------------------ sending
 
@@ -214,6 +241,7 @@ class CeleryApp(App):
         hostname = options.get("hostname") or self.hostname
         self.prepare_worker(hostname)
         self.check_client_libraries()
+        self.check_urls()
         self._refuse_quorum_consumption(options.get("queues") or [self.conf.task_default_queue])
         view = WorkerView(self.celery, hostname)
         signals.celeryd_init.send(

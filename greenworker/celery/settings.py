@@ -10,8 +10,9 @@ only decides, name by name, what greenworker's worker takes from it:
   100 greenlets...), so the banner and the docs can say what runs;
 * a setting Celery's own objects honour in this process (the result backend,
   the producer, routes, the tracer, beat) needs nothing from the worker;
-* a worker-side Celery setting greenworker does not implement is named in a
-  warning at startup: never silence.
+* a worker-side Celery setting greenworker does not implement
+  (:data:`~greenworker.config.UNHONOURED`) is named in a warning at startup:
+  never silence.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 from celery import Celery
 from celery.app.defaults import DEFAULTS
 
-from ..config import CELERY_SETTING_NAMES, ConfigError, Settings
+from ..config import CELERY_SETTING_NAMES, UNHONOURED, ConfigError, Settings
 
 log = logging.getLogger("greenworker.celery")
 
@@ -39,58 +40,6 @@ _ALWAYS = frozenset({"accept_content", "task_serializer", "task_default_queue", 
 _NOT_MAPPED = frozenset(
     {"broker_url", "result_backend", "beat_schedule", "beat_schedule_filename", "beat_scheduler"}
 )
-
-#: Worker-side Celery settings greenworker does not honour, with what it does instead.
-UNHONOURED: dict[str, str] = {
-    "worker_pool": "greenworker runs on one green hub (-P gevent or eventlet)",
-    "worker_pool_restarts": "pool_restart is refused; SIGHUP restarts the worker in place",
-    "worker_pool_putlocks": "there is no process pool",
-    "worker_pool_start_method": "there is no process pool",
-    "worker_proc_alive_timeout": "there is no process pool",
-    "worker_lost_wait": "there is no process pool",
-    "worker_agent": "no worker agent is started",
-    "worker_autoscaler": "greenworker's own autoscaler runs (--autoscale)",
-    "worker_consumer": "greenworker's own consumer runs",
-    "worker_timer": "greenworker's own green timer runs",
-    "worker_timer_precision": "greenworker's own green timer runs",
-    "worker_direct": "no per-worker direct queue is consumed; use -Q",
-    "worker_cancel_long_running_tasks_on_connection_loss": (
-        "running tasks carry on when the connection is lost; their acks wait for it"
-    ),
-    "worker_enable_soft_shutdown_on_idle": "a warm shutdown waits worker_shutdown_timeout",
-    "worker_soft_shutdown_timeout": (
-        "a warm shutdown waits greenworker's worker_shutdown_timeout (30 s by default)"
-    ),
-    "worker_eta_task_limit": "held ETA tasks raise the prefetch count instead",
-    "worker_enable_prefetch_count_reduction": "prefetch follows the pool size and held ETA tasks",
-    "worker_disable_prefetch": "prefetch is pool size x worker_prefetch_multiplier",
-    "worker_redirect_stdouts": "print() in a task goes to the worker's stdout",
-    "worker_redirect_stdouts_level": "print() in a task goes to the worker's stdout",
-    "worker_hijack_root_logger": "the worker command configures the root logger (-l)",
-    "worker_log_color": "log lines are not coloured",
-    "worker_log_format": "the worker command's log format is used",
-    "worker_log_datefmt": "the worker command's log format is used",
-    "worker_task_log_format": "the worker command's log format is used",
-    "worker_task_log_datefmt": "the worker command's log format is used",
-    "control_exchange": "remote control uses Celery's default celery.pidbox exchange",
-    "control_queue_ttl": "greenworker's pidbox queue settings are used",
-    "control_queue_expires": "greenworker's pidbox queue settings are used",
-    "control_queue_exclusive": "greenworker's pidbox queue settings are used",
-    "control_queue_durable": "greenworker's pidbox queue settings are used",
-    "event_exchange": "events go to Celery's default celeryev exchange",
-    "event_serializer": "events are sent as JSON",
-    "event_queue_prefix": "gossip uses greenworker's own event queue",
-    "event_queue_ttl": "gossip uses greenworker's own event queue",
-    "event_queue_expires": "gossip uses greenworker's own event queue",
-    "event_queue_exclusive": "gossip uses greenworker's own event queue",
-    "event_queue_durable": "gossip uses greenworker's own event queue",
-    "broker_native_delayed_delivery_queue_type": (
-        "ETA tasks are held by the worker, not delayed by the broker"
-    ),
-    "task_acks_on_failure": "task_acks_on_failure_or_timeout decides both",
-    "task_acks_on_timeout": "task_acks_on_failure_or_timeout decides both",
-    "beat_enable_remote_control": "beat answers no remote control",
-}
 
 
 def user_set(app: Celery, name: str) -> bool:

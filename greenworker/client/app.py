@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import socket
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, overload
+from urllib.parse import urlsplit
 
 from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
 from kombu.messaging import Producer
 
-from ..backends import backend_from_url
+from ..backends import backend_from_url, check_backend_url
 from ..backends.base import ResultBackend, StoreRetry
 from ..backends.lmdb import LMDBBackend
 from ..config import (
@@ -46,6 +48,19 @@ EMBEDDED_BROKER = "lmdb://localhost/"
 REDIS_BROKER_SCHEMES = frozenset({"redis", "rediss", "redis+socket", "sentinel"})
 REDIS_BACKEND_SCHEMES = frozenset({"redis", "rediss", "unix"})
 AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
+
+
+def masked_url(url: str) -> str:
+    """``url`` as written with its password masked (``**``), even when it does not parse:
+    what stands between ``user:`` and the last ``@`` of the authority."""
+    return re.sub(r"(://[^:/@]*:)[^/]*@", r"\1**@", url)
+
+
+def check_url_syntax(url: str) -> None:
+    """Raise ValueError for a URL whose host or port is malformed (each URL of a
+    ``;``-separated failover list)."""
+    for each in url.split(";"):
+        urlsplit(each.strip()).port  # noqa: B018  (ValueError: not a number, out of range)
 
 
 class SendQueue(Queue):
@@ -176,9 +191,12 @@ class App:
             return os.path.abspath(self.conf.worker_state_db)
         return os.path.join(self.data_dir, "state") if self.embedded else None
 
+    #: The name part of a worker's default node name, and of ``-n HOST`` (no ``@``).
+    node_name_default = "greenworker"
+
     @property
     def hostname(self) -> str:
-        return self.conf.worker_hostname or f"greenworker@{socket.gethostname()}"
+        return self.conf.worker_hostname or f"{self.node_name_default}@{socket.gethostname()}"
 
     def transport_options(self) -> dict[str, Any]:
         options = dict(self.conf.broker_transport_options)
@@ -199,7 +217,12 @@ class App:
         needs = {
             what: modules
             for what, url, schemes, modules in (
-                ("broker", self.broker_url, REDIS_BROKER_SCHEMES, ("redis", "packaging")),
+                (
+                    "broker",
+                    self._broker_url_as_written(),  # parses nothing: check_urls does
+                    REDIS_BROKER_SCHEMES,
+                    ("redis", "packaging"),
+                ),
                 (
                     "result backend",
                     self.result_backend_url or "",
@@ -220,16 +243,59 @@ class App:
                     "pip install 'greenworker[redis]'"
                 ) from None
 
-    def connection(self) -> Connection:
-        """A new (lazy) kombu connection to the broker."""
-        self.check_client_libraries()
+    def check_urls(self, *, backend: bool = True) -> None:
+        """Raise :class:`ConfigError` naming the setting and its URL (password masked)
+        when ``broker_url``, and with ``backend`` the ``result_backend``, cannot be used:
+        a scheme no transport or backend has, or a malformed URL (host, port).  Connects
+        to nothing.  The client commands need only the broker; a worker needs both."""
+        checks = [("broker_url", self._broker_url_as_written, self._check_broker_url)]
+        if backend:
+            checks.append(("result_backend", self._backend_url_as_written, self._check_backend_url))
+        for setting, written, check in checks:
+            try:
+                check()
+            except Exception as exc:  # parsing and resolving only: any failure is the URL's
+                reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+                raise ConfigError(f"bad {setting} {masked_url(written())!r}: {reason}") from None
+
+    def _broker_url_as_written(self) -> str:
+        return self.broker_url
+
+    def _backend_url_as_written(self) -> str:
+        return self.conf.result_backend or ""
+
+    def _check_broker_url(self) -> None:
+        """kombu parses the URL and finds its transport (KeyError: no such transport)."""
+        if self.embedded:
+            return
+        url = self.broker_url
+        if url.partition("://")[0].lower() == "lmdb":
+            from ..transport import lmdb_transport  # kombu learns the lmdb:// name
+
+            lmdb_transport.register()
+        check_url_syntax(url)
+        self._check_sentinel_options()
+        # with the app's TLS options, as connection() makes it (else kombu warns of none)
+        Connection(url, ssl=self.conf.broker_use_ssl or False).get_transport_cls()
+
+    def _check_backend_url(self) -> None:
+        url = self.result_backend_url
+        if url:
+            check_backend_url(url, self.conf.result_backend_transport_options)
+
+    def _check_sentinel_options(self) -> None:
         if self.broker_url.startswith("sentinel://") and not self.transport_options().get(
             "master_name"
         ):
             raise ImproperlyConfigured(
-                "broker_url: a sentinel:// URL needs the transport option 'master_name' "
+                "a sentinel:// broker needs the transport option 'master_name' "
                 "(broker_transport_options = {'master_name': ...})"
             )
+
+    def connection(self) -> Connection:
+        """A new (lazy) kombu connection to the broker."""
+        self.check_client_libraries()
+        self._check_sentinel_options()
         if self.embedded:
             from ..transport import lmdb_transport  # kombu learns the lmdb:// name
 
@@ -647,6 +713,7 @@ class App:
         from ..worker.worker import Worker
 
         self.check_client_libraries()
+        self.check_urls()
         self._refuse_quorum_consumption(options.get("queues") or [self.conf.task_default_queue])
         self.set_current()  # the worker's tasks send shared tasks through this app
         return Worker(self, **options)

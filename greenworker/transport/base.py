@@ -22,6 +22,9 @@ class TaskConsumer(Protocol):
     on_connection_lost: Callable[[], None] | None
     #: Called once (in the consumer greenlet) when the first attempt to connect failed.
     on_unreachable: Callable[[], None] | None
+    #: Called (in the consumer greenlet) with one line saying why, when the broker
+    #: retry settings say to give up; the consumer has stopped consuming for good.
+    on_gave_up: Callable[[str], None] | None
 
     @property
     def connection_generation(self) -> int:

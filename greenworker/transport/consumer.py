@@ -74,6 +74,10 @@ class Reconnecting:
         #: Called once (in the consumer greenlet) when the first attempt to connect
         #: failed: the worker says it waits for the broker.
         self.on_unreachable: Callable[[], None] | None = None
+        #: Called (in the consumer greenlet) with one line saying why, when the retry
+        #: settings say to stop retrying; the consumer has stopped.  Unset: the line is
+        #: logged as CRITICAL here.
+        self.on_gave_up: Callable[[str], None] | None = None
         #: True while messages taken from the broker are not yet handed over (join()).
         self.receiving = False
 
@@ -136,13 +140,22 @@ class Reconnecting:
 
 
 class ConsumerRetry:
-    """The consumer's retry policy: the lost connection's generation is marked gone
-    first of all, the worker is told once that the broker is unreachable
-    (``on_unreachable``), and each retry is one warning with its pause."""
+    """The consumer's retry policy, with Celery's settings: the lost connection's
+    generation is marked gone first of all; ``broker_connection_retry_on_startup``
+    (before the first connection; None: ``broker_connection_retry`` decides) and
+    ``broker_connection_retry`` (after it) say whether to retry at all, and
+    ``broker_connection_max_retries`` how many failed attempts in a row; giving up
+    is one line to ``on_gave_up``.  Otherwise the worker is told once that the broker
+    is unreachable (``on_unreachable``), and each retry is one warning with its pause."""
 
     def __init__(self, consumer: Reconnecting, backoff: Backoff) -> None:
         self.consumer = consumer
         self.backoff = backoff
+        #: Consumed at least once: later failures are losses, not the startup's.
+        self.connected_once = False
+        #: Failed connection attempts since the last connection (Celery's retry count).
+        self.retries = 0
+        self._lost_connection = False
 
     def before_attempt(self) -> None:
         pass
@@ -151,25 +164,73 @@ class ConsumerRetry:
         consumer = self.consumer
         # first of all: nothing more starts from the connection that is gone
         consumer._mark_lost(consumer.connection_generation)
-        if consumer._ready.is_set():
+        self._lost_connection = consumer._ready.is_set()
+        if self._lost_connection:
             consumer._ready.clear()
             self.backoff.connected_for(attempt_seconds)
+            self.connected_once = True
+            self.retries = 0
         consumer._connection_lost()
 
-    def pause(self, exc: Exception) -> float:
+    def pause(self, exc: Exception) -> float | None:
         consumer = self.consumer
+        conf = consumer.app.conf
+        reason = self._give_up(exc)
+        if reason is not None:
+            if consumer.on_gave_up is not None:
+                consumer.on_gave_up(reason)
+            else:
+                log.critical("%s", reason)
+            return None
         never_connected = consumer.connection_generation == 0 and consumer.reconnects == 0
         if never_connected and consumer.on_unreachable is not None:
             consumer.on_unreachable()
         consumer.reconnects += 1
         pause = self.backoff.next_pause()
+        limit = conf.broker_connection_max_retries
         log.warning(
-            "broker connection error: %s: %s; reconnecting in %.1fs",
+            "broker connection error: %s: %s; reconnecting in %.1fs%s",
             type(exc).__name__,
             exc,
             pause,
+            f" ({self.retries}/{limit})" if limit and self.retries else "",
         )
         return pause
+
+    def _give_up(self, exc: Exception) -> str | None:
+        """Why the retry settings say to stop after ``exc``, or None to retry (counting
+        a failed attempt; the loss of a connection that consumed is not one)."""
+        conf = self.consumer.app.conf
+        startup = not self.connected_once
+        setting = "broker_connection_retry"
+        if startup and conf.broker_connection_retry_on_startup is not None:
+            setting = "broker_connection_retry_on_startup"
+        retry = getattr(conf, setting)
+        cannot = f"consumer: Cannot connect to {self._where()}: {str(exc).rstrip('.')}."
+        if not retry:
+            # Celery's words (celery.worker.consumer.Consumer.start)
+            return (
+                f"{cannot} Retrying to {'establish' if startup else 're-establish'} a "
+                "connection to the message broker after a connection loss has been "
+                f"disabled (app.conf.{setting}=False). Shutting down..."
+            )
+        if self._lost_connection:
+            self._lost_connection = False
+            return None
+        self.retries += 1
+        limit = conf.broker_connection_max_retries
+        if limit and self.retries > limit:
+            return (
+                f"{cannot} Gave up after {limit} retries "
+                f"(app.conf.broker_connection_max_retries={limit}). Shutting down..."
+            )
+        return None
+
+    def _where(self) -> str:
+        from kombu.utils.url import maybe_sanitize_url
+
+        url: str = maybe_sanitize_url(self.consumer.app.broker_url)
+        return url
 
     def paused(self, exc: Exception) -> None:
         pass

@@ -36,8 +36,9 @@ class RetryPolicy(Protocol):
         """The attempt failed after ``attempt_seconds``: clean up, even when stopping."""
         ...
 
-    def pause(self, exc: Exception) -> float:
-        """Not stopping: log the failure as this part does; return the pause to take."""
+    def pause(self, exc: Exception) -> float | None:
+        """Not stopping: log the failure as this part does; return the pause to take,
+        or None to give up (the loop ends)."""
         ...
 
     def paused(self, exc: Exception) -> None:
@@ -48,9 +49,10 @@ class RetryPolicy(Protocol):
 def retry_until_stopped(
     attempt: Callable[[], None], stop: green.Event, policy: RetryPolicy
 ) -> None:
-    """Run ``attempt`` (connect, then consume until stopped) until it returns or ``stop``
-    is set; after each failure pause as ``policy`` says, then try again.  Setting
-    ``stop`` ends a pause at once: a part stopped without its broker exits now."""
+    """Run ``attempt`` (connect, then consume until stopped) until it returns, ``stop``
+    is set or ``policy`` gives up; after each failure pause as ``policy`` says, then try
+    again.  Setting ``stop`` ends a pause at once: a part stopped without its broker
+    exits now."""
     while not stop.is_set():
         policy.before_attempt()
         started = time.monotonic()
@@ -63,7 +65,10 @@ def retry_until_stopped(
             policy.lost(exc, time.monotonic() - started)
             if stop.is_set():
                 return
-            stop.wait(policy.pause(exc))
+            pause = policy.pause(exc)
+            if pause is None:
+                return
+            stop.wait(pause)
             if stop.is_set():
                 return
             policy.paused(exc)

@@ -1,6 +1,7 @@
 """Autoscaling: resize the greenlet pool between a minimum and a maximum from load.
 
-Every ``interval`` seconds the autoscaler samples the pool and asks its policy
+The pool starts at ``min`` (:func:`start_size`).  Every ``interval`` seconds the
+autoscaler samples the pool and asks its policy
 for a target size.  The default policy grows toward ``max`` as soon as tasks
 wait for a slot, and shrinks toward ``min`` once no task has waited for
 ``keepalive`` seconds.  Shrinking never kills a running task (the pool only
@@ -49,6 +50,21 @@ class PressurePolicy:
         if sample.when - self._last_pressure >= self.keepalive:
             return max(minimum, sample.active)
         return max(minimum, min(sample.size, maximum))
+
+
+def start_size(maximum: int, minimum: int, concurrency: int | None = None) -> int:
+    """The pool size an autoscaled worker starts at: ``minimum``, as Celery's (its pool
+    starts with the minimum and the autoscaler grows it).  A ``concurrency`` given too
+    (``-c``) is not used, and one INFO line says so."""
+    if concurrency is not None:
+        log.info(
+            "autoscale sets the pool size: it starts at MIN %d greenlet(s) and follows the "
+            "load up to MAX %d; concurrency %d (-c) is not used",
+            minimum,
+            maximum,
+            concurrency,
+        )
+    return minimum
 
 
 class Autoscaler:

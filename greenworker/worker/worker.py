@@ -28,7 +28,7 @@ from ..control.mailbox import RemoteControl
 from ..transport.base import TaskConsumer
 from ..transport.consumer import Consumer
 from . import harness
-from .autoscale import Autoscaler, ScalingPolicy
+from .autoscale import Autoscaler, ScalingPolicy, start_size
 from .canvas import CanvasMiddleware
 from .executor import AppTaskRunner, Executor, TaskRunner
 from .handler import MessageHandler
@@ -124,6 +124,10 @@ class Worker:
         #: None.  The ``greenworker`` command then restarts the process in place; a
         #: program that embeds the worker decides for itself.
         self.restart_reason: str | None = None
+        #: Why this worker stopped because it cannot go on (the broker retry settings gave
+        #: up; see :meth:`fatal_error`), or None.  The ``greenworker`` command then exits
+        #: with status 1.
+        self.fatal: str | None = None
         self.limits = (
             ProcessLimits(
                 max_tasks=conf.worker_max_tasks_per_child,
@@ -222,6 +226,7 @@ class Worker:
         )
         self.pool.on_resize(self.consumer.update_prefetch)
         self.consumer.on_unreachable = self._waiting_for_broker
+        self.consumer.on_gave_up = self.fatal_error
 
     def _build_events(
         self, fanout: bool, kind: list[Middleware], middleware: Sequence[Middleware]
@@ -338,6 +343,7 @@ class Worker:
                 raise
         self._started = True
         self.restart_reason = None
+        self.fatal = None
         if self.limits is not None:
             self.limits.start()
         self.handler.accepting = True
@@ -502,6 +508,13 @@ class Worker:
         """Ask for a warm stop from any greenlet; returns at once."""
         green.spawn(self.stop)
 
+    def fatal_error(self, reason: str) -> None:
+        """The worker cannot go on: log ``reason`` as one CRITICAL line, keep it in
+        :attr:`fatal` and stop warm (from any greenlet; returns at once)."""
+        log.critical("%s", reason)
+        self.fatal = reason
+        self.request_stop()
+
     def _limit_reached(self, reason: str) -> None:
         self.restart_reason = reason
         self.request_stop()
@@ -581,7 +594,5 @@ class Worker:
 
 def _pool_size(concurrency: int | None, autoscale: tuple[int, int] | None, default: int) -> int:
     if autoscale:
-        # the pool starts at the minimum (or -c, kept within the bounds) and follows load
-        maximum, minimum = autoscale
-        return max(minimum, min(concurrency or minimum, maximum))
+        return start_size(*autoscale, concurrency)  # MIN, as Celery's; -c is not used
     return concurrency or default
