@@ -415,6 +415,44 @@ def test_max_tasks_per_child_restarts_in_place(
     assert out.count("3 tasks done, worker_max_tasks_per_child is 3: stopping to restart") == 2
 
 
+@pytest.mark.timeout(90)
+def test_a_restart_for_a_limit_sends_every_ack_first(
+    hub: str, redis_url: str, queue_name: str, counters: redis.Redis, tmp_path: Path
+) -> None:
+    """At -c 200, above the broker pool's 50 connections, the 200 greenlets that give
+    their messages back at the stop wait for a connection (they failed with "Too many
+    connections" and closed the client under the acks being sent): each of 600 tasks
+    runs once, over several restarts, and no write fails."""
+    total = 600
+    log = tmp_path / "worker.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "greenworker", "-A", "tests.cliapp", "-b", redis_url),
+                *("worker", "-P", hub, "-c", "200", "-Q", queue_name),
+                *("--max-tasks-per-child", "100", "--without-mingle", "--without-gossip"),
+            ],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait_for_file(log, "ready")
+        _send_tallies(redis_url, queue_name, "cliapp.tally", total)
+        _wait_for_runs(counters, queue_name, total, timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    out_text = log.read_text()
+    runs = counters.hgetall(f"{queue_name}:runs")
+    assert sorted(runs.values()) == ["1"] * total, out_text[-3000:]
+    assert out_text.count("worker_max_tasks_per_child is 100: stopping to restart") >= 2
+    assert "could not" not in out_text and "not sent" not in out_text, out_text[-3000:]
+
+
 @pytest.mark.timeout(60)
 def test_max_memory_per_child_restarts_after_the_task_that_crossed_it(
     hub: str, redis_url: str, queue_name: str, counters: redis.Redis
