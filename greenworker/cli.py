@@ -758,14 +758,17 @@ def _run_worker(app: App, options: WorkerOptions, quiet: bool) -> bool:
             on_shutdown=_shutdown_listener(app, worker.hostname),
         )
         supervisor.install()
-        worker.run()
+        worker.start(ready_timeout=None)
+        supervisor.deliver()
+        worker.wait_stopped()
     except PidfileInUse as exc:
         raise CommandFailed(str(exc)) from None
     except (StoreError, BeatError, ImproperlyConfigured, ValueError, DaemonError) as exc:
         raise CLIError(str(exc)) from None
-    if supervisor.shutdown:
-        return False  # a SIGTERM during a stop for a limit: no restart
-    return supervisor.restart or worker.restart_reason is not None
+    if not (supervisor.restart or worker.restart_reason is not None):
+        return False
+    # a SIGTERM during the stop for a limit, or from now to the exec: no restart
+    return not supervisor.hold_for_restart()
 
 
 def _warm_stop(worker: Worker) -> None:
