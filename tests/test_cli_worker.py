@@ -302,7 +302,7 @@ def test_logfile_pidfile_and_workdir(hub: str, tmp_path: Path) -> None:
         text = _wait_for_file(tmp_path / "w7.log", f"worker w7@{HOST} ready")
         assert pidfile.read_text() == f"{proc.pid}\n"
         assert (tmp_path / "data").is_dir()  # --data-dir is read in --workdir
-        # a second worker on the same pid file: one line, exit 1
+        # a second worker on the same pid file: one line, exit 73 (EX_CANTCREAT, Celery's)
         second = run_cli(
             "-A",
             "tests.cliapp",
@@ -315,7 +315,7 @@ def test_logfile_pidfile_and_workdir(hub: str, tmp_path: Path) -> None:
             "w7.pid",
             timeout=30,
         )
-        assert second.returncode == 1, second.stderr
+        assert second.returncode == 73, second.stderr
         assert second.stderr == (
             f"Error: pidfile {pidfile} already exists: seems we're already running "
             f"(pid {proc.pid})\n"
@@ -361,6 +361,34 @@ def test_detach_writes_its_pidfile_and_logfile(hub: str, tmp_path: Path) -> None
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+@pytest.mark.timeout(60)
+def test_detach_with_a_pidfile_it_cannot_write_fails_before_forking(
+    hub: str, tmp_path: Path
+) -> None:
+    """The daemon's stderr is /dev/null: a pid file it could not write made -D exit 0 and
+    nothing ran.  Checked on the terminal first: one line, exit 2 (73 for a pid file a
+    live worker holds), and no daemon (its log file is never opened)."""
+    held = tmp_path / "held.pid"
+    held.write_text(f"{os.getpid()}\n")  # this test's process: alive
+    cases = [
+        (tmp_path / "no-such-dir" / "d.pid", 2, "cannot write it: No such file or directory"),
+        (held, 73, f"already exists: seems we're already running (pid {os.getpid()})"),
+    ]
+    for pidfile, status, says in cases:
+        logfile = tmp_path / f"{pidfile.stem}.log"
+        started = run_cli(
+            *("-A", "tests.cliapp", "--data-dir", str(tmp_path / "data"), "worker", "-P", hub),
+            *("-D", "--pidfile", str(pidfile), "-f", str(logfile)),
+            timeout=30,
+        )
+        assert started.returncode == status, started.stderr
+        assert len(started.stderr.splitlines()) == 1, started.stderr
+        assert started.stderr.startswith("Error: ") and says in started.stderr
+        assert str(pidfile) in started.stderr
+        assert not logfile.exists()  # no daemon started
+    assert held.read_text() == f"{os.getpid()}\n"  # left as it was
 
 
 @pytest.mark.timeout(60)
