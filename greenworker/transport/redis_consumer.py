@@ -223,6 +223,7 @@ class NativeRedisConsumer(Reconnecting):
         self._held: dict[str, RedisMessage] = {}  # popped, not yet acked/rejected
         self._pending_acks: list[str] = []
         self._flush_lock = green.new_semaphore(1)
+        self._acks_held_back = False  # a flush failed: said once, until one succeeds
         self._capacity = green.new_event()
         self._pop: Any = None
         self._waiting = False  # in BLMOVE: nothing popped, safe to end at once
@@ -339,8 +340,18 @@ class NativeRedisConsumer(Reconnecting):
             pipe.execute()
         except Exception as exc:
             self._pending_acks[:0] = tags
-            log.warning("could not ack %d message(s) yet: %s", len(tags), exc)
+            if not self._acks_held_back:  # one line an outage, not one every retry
+                self._acks_held_back = True
+                log.warning(
+                    "could not ack %d message(s) yet: %s; they are kept and sent once the "
+                    "broker answers",
+                    len(tags),
+                    exc,
+                )
             return False
+        if self._acks_held_back:
+            self._acks_held_back = False
+            log.info("sent %d ack(s) held back while the broker was away", len(tags))
         return True
 
     def settle(self, message: RedisMessage, *, requeue: bool, leftmost: bool) -> None:
