@@ -7,8 +7,9 @@ and queues ``celery_delayed_27`` ... ``celery_delayed_0`` (queue *n* keeps a mes
 2**n seconds, then dead-letters it to level *n - 1*), chained by the bits of a routing
 key that spells the delay in binary, ending in the ``celery_delayed_delivery``
 exchange, to which each worker queue's exchange is bound with ``#.<routing key>``.
-A producer publishes a task due in *n* seconds to ``celery_delayed_27`` with
-:func:`delayed_routing_key`; it reaches the task queue *n* whole seconds later.
+A producer publishes a task due in *n* seconds to ``celery_delayed_27`` with the
+routing key of :func:`delayed_routing_key`; it reaches the task queue *n* seconds
+later.
 
 The worker declares the topology and binds its queues when it connects
 (:func:`set_up`, as Celery's ``DelayedDelivery`` bootstep at consumer start);
@@ -21,6 +22,7 @@ held by the worker as before.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
@@ -59,11 +61,15 @@ def wanted(app: App, queue_names: Iterable[str]) -> bool:
 
 def delayed_routing_key(delay: float, routing_key: str) -> str | None:
     """The routing key that delivers a message for ``routing_key`` ``delay`` seconds
-    from now (whole seconds, rounded down as Celery's producer does: the worker holds
-    the rest), or None when the delay is under a second."""
-    if int(delay) < 1:
+    from now, or None when the delay is under a second (the worker holds it).
+
+    The topology counts whole seconds.  Celery's producer rounds down, so its message
+    arrives up to a second early and the worker holds it for the rest; this rounds up,
+    so the message is never early and never held, at most a second late.
+    """
+    if delay < 1:
         return None
-    key: str = calculate_routing_key(int(delay), routing_key)
+    key: str = calculate_routing_key(math.ceil(delay), routing_key)
     return key
 
 
