@@ -217,15 +217,17 @@ def test_celery_app_run_by_greenworker_sets_up_the_topology(
 ) -> None:
     """A Celery app (as ``greenworker -A proj worker`` runs it) whose ``task_queues``
     queue is quorum on a topic exchange: the worker binds it, and Celery's own
-    producer delays its countdown tasks in RabbitMQ."""
+    producer delays its countdown tasks in RabbitMQ.  Celery delays whole seconds,
+    rounded down: a countdown of 2.5 s arrives half a second early, and the worker
+    holds it until it is due (as it holds one early for clock skew)."""
     cleanup([queue_name])
     celery_app = celery_client(amqp_url, redis_url, queue_name)
-    ran: list[float] = []
+    ran: dict[int, float] = {}
 
     @celery_app.task(name="delayed.celery_stamp", shared=False)  # type: ignore[untyped-decorator]
-    def celery_stamp() -> int:
-        ran.append(time.time())
-        return len(ran)
+    def celery_stamp(n: int) -> int:
+        ran[n] = time.time()
+        return n
 
     app = CeleryApp(celery_app)
     worker = app.Worker(concurrency=2, queues=[queue_name], hostname=f"{queue_name}@test")
@@ -233,10 +235,13 @@ def test_celery_app_run_by_greenworker_sets_up_the_topology(
     try:
         assert worker.consumer.wait_ready(15)
         sent_at = time.time()
-        result = celery_stamp.apply_async(countdown=2)
-        held, _ = watch_until(result.ready, worker, 10)
-        assert result.get(timeout=1) == 1 and held == 0
+        whole = celery_stamp.apply_async((0,), countdown=2)
+        early = celery_stamp.apply_async((1,), countdown=2.5)
+        held, _ = watch_until(lambda: whole.ready() and early.ready(), worker, 10)
+        assert (whole.get(timeout=1), early.get(timeout=1)) == (0, 1)
+        assert held == 1  # the early one only, for its last half second
         assert 2 <= ran[0] - sent_at <= 2 + LATE
+        assert 2.5 <= ran[1] - sent_at <= 2.5 + LATE
     finally:
         stop(worker, celery_app)
 
