@@ -106,6 +106,9 @@ class Settings:
     #: (Celery's native delayed delivery): the type of its ``celery_delayed_*`` queues,
     #: "quorum" or "classic".
     broker_native_delayed_delivery_queue_type: str = "quorum"
+    #: The same on classic queues (greenworker's own; Celery uses it for quorum queues
+    #: only, and its producer still sends to classic queues directly).
+    broker_native_delayed_delivery_classic_queues: bool = False
     #: Message priority of tasks with none of their own, their route's or the call's.
     task_default_priority: int | None = None
     #: ``x-max-priority`` of the queues greenworker declares (RabbitMQ priority queues).

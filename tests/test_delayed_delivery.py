@@ -278,6 +278,39 @@ def test_a_classic_queue_keeps_the_tasks_in_the_worker(
         app.close()
 
 
+def test_classic_queues_when_turned_on(
+    amqp_url: str,
+    redis_url: str,
+    queue_name: str,
+    cleanup: Callable[..., None],
+    runs: dict[str, list[float]],
+) -> None:
+    """``broker_native_delayed_delivery_classic_queues``: a classic queue's countdown
+    tasks from greenworker's client wait in RabbitMQ too, none held by the worker."""
+    cleanup([queue_name])
+    app = topic_quorum_app(
+        amqp_url,
+        redis_url,
+        queue_name,
+        task_default_queue_type="classic",
+        task_create_missing_queue_type="classic",
+        broker_native_delayed_delivery_classic_queues=True,
+    )
+    stamp = register_stamp(app, runs)
+    worker = app.Worker(concurrency=2)
+    worker.start()
+    try:
+        assert worker.consumer.wait_ready(15)
+        sent_at = time.time()
+        result = stamp.apply_async((7,), countdown=2)
+        held, _ = watch_until(result.ready, worker, 10)
+        assert result.get(timeout=1) == 7 and held == 0
+        check_on_time(runs, {result.id: sent_at}, 2)
+    finally:
+        stop(worker)
+        app.close()
+
+
 def test_a_topology_that_cannot_be_declared_is_one_warning(
     amqp_url: str,
     redis_url: str,
@@ -330,6 +363,7 @@ def test_routing_keys_and_settings() -> None:
     assert not delayed_delivery.is_topology_exchange(None)
     assert "broker_native_delayed_delivery_queue_type" not in UNHONOURED
     assert Settings().broker_native_delayed_delivery_queue_type == "quorum"
+    assert Settings().broker_native_delayed_delivery_classic_queues is False
     with pytest.raises(ConfigError, match="broker_native_delayed_delivery_queue_type"):
         Settings().update({"broker_native_delayed_delivery_queue_type": "lazy"})
 

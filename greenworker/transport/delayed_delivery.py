@@ -11,6 +11,9 @@ A producer publishes a task due in *n* seconds to ``celery_delayed_27`` with the
 routing key of :func:`delayed_routing_key`; it reaches the task queue *n* seconds
 later.
 
+``broker_native_delayed_delivery_classic_queues`` (greenworker's own setting) uses
+it for classic queues too.
+
 The worker declares the topology and binds its queues when it connects
 (:func:`set_up`, as Celery's ``DelayedDelivery`` bootstep at consumer start);
 greenworker's client does the same before its first delayed message to a queue, so
@@ -53,8 +56,11 @@ _DELAY_PREFIX = re.compile(rf"^(?:[01]\.){{{MAX_LEVEL + 1}}}")
 def wanted(app: App, queue_names: Iterable[str]) -> bool:
     """Whether native delayed delivery is used for ``queue_names``: on RabbitMQ when
     one of them is a quorum queue, as Celery's ``detect_quorum_queues`` decides it (the
-    worker for the queues it consumes, a client for the queue it sends to)."""
-    if not any(app.queue_type(name) == "quorum" for name in queue_names):
+    worker for the queues it consumes, a client for the queue it sends to), or for any
+    queue with ``broker_native_delayed_delivery_classic_queues``."""
+    if not app.conf.broker_native_delayed_delivery_classic_queues and not any(
+        app.queue_type(name) == "quorum" for name in queue_names
+    ):
         return False
     return bool(app.connection().transport.driver_type == "amqp")
 
