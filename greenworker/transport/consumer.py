@@ -25,7 +25,7 @@ from kombu.messaging import Consumer as KombuConsumer
 
 from .. import green
 from ..config import POLLING_WAKE
-from . import amqp_frames
+from . import amqp_frames, delayed_delivery
 from .reconnect import Backoff, FailureBurst, retry_until_stopped
 
 if TYPE_CHECKING:
@@ -499,7 +499,9 @@ class Consumer(Reconnecting):
             on_message=self._receive,
             accept=self.app.conf.accept_content,
             no_ack=False,
-        )
+        )  # which declared the queues: the delayed topology binds them
+        if self._batch_acks and delayed_delivery.wanted(self.app, self.queue_names):
+            delayed_delivery.set_up(self.app, queues)
         if quorum:
             self._credit = ConsumerCredit(
                 channel, consumer._receive_callback, self._write_lock
