@@ -21,8 +21,8 @@ from kombu.entity import Exchange, Queue
 
 from greenworker import App, green
 from greenworker.celery.app import CeleryApp
+from greenworker.client import delayed_delivery
 from greenworker.config import UNHONOURED, ConfigError, Settings
-from greenworker.transport import delayed_delivery
 from greenworker.worker.worker import Worker
 
 from .test_quorum import QUORUM, stop

@@ -32,7 +32,7 @@ from ..config import (
 )
 from ..exceptions import ImproperlyConfigured
 from ..protocol import build_task_message, utcnow
-from ..transport import delayed_delivery
+from . import delayed_delivery
 from . import shared as shared_module
 from .result import AsyncResult
 from .routes import Destination, Router, resolve

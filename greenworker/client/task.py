@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import check_priority, parse_rate
 from ..exceptions import MaxRetriesExceededError, Retry
-from ..transport import delayed_delivery
+from . import delayed_delivery
 
 if TYPE_CHECKING:
     from .app import App

@@ -24,6 +24,7 @@ from kombu.message import Message
 from kombu.messaging import Consumer as KombuConsumer
 
 from .. import green
+from ..client.delayed_delivery import wanted
 from ..config import POLLING_WAKE
 from . import amqp_frames, delayed_delivery
 from .reconnect import Backoff, FailureBurst, retry_until_stopped
@@ -500,7 +501,7 @@ class Consumer(Reconnecting):
             accept=self.app.conf.accept_content,
             no_ack=False,
         )  # which declared the queues: the delayed topology binds them
-        if self._batch_acks and delayed_delivery.wanted(self.app, self.queue_names):
+        if self._batch_acks and wanted(self.app, self.queue_names):
             delayed_delivery.set_up(self.app, queues)
         if quorum:
             self._credit = ConsumerCredit(
