@@ -246,15 +246,19 @@ def test_celery_app_run_by_greenworker_sets_up_the_topology(
         stop(worker, celery_app)
 
 
-def test_a_classic_queue_keeps_the_tasks_in_the_worker(
+@pytest.mark.parametrize("turned_on", [False, True], ids=["as-celery", "classic-turned-on"])
+def test_classic_queues_hold_countdowns_in_the_worker_unless_turned_on(
     amqp_url: str,
     redis_url: str,
     queue_name: str,
     cleanup: Callable[..., None],
     runs: dict[str, list[float]],
+    turned_on: bool,
 ) -> None:
     """Without a quorum queue nothing changes (as in Celery): a countdown task goes
-    straight to its queue and the worker holds it until it is due."""
+    straight to its queue and the worker holds it until it is due.  With
+    ``broker_native_delayed_delivery_classic_queues`` it waits in RabbitMQ instead,
+    none held by the worker."""
     cleanup([queue_name])
     app = topic_quorum_app(
         amqp_url,
@@ -262,6 +266,7 @@ def test_a_classic_queue_keeps_the_tasks_in_the_worker(
         queue_name,
         task_default_queue_type="classic",
         task_create_missing_queue_type="classic",
+        broker_native_delayed_delivery_classic_queues=turned_on,
     )
     stamp = register_stamp(app, runs)
     worker = app.Worker(concurrency=2)
@@ -271,40 +276,7 @@ def test_a_classic_queue_keeps_the_tasks_in_the_worker(
         sent_at = time.time()
         result = stamp.apply_async((7,), countdown=2)
         held, _ = watch_until(result.ready, worker, 10)
-        assert result.get(timeout=1) == 7 and held == 1
-        check_on_time(runs, {result.id: sent_at}, 2)
-    finally:
-        stop(worker)
-        app.close()
-
-
-def test_classic_queues_when_turned_on(
-    amqp_url: str,
-    redis_url: str,
-    queue_name: str,
-    cleanup: Callable[..., None],
-    runs: dict[str, list[float]],
-) -> None:
-    """``broker_native_delayed_delivery_classic_queues``: a classic queue's countdown
-    tasks from greenworker's client wait in RabbitMQ too, none held by the worker."""
-    cleanup([queue_name])
-    app = topic_quorum_app(
-        amqp_url,
-        redis_url,
-        queue_name,
-        task_default_queue_type="classic",
-        task_create_missing_queue_type="classic",
-        broker_native_delayed_delivery_classic_queues=True,
-    )
-    stamp = register_stamp(app, runs)
-    worker = app.Worker(concurrency=2)
-    worker.start()
-    try:
-        assert worker.consumer.wait_ready(15)
-        sent_at = time.time()
-        result = stamp.apply_async((7,), countdown=2)
-        held, _ = watch_until(result.ready, worker, 10)
-        assert result.get(timeout=1) == 7 and held == 0
+        assert result.get(timeout=1) == 7 and held == (0 if turned_on else 1)
         check_on_time(runs, {result.id: sent_at}, 2)
     finally:
         stop(worker)

@@ -21,7 +21,7 @@ from greenworker import App
 from greenworker.protocol import build_task_message
 from greenworker.transport.lmdb_store import BrokerStoreError, QueueInfo, open_store
 
-from .conftest import ROOT, run_cli, start_cli, wait_for_output
+from .conftest import ROOT, run_cli, run_python, start_cli, wait_for_output
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -207,14 +207,7 @@ def test_two_workers_and_an_outside_producer_share_one_directory(
     producer = (
         "import sys; from tests.embedapp import now; [print(now.delay().id) for _ in range(300)]"
     )
-    sent = subprocess.run(
-        [sys.executable, "-c", producer],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "GREENWORKER_DATA_DIR": str(data)},
-    )
+    sent = run_python(producer, env={"GREENWORKER_DATA_DIR": str(data)}, timeout=60)
     assert sent.returncode == 0, sent.stderr
     ids = sent.stdout.split()
     assert len(ids) == 300

@@ -4,10 +4,7 @@ the test's own; a failover (the master killed, the replica promoted) loses nothi
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,7 +15,7 @@ import pytest
 from greenworker import App
 from greenworker.exceptions import ImproperlyConfigured
 
-from .conftest import IN_CI, ROOT, run_cli, start_cli, wait_for_output
+from .conftest import IN_CI, run_cli, run_python, start_cli, wait_for_output
 from .sentinel import MASTER_NAME, SentinelSet
 
 pytestmark = pytest.mark.timeout(150)
@@ -49,14 +46,7 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60) ->
 
 
 def client_run(code: str, env: dict[str, str]) -> str:
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=90,
-        env={**os.environ, **env},
-    )
+    done = run_python(code, env=env)
     assert done.returncode == 0, done.stderr
     return done.stdout
 

@@ -18,7 +18,7 @@ import pytest
 
 from greenworker.config import ConfigError, redis_tls_options
 
-from .conftest import IN_CI, ROOT, _need_broker, run_cli, start_cli, wait_for_output
+from .conftest import IN_CI, ROOT, _need_broker, run_cli, run_python, start_cli, wait_for_output
 from .tls import Certificates, TLSFront, TLSRedis
 
 pytestmark = pytest.mark.timeout(120)
@@ -67,14 +67,7 @@ def environment(
 
 
 def run_client(code: str, env: dict[str, str]) -> str:
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, **env},
-    )
+    done = run_python(code, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
