@@ -213,7 +213,8 @@ def decode_properties(flags: int, buf: bytes, offset: int) -> dict[str, Any]:
 
 class LeanMessage:
     """One delivery of the consumer's channel, with the part of kombu's ``Message``
-    interface the worker uses (and the same values as kombu's pyamqp message)."""
+    interface the worker uses (and the same values as kombu's pyamqp message: a body
+    with a ``content_encoding`` is text where py-amqp's channel decodes it)."""
 
     __slots__ = (
         "_state",
@@ -234,7 +235,7 @@ class LeanMessage:
         channel: Any,
         delivery_info: dict[str, Any],
         properties: dict[str, Any],
-        body: bytes,
+        body: bytes | str,
         accept: Any,
     ) -> None:
         self.channel = channel
@@ -309,6 +310,7 @@ class LeanDelivery:
         self._amqp_on_frame: Callable[[tuple[int, int, bytes]], bool] = connection.on_inbound_frame
         self._channel = channel
         self._channel_id: int = channel.channel_id
+        self._auto_decode = bool(getattr(channel, "auto_decode", False))
         self._deliver = deliver
         self._accept = accept
         self._lock = lock
@@ -388,6 +390,9 @@ class LeanDelivery:
     def _handle(self, info: dict[str, Any], properties: dict[str, Any], body: bytes) -> None:
         self.delivered += 1
         channel = self._channel
+        if channel.is_closing:  # as py-amqp: after channel.close only the close counts
+            log.warning("ignoring basic.deliver on channel %s: it is closing", self._channel_id)
+            return
         if info["consumer_tag"] not in channel.callbacks:
             # cancelled meanwhile: back to the queue, as py-amqp does
             log.warning(
@@ -401,6 +406,13 @@ class LeanDelivery:
             with self._lock:
                 channel.basic_reject(info["delivery_tag"], requeue=True)
             return
+        encoding = properties.get("content_encoding")
+        if self._auto_decode and encoding is not None:
+            # py-amqp's channels give a body with an encoding as text when it decodes
+            try:
+                body = body.decode(encoding)  # type: ignore[assignment]
+            except Exception:
+                pass
         self._deliver(LeanMessage(channel, info, properties, body, self._accept))
 
     def _unexpected(self, got: int, expected: int) -> None:
