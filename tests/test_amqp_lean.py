@@ -270,7 +270,7 @@ def _lean(
 def _props(priority: int) -> bytes:
     from amqp.serialization import dumps
 
-    headers = dumps("F", [{"id": "t1", "task": "x"}])
+    headers: bytes = dumps("F", [{"id": "t1", "task": "x"}])
     return (
         struct.pack(">H", 0x8000 | 0x4000 | 0x2000 | 0x0800)
         + _short(b"application/json")
