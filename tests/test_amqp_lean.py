@@ -566,3 +566,45 @@ def test_a_channel_closed_by_the_broker_is_py_amqps_channel_error(
             for _ in range(10):
                 lean.drain(5)
         assert raised.value.reply_code == 406
+
+
+def test_send_ack_writes_the_frame_basic_ack_writes() -> None:
+    from amqp import spec
+    from amqp.serialization import dumps
+
+    from greenworker.transport.amqp_lean import send_ack
+
+    class Writer:
+        def __init__(self) -> None:
+            self.frames: list[tuple[Any, ...]] = []
+
+        def frame_writer(self, *frame: Any) -> None:
+            self.frames.append(frame)
+
+    @dataclass
+    class Chan:
+        connection: Any
+        channel_id: int = 3
+
+    writer = Writer()
+    send_ack(Chan(writer), 2**40 + 5, multiple=True)
+    send_ack(Chan(writer), 7)
+    assert writer.frames == [
+        (1, 3, spec.Basic.Ack, dumps("Lb", (2**40 + 5, True)), None),
+        (1, 3, spec.Basic.Ack, dumps("Lb", (7, False)), None),
+    ]
+    from amqp.exceptions import RecoverableConnectionError
+
+    with pytest.raises(RecoverableConnectionError, match="already closed"):
+        send_ack(Chan(None), 1)
+
+
+def test_typed_json_values_decode_as_kombu_decodes_them() -> None:
+    from kombu.utils.json import dumps as kombu_dumps
+
+    body = kombu_dumps([[1], {"when": datetime(2026, 1, 1, 1, 1)}, {}])
+    properties = {"content_type": "application/json", "content_encoding": "utf-8"}
+    for raw in (body, body.encode()):
+        accept = {"application/json"}
+        message = LeanMessage(FakeChannel(), {"delivery_tag": 1}, properties, raw, accept)
+        assert message.decode() == [[1], {"when": datetime(2026, 1, 1, 1, 1)}, {}]

@@ -31,6 +31,7 @@ from kombu.compression import decompress
 from kombu.serialization import loads as kombu_loads
 
 from .amqp_frames import FrameReader
+from .envelope import loads_envelope
 
 log = logging.getLogger("greenworker.consumer")
 
@@ -266,7 +267,22 @@ class LeanMessage:
             from kombu.exceptions import DecodeError
 
             raise DecodeError(f"cannot decompress the body: {self.errors[0][1]}")
-        return kombu_loads(self.body, self.content_type, self.content_encoding, accept=self.accept)
+        body, accept = self.body, self.accept
+        if (
+            self.content_type == "application/json"
+            and accept is not None
+            and "application/json" in accept
+            and body
+            and (isinstance(body, str) or self.content_encoding == "utf-8")
+        ):
+            # kombu's JSON decoding, without its per-object hook where no typed value is
+            try:
+                return loads_envelope(body)
+            except Exception as exc:
+                from kombu.exceptions import DecodeError
+
+                raise DecodeError(exc) from exc
+        return kombu_loads(body, self.content_type, self.content_encoding, accept=accept)
 
     def ack(self, multiple: bool = False) -> None:
         if self.acknowledged:
@@ -440,6 +456,21 @@ class LeanDelivery:
                     frame = reader.read_frame()
             if on_frame(frame):
                 done = True
+
+
+_ACK = (60, 80)
+_ACK_ARGS = struct.Struct(">QB").pack  # delivery tag, the multiple bit
+
+
+def send_ack(channel: Any, delivery_tag: int, multiple: bool = False) -> None:
+    """``channel.basic_ack``: the same frame through py-amqp's frame writer, without its
+    generic argument encoding and promise (the acks are most of the consumer's writes)."""
+    connection = channel.connection
+    if connection is None:
+        from amqp.exceptions import RecoverableConnectionError
+
+        raise RecoverableConnectionError("connection already closed")
+    connection.frame_writer(1, channel.channel_id, _ACK, _ACK_ARGS(delivery_tag, multiple), None)
 
 
 def install(

@@ -451,10 +451,11 @@ class Consumer(Reconnecting):
                 self.failed_writes["ack"].add("connection lost", len(due))
                 return True
             try:
+                send_ack = amqp_lean.send_ack
                 if below:
-                    channel.basic_ack(max(below), multiple=True)
-                for tag in above:
-                    channel.basic_ack(tag)
+                    send_ack(channel, max(below), multiple=True)
+                for tag in sorted(above):
+                    send_ack(channel, tag)
             except Exception as exc:  # the connection it came on is gone: redelivered later
                 self._mark_lost(self._ack_channel_generation)
                 self.failed_writes["ack"].add(exc, len(due))
