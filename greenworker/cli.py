@@ -52,6 +52,13 @@ class CommandFailed(click.ClickException):
     exit_code = 1
 
 
+class CannotCreate(CommandFailed):
+    """A file the command must own is another's (a pid file a live worker holds): exit
+    status 73, ``EX_CANTCREAT``, as Celery's."""
+
+    exit_code = getattr(os, "EX_CANTCREAT", 73)
+
+
 NO_REMOTE_CONTROL = (
     "kombu's filesystem transport has no remote control; use the embedded default, Redis "
     "or RabbitMQ"
@@ -759,16 +766,19 @@ def _run_worker(app: App, options: WorkerOptions, quiet: bool) -> bool:
             on_shutdown=_shutdown_listener(app, worker.hostname),
         )
         supervisor.install()
-        worker.run()
+        worker.start(ready_timeout=None)
+        supervisor.deliver()
+        worker.wait_stopped()
     except PidfileInUse as exc:
-        raise CommandFailed(str(exc)) from None
+        raise CannotCreate(str(exc)) from None
     except (StoreError, BeatError, ImproperlyConfigured, ValueError, DaemonError) as exc:
         raise CLIError(str(exc)) from None
     if worker.fatal is not None:
         raise SystemExit(1)  # said already, in one CRITICAL line
-    if supervisor.shutdown:
-        return False  # a SIGTERM during a stop for a limit: no restart
-    return supervisor.restart or worker.restart_reason is not None
+    if not (supervisor.restart or worker.restart_reason is not None):
+        return False
+    # a SIGTERM during the stop for a limit, or from now to the exec: no restart
+    return not supervisor.hold_for_restart()
 
 
 def _warm_stop(worker: Worker) -> None:
@@ -961,7 +971,7 @@ def _prepare_process(options: WorkerOptions, plan: _WorkerPlan) -> None:
     if options.detach and not already_detached():
         # what would fail in the daemon fails here, on the terminal
         if pidfile is not None:
-            pidfile.check()
+            pidfile.check_writable()
         if plan.logfile is not None:
             check_logfile(plan.logfile)
         else:

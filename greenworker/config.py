@@ -102,6 +102,13 @@ class Settings:
     task_default_queue_type: str = "classic"
     #: How every other queue is declared: "classic" or "quorum".
     task_create_missing_queue_type: str = "classic"
+    #: On RabbitMQ with quorum queues, ETA and countdown tasks wait in the broker
+    #: (Celery's native delayed delivery): the type of its ``celery_delayed_*`` queues,
+    #: "quorum" or "classic".
+    broker_native_delayed_delivery_queue_type: str = "quorum"
+    #: The same on classic queues (greenworker's own; Celery uses it for quorum queues
+    #: only, and its producer still sends to classic queues directly).
+    broker_native_delayed_delivery_classic_queues: bool = False
     #: Message priority of tasks with none of their own, their route's or the call's.
     task_default_priority: int | None = None
     #: ``x-max-priority`` of the queues greenworker declares (RabbitMQ priority queues).
@@ -366,9 +373,6 @@ UNHONOURED: dict[str, str] = {
     "event_queue_expires": "gossip uses greenworker's own event queue",
     "event_queue_exclusive": "gossip uses greenworker's own event queue",
     "event_queue_durable": "gossip uses greenworker's own event queue",
-    "broker_native_delayed_delivery_queue_type": (
-        "ETA tasks are held by the worker, not delayed by the broker"
-    ),
     "task_acks_on_failure": "task_acks_on_failure_or_timeout decides both",
     "task_acks_on_timeout": "task_acks_on_failure_or_timeout decides both",
     "beat_enable_remote_control": "beat answers no remote control",
@@ -431,6 +435,7 @@ def _check_queue_type(value: Any, what: str) -> None:
 _VALUE_CHECKS: dict[str, Callable[[Any, str], object]] = {
     "task_default_queue_type": _check_queue_type,
     "task_create_missing_queue_type": _check_queue_type,
+    "broker_native_delayed_delivery_queue_type": _check_queue_type,
     "task_default_priority": check_priority,
     "task_queue_max_priority": check_priority,
 }

@@ -63,6 +63,20 @@ class Pidfile:
                 log.warning("stale pidfile %s (pid %d is not running): removing it", self.path, pid)
         self._remove()
 
+    def check_writable(self) -> None:
+        """:meth:`check`, then make sure the file can be created (and leave none): what
+        ``-D`` does before it forks, so that a pid file the daemon could not write is
+        one line on the terminal rather than a silent exit."""
+        self.check()
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:  # this process's own (a restart in place) or a new one
+            return
+        except OSError as exc:
+            raise DaemonError(f"--pidfile {self.path}: cannot write it: {exc.strerror}") from None
+        os.close(fd)
+        self._remove()
+
     def acquire(self) -> None:
         """Check, then write this process's pid; it is removed at exit."""
         self.check()

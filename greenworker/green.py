@@ -390,50 +390,62 @@ def timeout(seconds: float | None, exc: BaseException | None = None) -> _Timeout
 
 
 def on_signal(signum: int, handler: Callable[[], None]) -> None:
-    """Run ``handler`` in a new greenlet whenever ``signum`` arrives (CLI only)."""
-    if hub_name() == "gevent":
-        import gevent
+    """Run ``handler`` in a new greenlet whenever ``signum`` arrives (CLI only).
 
-        gevent.signal_handler(signum, handler)
-    else:
-        import signal
+    On both hubs a Python signal handler, with a wakeup pipe the hub watches
+    (:func:`_wake_hub_on_signals`): the signal is seen at once, whatever the hub
+    is waiting for and whichever thread the kernel gave it to, including one that
+    was blocked until now (across a restart in place, see
+    :mod:`greenworker.worker.signals`)."""
+    import signal
 
-        _wake_eventlet_hub_on_signals()
-        signal.signal(signum, lambda _signum, _frame: spawn(handler))
+    _wake_hub_on_signals()
+    signal.signal(signum, lambda _signum, _frame: spawn(handler))
 
 
 _signal_wakeup_fds: tuple[int, int] | None = None
 
 
-def _wake_eventlet_hub_on_signals() -> None:
-    """Make a signal wake eventlet's hub at once.
+def _wake_hub_on_signals() -> None:
+    """Make a signal wake the hub at once.
 
-    Python runs the handler when the hub's poll is interrupted, then resumes the
-    poll with its old timeout, so the greenlet it spawns would wait for the next
-    timer.  A wakeup pipe makes the poll return instead.
+    Python runs a signal handler only when the main thread runs Python code: the
+    hub, waiting in its poll, would resume it with its old timeout (eventlet) or
+    look at signals every 0.3 s (gevent), so the greenlet the handler spawns would
+    wait.  A wakeup pipe, read by a greenlet, makes the poll return instead.
     """
     global _signal_wakeup_fds
     if _signal_wakeup_fds is not None:
         return
     import signal
 
-    import eventlet.hubs
-
     read_fd, write_fd = os.pipe()
     os.set_blocking(read_fd, False)
     os.set_blocking(write_fd, False)
     signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
     _signal_wakeup_fds = (read_fd, write_fd)
+    wait_readable = _fd_waiter()
 
     def drain() -> None:
         while True:
-            eventlet.hubs.trampoline(read_fd, read=True)
+            wait_readable(read_fd)
             try:
                 os.read(read_fd, 4096)
             except BlockingIOError:
                 pass
 
     spawn(drain)
+
+
+def _fd_waiter() -> Callable[[int], None]:
+    """The hub's cooperative wait until a file descriptor is readable."""
+    if hub_name() == "gevent":
+        from gevent.socket import wait_read
+
+        return cast(Callable[[int], None], wait_read)
+    import eventlet.hubs
+
+    return lambda fd: eventlet.hubs.trampoline(fd, read=True)
 
 
 # ------------------------------------------------------- real (unpatched) threads

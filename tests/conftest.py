@@ -131,10 +131,14 @@ def any_app(request: pytest.FixtureRequest, queue_name: str, tmp_path: Path) -> 
 
 
 def delete_queues_and_close(app: App, *queues: str) -> None:
-    """Leave the broker as the test found it: delete its queues, then close the app."""
+    """Leave the broker as the test found it: delete its queues and the exchanges of the
+    same name the App declared for them, then close the app."""
     with app.connection() as conn:
         for name in queues:
-            app.queue(name)(conn.default_channel).delete()
+            queue = app.queue(name)(conn.default_channel)
+            queue.delete()
+            if queue.exchange.name == name:
+                queue.exchange.delete()
     app.close()
 
 

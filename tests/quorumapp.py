@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from celery import Celery
+from kombu.entity import Exchange, Queue
 
 app = Celery(
     "quorumapp",
@@ -22,3 +23,29 @@ app.conf.update(
 @app.task(name="quorumapp.add")  # type: ignore[untyped-decorator]
 def add(x: int, y: int) -> int:
     return x + y
+
+
+def dead_lettered(queue: str, dead_letters: str) -> list[Queue]:
+    """``queue`` as a quorum queue with a delivery limit of 1 and a dead-letter exchange
+    (and routing key) ``dead_letters``."""
+    arguments = {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": 1,
+        "x-dead-letter-exchange": dead_letters,
+        "x-dead-letter-routing-key": dead_letters,
+    }
+    return [Queue(queue, Exchange(queue), routing_key=queue, queue_arguments=arguments)]
+
+
+if os.environ.get("QUORUM_DEAD_LETTERS"):  # the poison test
+    app.conf.task_queues = dead_lettered(
+        os.environ["QUORUM_QUEUE"], os.environ["QUORUM_DEAD_LETTERS"]
+    )
+
+
+@app.task(name="quorumapp.crash")  # type: ignore[untyped-decorator]
+def crash() -> None:
+    """Kills the worker process in the middle of the task, as a segfault or OOM would."""
+    with open(os.environ["QUORUM_CRASHES"], "a") as record:
+        record.write("crash\n")
+    os._exit(3)

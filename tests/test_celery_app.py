@@ -847,6 +847,45 @@ def test_task_greenlets_share_one_result_backend(
     assert len(made) == 1
 
 
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("user_size", [None, 20])
+def test_a_celery_apps_redis_results_at_c_200_wait_for_a_free_connection(
+    redis_url: str, queue_name: str, user_size: int | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """200 greenlets storing results at once on one backend: redis-py's pool (100
+    connections) raised MaxConnectionsError and the tasks failed.  The backend's pool now
+    blocks, sized for the greenlets, or as the user's ``redis_max_connections`` says."""
+    import redis
+
+    celery_app = Celery("c200", broker=redis_url, backend=redis_url, set_as_current=False)
+    celery_app.conf.update(
+        task_default_queue=queue_name, task_track_started=True, result_extended=True
+    )
+    if user_size is not None:
+        celery_app.conf.redis_max_connections = user_size
+
+    @celery_app.task(name=f"c200.nap.{user_size}")  # type: ignore[untyped-decorator]
+    def nap(n: int) -> int:
+        time.sleep(0.05)  # cooperative: 200 store STARTED, then their results, together
+        return n
+
+    worker = CeleryApp(celery_app).Worker(concurrency=200)  # before the client connects
+    results = [nap.delay(n) for n in range(400)]  # queued first: 200 start at once
+    caplog.set_level(logging.WARNING)
+    worker.start()
+    try:
+        assert [r.get(timeout=30) for r in results] == list(range(400))
+        pool = celery_app.backend.client.connection_pool
+        assert isinstance(pool, redis.BlockingConnectionPool)
+        assert pool.max_connections == (user_size or 200)
+    finally:
+        worker.stop()
+        trace.reset_worker_optimizations(celery_app)
+        celery_app.close()
+    problems = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not problems, problems[:3]
+
+
 @pytest.mark.parametrize("backend", ["rpc://", "cache+memory://"])
 def test_other_celery_result_backends_through_the_apps_own_object(
     backend: str, amqp_url: str, queue_name: str

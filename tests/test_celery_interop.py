@@ -101,10 +101,10 @@ def test_celery_apply_async_with_kwargs_countdown_and_failure(
     gw_worker: Worker, celery_client: Celery, queue_name: str
 ) -> None:
     # Celery ships no annotations, so its task decorator is untyped.
-    @celery_client.task(name="interop.echo_kwargs")  # type: ignore[untyped-decorator]
+    @celery_client.task(name="interop.echo_kwargs", shared=False)  # type: ignore[untyped-decorator]
     def echo_kwargs(**kwargs: object) -> None: ...
 
-    @celery_client.task(name="interop.fail")  # type: ignore[untyped-decorator]
+    @celery_client.task(name="interop.fail", shared=False)  # type: ignore[untyped-decorator]
     def fail(message: str) -> None: ...
 
     ok = echo_kwargs.apply_async(kwargs={"a": 1, "b": [2, 3]}, queue=queue_name, countdown=0.2)

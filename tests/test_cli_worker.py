@@ -335,7 +335,7 @@ def test_logfile_pidfile_and_workdir(hub: str, tmp_path: Path) -> None:
         text = _wait_for_file(tmp_path / "w7.log", f"worker w7@{HOST} ready")
         assert pidfile.read_text() == f"{proc.pid}\n"
         assert (tmp_path / "data").is_dir()  # --data-dir is read in --workdir
-        # a second worker on the same pid file: one line, exit 1
+        # a second worker on the same pid file: one line, exit 73 (EX_CANTCREAT, Celery's)
         second = run_cli(
             "-A",
             "tests.cliapp",
@@ -348,7 +348,7 @@ def test_logfile_pidfile_and_workdir(hub: str, tmp_path: Path) -> None:
             "w7.pid",
             timeout=30,
         )
-        assert second.returncode == 1, second.stderr
+        assert second.returncode == 73, second.stderr
         assert second.stderr == (
             f"Error: pidfile {pidfile} already exists: seems we're already running "
             f"(pid {proc.pid})\n"
@@ -394,6 +394,34 @@ def test_detach_writes_its_pidfile_and_logfile(hub: str, tmp_path: Path) -> None
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+@pytest.mark.timeout(60)
+def test_detach_with_a_pidfile_it_cannot_write_fails_before_forking(
+    hub: str, tmp_path: Path
+) -> None:
+    """The daemon's stderr is /dev/null: a pid file it could not write made -D exit 0 and
+    nothing ran.  Checked on the terminal first: one line, exit 2 (73 for a pid file a
+    live worker holds), and no daemon (its log file is never opened)."""
+    held = tmp_path / "held.pid"
+    held.write_text(f"{os.getpid()}\n")  # this test's process: alive
+    cases = [
+        (tmp_path / "no-such-dir" / "d.pid", 2, "cannot write it: No such file or directory"),
+        (held, 73, f"already exists: seems we're already running (pid {os.getpid()})"),
+    ]
+    for pidfile, status, says in cases:
+        logfile = tmp_path / f"{pidfile.stem}.log"
+        started = run_cli(
+            *("-A", "tests.cliapp", "--data-dir", str(tmp_path / "data"), "worker", "-P", hub),
+            *("-D", "--pidfile", str(pidfile), "-f", str(logfile)),
+            timeout=30,
+        )
+        assert started.returncode == status, started.stderr
+        assert len(started.stderr.splitlines()) == 1, started.stderr
+        assert started.stderr.startswith("Error: ") and says in started.stderr
+        assert str(pidfile) in started.stderr
+        assert not logfile.exists()  # no daemon started
+    assert held.read_text() == f"{os.getpid()}\n"  # left as it was
 
 
 @pytest.mark.timeout(60)
@@ -446,6 +474,44 @@ def test_max_tasks_per_child_restarts_in_place(
     # in place: the pid stays, as for SIGHUP (a supervisor and the pid file stay right)
     assert counters.smembers(f"{queue_name}:pids") == {str(proc.pid)}
     assert out.count("3 tasks done, worker_max_tasks_per_child is 3: stopping to restart") == 2
+
+
+@pytest.mark.timeout(90)
+def test_a_restart_for_a_limit_sends_every_ack_first(
+    hub: str, redis_url: str, queue_name: str, counters: redis.Redis, tmp_path: Path
+) -> None:
+    """At -c 200, above the broker pool's 50 connections, the 200 greenlets that give
+    their messages back at the stop wait for a connection (they failed with "Too many
+    connections" and closed the client under the acks being sent): each of 600 tasks
+    runs once, over several restarts, and no write fails."""
+    total = 600
+    log = tmp_path / "worker.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "greenworker", "-A", "tests.cliapp", "-b", redis_url),
+                *("worker", "-P", hub, "-c", "200", "-Q", queue_name),
+                *("--max-tasks-per-child", "100", "--without-mingle", "--without-gossip"),
+            ],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait_for_file(log, "ready")
+        _send_tallies(redis_url, queue_name, "cliapp.tally", total)
+        _wait_for_runs(counters, queue_name, total, timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    out_text = log.read_text()
+    runs = counters.hgetall(f"{queue_name}:runs")
+    assert sorted(runs.values()) == ["1"] * total, out_text[-3000:]
+    assert out_text.count("worker_max_tasks_per_child is 100: stopping to restart") >= 2
+    assert "could not" not in out_text and "not sent" not in out_text, out_text[-3000:]
 
 
 @pytest.mark.timeout(60)

@@ -17,10 +17,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from greenworker import App, Worker, green
 from greenworker.transport.consumer import Consumer
 from greenworker.transport.reconnect import FIRST_BACKOFF, STABLE_AFTER, Backoff
+from greenworker.transport.redis_consumer import NativeRedisConsumer, RedisMessage
+from greenworker.transport.redis_layout import UNACKED_KEY
 
 from .conftest import ROOT, delete_queues_and_close
 from .faults import TcpProxy, env_with, free_port, log_tail
@@ -331,3 +334,69 @@ def test_ready_is_said_once_the_broker_answers(
         if worker.poll() is None:
             worker.kill()
             worker.wait(10)
+
+
+@pytest.mark.timeout(60)
+def test_native_redis_acks_held_back_by_an_outage_make_one_line_and_one_when_sent(
+    redis_url: str,
+    queue_name: str,
+    proxy: Callable[[int], TcpProxy],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The ack loop retries every 0.5 s while the broker is away: one WARNING for the
+    outage (it was one a retry), one INFO once the acks are sent."""
+    through = proxy(6379)
+    through.start()
+    app = App(
+        "heldacks",
+        broker=f"redis://127.0.0.1:{through.port}/0",
+        config={"task_default_queue": queue_name},
+    )
+    received: list[RedisMessage] = []
+    all_in = green.new_event()
+
+    def on_message(message: RedisMessage) -> None:
+        received.append(message)
+        if len(received) == 3:
+            all_in.set()
+
+    consumer = NativeRedisConsumer(app, [queue_name], on_message, lambda: 10)
+    failed_flushes = 0
+    flush = consumer._flush_acks
+
+    def counted_flush() -> bool:
+        nonlocal failed_flushes
+        sent = flush()
+        failed_flushes += not sent
+        return sent
+
+    consumer._flush_acks = counted_flush  # type: ignore[method-assign]
+    direct = redis.Redis.from_url(redis_url)
+    caplog.set_level(logging.INFO, logger="greenworker.consumer")
+    consumer.start()
+    try:
+        assert consumer.wait_ready(10)
+        for n in range(3):
+            app.send_task("held.echo", (n,))
+        assert all_in.wait(10)
+        through.cut()
+        for message in received:
+            message.ack()
+        _poll(lambda: failed_flushes >= 4, 20, "four failed ack flushes")
+        through.restore()
+        tags = [message.delivery_tag for message in received]
+        _poll(lambda: not any(direct.hexists(UNACKED_KEY, t) for t in tags), 20, "the acks")
+    finally:
+        if through.proc is None:
+            through.restore()
+        consumer.stop_consuming()
+        consumer.close()
+        delete_queues_and_close(app, queue_name)
+    lines = [
+        (r.levelname, r.getMessage())
+        for r in caplog.records
+        if "ack" in r.getMessage() and "reconnecting" not in r.getMessage()
+    ]
+    assert [level for level, _ in lines] == ["WARNING", "INFO"], lines
+    assert lines[0][1].startswith("could not ack 3 message(s) yet: ")
+    assert lines[1][1] == "sent 3 ack(s) held back while the broker was away"

@@ -397,3 +397,47 @@ def test_quorum_settings_change_nothing_off_rabbitmq(queue_name: str) -> None:
     finally:
         stop(worker)
         app.close()
+
+
+def test_a_message_that_keeps_killing_the_worker_is_dead_lettered(
+    hub: str, amqp_url: str, queue_name: str, cleanup: Callable[..., None], tmp_path: Any
+) -> None:
+    """The poison case: a task that ends the worker process every time it runs. Each
+    death is a redelivery, which counts toward the quorum queue's ``x-delivery-limit``
+    (1 here): after the second death RabbitMQ dead-letters it instead of handing it to
+    the next worker, and a worker started after that runs nothing more."""
+    dead = f"{queue_name}.dead"
+    cleanup([queue_name, dead])
+    with Connection(amqp_url) as conn:  # where the dead letter goes
+        Queue(dead, Exchange(dead), routing_key=dead)(conn.default_channel).declare()
+    crashes = tmp_path / "crashes"
+    env = {
+        "QUORUM_BROKER": amqp_url,
+        "QUORUM_QUEUE": queue_name,
+        "QUORUM_DEAD_LETTERS": dead,
+        "QUORUM_CRASHES": str(crashes),
+    }
+    from tests import quorumapp
+
+    sender = Celery("poisonclient", broker=amqp_url, set_as_current=False)
+    sender.conf.task_queues = quorumapp.dead_lettered(queue_name, dead)  # declared alike
+    exits = []
+    for attempt in range(3):
+        worker = start_cli("-A", "tests.quorumapp", "worker", "-P", hub, "-c", "1", env=env)
+        wait_for_output(worker, "ready")
+        if attempt == 0:
+            sender.send_task("quorumapp.crash", queue=queue_name)
+        if attempt < 2:
+            exits.append(worker.wait(60))  # the task ends the process
+        else:  # the third worker gets nothing: the message is dead-lettered
+            with Connection(amqp_url) as conn:
+                deadline = time.monotonic() + 20
+                while Queue(dead)(conn.default_channel).queue_declare(passive=True)[1] != 1:
+                    assert time.monotonic() < deadline, "the message is dead-lettered"
+                    time.sleep(0.1)  # RabbitMQ's queue length: no event to await
+            worker.terminate()
+            assert worker.wait(30) == 0
+        if worker.stdout is not None:
+            worker.stdout.close()
+    assert exits == [3, 3]
+    assert crashes.read_text().count("crash") == 2

@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 import redis
@@ -436,3 +436,57 @@ def test_an_idle_consumer_blocks_in_blmove_or_says_once_it_polls(
     else:
         assert not consumer.blocking_wait
         assert len(notes) == 1 and "Redis 6.0.16 is older than 6.2" in notes[0], notes
+
+
+def test_close_lets_the_ack_flush_under_way_finish(
+    redis_app: App, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() while the ack loop's pipeline is on the wire waits for it: killed there,
+    the flush dropped the acks it had taken, and their tasks ran again."""
+    queue = redis_app.conf.task_default_queue
+    received: list[RedisMessage] = []
+    all_in = green.new_event()
+
+    def on_message(message: RedisMessage) -> None:
+        received.append(message)
+        if len(received) == 3:
+            all_in.set()
+
+    consumer = NativeRedisConsumer(redis_app, [queue], on_message, lambda: 10)
+    consumer.start()
+    try:
+        assert consumer.wait_ready(10)
+        for n in range(3):
+            redis_app.send_task("native.echo", (n,))
+        assert all_in.wait(10)
+        consumer.stop_consuming()
+        client = consumer._connection()
+        real_pipeline = client.pipeline
+        in_flush, gate = green.new_event(), green.new_event()
+
+        def held_pipeline(transaction: bool = True) -> redis.client.Pipeline:
+            pipe = real_pipeline(transaction=transaction)
+            send = pipe.execute
+
+            def execute(raise_on_error: bool = True) -> list[Any]:
+                in_flush.set()
+                gate.wait(10)  # on the wire, its reply not read yet
+                return send(raise_on_error)
+
+            pipe.execute = execute  # type: ignore[method-assign]
+            return pipe
+
+        monkeypatch.setattr(client, "pipeline", held_pipeline)
+        for message in received:
+            message.ack()
+        assert in_flush.wait(5)  # the ack loop took the three acks and sends them
+        closer = green.spawn(consumer.close)
+        green.sleep(0)  # close runs up to its wait (or, before, to its end)
+        gate.set()
+        assert closer.join(10)
+    finally:
+        consumer.close()
+    check = redis.Redis.from_url(redis_url)
+    tags = [message.delivery_tag for message in received]
+    assert [bool(check.hexists(UNACKED_KEY, tag)) for tag in tags] == [False] * 3
+    assert [check.zscore(UNACKED_INDEX_KEY, tag) for tag in tags] == [None] * 3

@@ -136,3 +136,28 @@ def test_sigusr1_dumps_stacks_and_sighup_restarts(
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
         client.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_sigterm_during_a_restart_in_place_is_a_warm_shutdown(hub: str, tmp_path: Path) -> None:
+    """The signal is held back from the restart's last step until the new process has
+    started: then it stops warm, exit 0, its pid file removed (it was killed on the way,
+    exit 143, the pid file left behind)."""
+    pidfile = tmp_path / "w.pid"
+    proc = start_cli(
+        *("-A", "tests.cliapp", "--data-dir", str(tmp_path / "data"), "worker", "-P", hub),
+        *("--pidfile", str(pidfile), "--without-mingle", "--without-gossip"),
+    )
+    try:
+        wait_for_output(proc, "ready")
+        proc.send_signal(signal.SIGHUP)
+        wait_for_output(proc, "restarting")
+        proc.send_signal(signal.SIGTERM)  # the new image starts: no handler of its own yet
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0, out
+    assert "SIGTERM: warm shutdown" in out and "stopped" in out, out
+    assert not pidfile.exists()

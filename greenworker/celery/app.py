@@ -28,7 +28,7 @@ from ..client.result import AsyncResult
 from ..client.task import Task
 from ..config import Settings
 from ..exceptions import ImproperlyConfigured
-from .backend import CeleryResultBackend
+from .backend import CeleryResultBackend, fit_redis_pool
 from .runner import CeleryTaskRunner, CollectTraceGarbage
 from .settings import user_set, warn_unhonoured, worker_settings
 from .signals import CelerySignals, WorkerView
@@ -248,6 +248,10 @@ class CeleryApp(App):
             sender=hostname, instance=view, conf=self.celery.conf, options=dict(options)
         )
         self._apply_changed_settings()
+        if self.result_backend_url:
+            autoscale = options.get("autoscale")
+            greenlets = autoscale[0] if autoscale else options.get("concurrency")
+            fit_redis_pool(self.backend.backend, greenlets or self.conf.worker_concurrency)
         runner = CeleryTaskRunner(self.celery, hostname, self.backend)
         # the garbage first: worker_shutdown receivers may close the backend
         kind: list[Middleware] = [CollectTraceGarbage(), CelerySignals(self.celery, view)]

@@ -10,6 +10,7 @@ receives it in its own format.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -18,6 +19,35 @@ from celery.backends.base import Backend
 from ..backends.base import EXCEPTION_STATES, ChordPart
 
 log = logging.getLogger("greenworker.results")
+
+#: Seconds a task greenlet waits for a free connection of a Celery app's Redis result
+#: backend before the write fails as Celery's retryable connection error.
+POOL_TIMEOUT = 30.0
+
+
+def fit_redis_pool(backend: Backend, greenlets: int) -> None:
+    """Give Celery's Redis result backend a pool for ``greenlets`` task greenlets.
+
+    The greenlets share one backend object (``result_backend_thread_safe``), so one
+    redis-py pool, which raises ``MaxConnectionsError`` once its ``max_connections``
+    (redis-py's 100 when Celery passes none) are in use: at ``-c 200`` results were
+    lost.  Its pool becomes a ``BlockingConnectionPool``: a greenlet waits for a free
+    connection (up to :data:`POOL_TIMEOUT`).  Its size is ``greenlets``, or the user's
+    own (``redis_max_connections``, ``max_connections`` in the URL), which is kept.
+
+    Left alone: another backend, Sentinel's (its pool is Sentinel's), a pool class of
+    the user's, and a backend already connected."""
+    from celery.backends.redis import RedisBackend, SentinelBackend
+
+    if not isinstance(backend, RedisBackend) or isinstance(backend, SentinelBackend):
+        return
+    if backend._ConnectionPool is not None or "client" in vars(backend):
+        return
+    if not backend.connparams.get("max_connections"):
+        backend.connparams["max_connections"] = greenlets
+    backend._ConnectionPool = functools.partial(
+        backend.redis.BlockingConnectionPool, timeout=POOL_TIMEOUT
+    )
 
 
 class CeleryResultBackend:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import re
 import socket
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, overload
 from urllib.parse import urlsplit
 
@@ -30,7 +31,8 @@ from ..config import (
     redis_tls_options,
 )
 from ..exceptions import ImproperlyConfigured
-from ..protocol import build_task_message
+from ..protocol import build_task_message, utcnow
+from . import delayed_delivery
 from . import shared as shared_module
 from .result import AsyncResult
 from .routes import Destination, Router, resolve
@@ -48,6 +50,9 @@ EMBEDDED_BROKER = "lmdb://localhost/"
 REDIS_BROKER_SCHEMES = frozenset({"redis", "rediss", "redis+socket", "sentinel"})
 REDIS_BACKEND_SCHEMES = frozenset({"redis", "rediss", "unix"})
 AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
+
+
+log = logging.getLogger("greenworker.app")
 
 
 def masked_url(url: str) -> str:
@@ -123,6 +128,10 @@ class App:
         self._native_queues: set[tuple[str, str, str]] = set()
         self._send_targets: dict[tuple[Any, ...], tuple[Exchange, str, Queue | None]] = {}
         self._router: Router | None = None
+        #: (queue, exchange, routing key) bound to the delayed topology by this client,
+        #: and the queues on direct exchanges already warned about
+        self._delayed_bound: set[tuple[str, str, str]] = set()
+        self._delayed_warned: set[str] = set()
         shared_module.add_app(self, set_as_current)
 
     def __repr__(self) -> str:
@@ -531,6 +540,11 @@ class App:
         if message_priority is not None:
             properties["priority"] = check_priority(message_priority, f"task {name}: priority")
         exchange_, routing_key_, declared = self._send_target(destination)
+        if declared is not None and (countdown or eta):
+            delay = countdown if countdown is not None else _seconds_until(eta)
+            delayed = self._delayed_target(declared, delay)
+            if delayed is not None:
+                exchange_, routing_key_, declared = delayed
         self.publish(
             body,
             headers,
@@ -605,6 +619,36 @@ class App:
                 target = (queue.exchange, destination.routing_key, queue)
             self._send_targets[key] = target
         return target
+
+    def _delayed_target(self, queue: Queue, delay: float) -> tuple[Exchange, str, None] | None:
+        """Where a message for ``queue`` due in ``delay`` seconds goes when RabbitMQ
+        delays it, as Celery's producer sends it (see
+        :mod:`~greenworker.transport.delayed_delivery`): the delayed topology's entry
+        exchange, for a quorum queue on a non-direct exchange, delayed a second or more;
+        else None (it goes to the queue, and the worker holds it)."""
+        if not delayed_delivery.wanted(self, [queue.name]):
+            return None
+        if queue.exchange.type == "direct":
+            if queue.name not in self._delayed_warned:
+                self._delayed_warned.add(queue.name)
+                log.warning(
+                    "queue %s is bound to the direct exchange %s: native delayed delivery "
+                    "needs a topic or fanout exchange (task_default_exchange_type), so its "
+                    "ETA and countdown tasks are held by the worker until due",
+                    queue.name,
+                    queue.exchange.name,
+                )
+            return None
+        routing_key = delayed_delivery.delayed_routing_key(delay, queue.routing_key)
+        if routing_key is None:
+            return None
+        bound = (queue.name, queue.exchange.name, queue.routing_key)
+        if bound not in self._delayed_bound:
+            # the worker binds its queues too; binding here as well means a message
+            # sent before any worker ran is kept, not dropped as unroutable
+            delayed_delivery.declare(self, [queue])
+            self._delayed_bound.add(bound)
+        return delayed_delivery.entry_exchange(), routing_key, None
 
     def publish(
         self,
@@ -751,3 +795,12 @@ class App:
         if self._backend is not None:
             self._backend.close()
         self._backend = None
+
+
+def _seconds_until(eta: datetime | None) -> float:
+    """Seconds from now to ``eta`` (naive: UTC, as the message says it)."""
+    if eta is None:
+        return 0.0
+    if eta.tzinfo is None:
+        eta = eta.replace(tzinfo=UTC)
+    return (eta - utcnow()).total_seconds()

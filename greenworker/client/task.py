@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import check_priority, parse_rate
 from ..exceptions import MaxRetriesExceededError, Retry
+from . import delayed_delivery
 
 if TYPE_CHECKING:
     from .app import App
@@ -358,6 +359,9 @@ class Task:
         # routing key names
         info = request.delivery_info
         exchange, routing_key = info.get("exchange"), info.get("routing_key")
+        if routing_key and delayed_delivery.is_topology_exchange(exchange):
+            # delayed by RabbitMQ: the key is the delay, then the one it was sent with
+            exchange, routing_key = None, delayed_delivery.original_routing_key(routing_key)
         if exchange and routing_key and exchange != routing_key:
             where: dict[str, Any] = {"exchange": exchange, "routing_key": routing_key}
         else:

@@ -25,8 +25,9 @@ from kombu.messaging import Consumer as KombuConsumer
 from kombu.serialization import prepare_accept_content
 
 from .. import green
+from ..client.delayed_delivery import wanted
 from ..config import POLLING_WAKE
-from . import amqp_frames, amqp_lean
+from . import amqp_frames, amqp_lean, delayed_delivery
 from .reconnect import Backoff, FailureBurst, retry_until_stopped
 
 if TYPE_CHECKING:
@@ -508,7 +509,9 @@ class Consumer(Reconnecting):
             on_message=self._receive,
             accept=self.app.conf.accept_content,
             no_ack=False,
-        )
+        )  # which declared the queues: the delayed topology binds them
+        if self._batch_acks and wanted(self.app, self.queue_names):
+            delayed_delivery.set_up(self.app, queues)
         if quorum:
             self._credit = ConsumerCredit(
                 channel, consumer._receive_callback, self._write_lock

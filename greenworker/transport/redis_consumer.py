@@ -223,6 +223,8 @@ class NativeRedisConsumer(Reconnecting):
         self._client: redis.Redis | None = None
         self._held: dict[str, RedisMessage] = {}  # popped, not yet acked/rejected
         self._pending_acks: list[str] = []
+        self._flush_lock = green.new_semaphore(1)
+        self._acks_held_back = False  # a flush failed: said once, until one succeeds
         self._capacity = green.new_event()
         self._pop: Any = None
         self._waiting = False  # in BLMOVE: nothing popped, safe to end at once
@@ -255,13 +257,19 @@ class NativeRedisConsumer(Reconnecting):
             self._greenlet = None
 
     def close(self) -> None:
-        """Flush acks, give back every message still held (like kombu at channel close)."""
+        """Flush acks, give back every message still held (like kombu at channel close).
+
+        An ack flush already under way (the ack loop's, or a full batch's) ends first:
+        killed mid-pipeline, it would drop the acks it had taken, and their tasks would
+        run again after a restart."""
         self._stopping = True
-        if not self._flush_acks():
+        with self._flush_lock:
+            if self._acker is not None:
+                self._acker.kill()  # not in a flush: that holds the lock
+                self._acker = None
+            sent = self._flush_acks_now()
+        if not sent:
             log.warning("%d ack(s) not sent: redelivered later", len(self._pending_acks))
-        if self._acker is not None:
-            self._acker.kill()
-            self._acker = None
         for message in list(self._held.values()):
             if not message.acknowledged:
                 message.acknowledged = True
@@ -317,7 +325,12 @@ class NativeRedisConsumer(Reconnecting):
         return message.delivery_tag in self._pending_acks
 
     def _flush_acks(self) -> bool:
-        """Send the pending acks in one pipeline; on failure keep them for the next try."""
+        """Send the pending acks in one pipeline; on failure keep them for the next try.
+        One flush at a time: a second waits for the first (see :meth:`close`)."""
+        with self._flush_lock:
+            return self._flush_acks_now()
+
+    def _flush_acks_now(self) -> bool:
         if not self._pending_acks:
             return True
         tags, self._pending_acks = self._pending_acks, []
@@ -328,8 +341,18 @@ class NativeRedisConsumer(Reconnecting):
             pipe.execute()
         except Exception as exc:
             self._pending_acks[:0] = tags
-            log.warning("could not ack %d message(s) yet: %s", len(tags), exc)
+            if not self._acks_held_back:  # one line an outage, not one every retry
+                self._acks_held_back = True
+                log.warning(
+                    "could not ack %d message(s) yet: %s; they are kept and sent once the "
+                    "broker answers",
+                    len(tags),
+                    exc,
+                )
             return False
+        if self._acks_held_back:
+            self._acks_held_back = False
+            log.info("sent %d ack(s) held back while the broker was away", len(tags))
         return True
 
     def settle(self, message: RedisMessage, *, requeue: bool, leftmost: bool) -> None:

@@ -30,33 +30,46 @@ BINDING_KEY = "_kombu.binding.{}"  # a set of "routing_key<sep>pattern<sep>queue
 #: The first Redis with ``BLMOVE`` (and ``ZRANGE ... BYSCORE``, which kombu 5.7's own
 #: visibility restore sends).
 BLMOVE_SINCE = (6, 2)
+#: How long a greenlet waits for a free connection of a broker client's pool before the
+#: wait fails as a connection error.
+POOL_TIMEOUT = 30.0
 
 
 def broker_client(app: App) -> redis.Redis:
     """A redis-py client for the broker URL, with the app's connect timeout, pool size
-    and TLS options (``broker_use_ssl``, as kombu's Redis transport takes them)."""
+    (the ``max_connections`` transport option, kombu's 50 by default) and TLS options
+    (``broker_use_ssl``, as kombu's Redis transport takes them); ``sentinel://`` asks
+    the sentinels for the master.
+
+    The pool blocks (up to :data:`POOL_TIMEOUT`) when all its connections are in use:
+    redis-py's plain pool raises "Too many connections" instead, which at a concurrency
+    above the pool size (200 greenlets giving their messages back at a stop) failed the
+    writes and closed the client under the acks being sent."""
     url = app.broker_url
     tls = redis_tls_options(app.conf.broker_use_ssl)
+    max_connections = int(app.conf.broker_transport_options.get("max_connections", 50))
     if url.startswith("sentinel://"):
         return sentinel_client(
             url,
             app.conf.broker_transport_options,
             what="broker_url",
-            max_connections=int(app.conf.broker_transport_options.get("max_connections", 50)),
+            max_connections=max_connections,
             tls=tls,
             socket_connect_timeout=app.conf.broker_connection_timeout,
             socket_keepalive=True,
         )
     if tls is not None and url.startswith("redis://"):
         url = "rediss://" + url[len("redis://") :]  # kombu: the setting turns TLS on
-    return redis.Redis.from_url(
+    pool = redis.BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=POOL_TIMEOUT,
         socket_connect_timeout=app.conf.broker_connection_timeout,
         socket_keepalive=True,
-        max_connections=int(app.conf.broker_transport_options.get("max_connections", 50)),
         health_check_interval=0,
         **(tls or {}),
     )
+    return redis.Redis.from_pool(pool)
 
 
 def server_has_blmove(version: str) -> bool | None:

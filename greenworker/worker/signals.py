@@ -12,6 +12,13 @@ does the work outside signal context:
 * ``SIGHUP``: warm shutdown, then the same command starts again in place (the
   command calls :func:`restart_in_place`).
 * ``SIGUSR1``: log every greenlet's stack, naming the task each one runs.
+
+These signals are blocked from :meth:`SignalSupervisor.install` until the worker
+has started (:meth:`SignalSupervisor.deliver`), and from a restart in place's
+last step until the new process has started: the kernel keeps one that arrives
+meanwhile, across the ``exec``, for the new process to handle.  (Unblocked, a
+``SIGTERM`` during a restart killed the process before it had a handler: exit
+143, its pid file left behind.)
 """
 
 from __future__ import annotations
@@ -30,6 +37,22 @@ from .. import green
 from .executor import request_in_stack
 
 log = logging.getLogger("greenworker.signals")
+
+#: The signals a CLI worker handles.
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1)
+#: Those that end the process (no restart after them).
+_SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+
+def block_signals() -> None:
+    """Hold :data:`HANDLED_SIGNALS` back from this thread (the kernel keeps them pending;
+    the mask and what is pending survive an ``exec``)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+
+
+def unblock_signals() -> None:
+    """Let :data:`HANDLED_SIGNALS` in again: those pending arrive now."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
 
 
 class SignalSupervisor:
@@ -60,15 +83,23 @@ class SignalSupervisor:
         self._stopping = False
 
     def install(self) -> None:
-        for signum in (
-            signal.SIGTERM,
-            signal.SIGINT,
-            signal.SIGQUIT,
-            signal.SIGHUP,
-            signal.SIGUSR1,
-        ):
+        """Handle the signals; they stay blocked until :meth:`deliver` (the worker is
+        not started yet: a warm stop now would find nothing to stop)."""
+        block_signals()
+        for signum in HANDLED_SIGNALS:
             green.on_signal(signum, self._flag(signum))
         green.spawn(self._supervise)
+
+    def deliver(self) -> None:
+        """The worker has started: signals come in, those held back first."""
+        unblock_signals()
+
+    def hold_for_restart(self) -> bool:
+        """Block the signals for a restart in place (the new process handles what comes
+        from now on); True if a shutdown signal came before (then there is no restart)."""
+        block_signals()
+        green.sleep(0)  # the handler greenlet of a signal that came just before runs
+        return self.shutdown or any(signum in _SHUTDOWN_SIGNALS for signum in self.pending)
 
     def _flag(self, signum: int) -> Callable[[], None]:
         def handler() -> None:  # only records the signal: the supervisor acts on it
@@ -124,6 +155,7 @@ def restart_in_place(
     ``worker_max_*_per_child`` limit, and for ``-D``.  ``cwd`` is where the command was
     started (its relative paths, ``--workdir`` among them, are read from there);
     ``executable`` replaces the Python interpreter (Celery's ``--executable``)."""
+    block_signals()  # a signal from here on is the new process's to handle
     program = executable or sys.executable
     argv = [program, *sys.orig_argv[1:]]
     log.info("restarting: %s", " ".join(argv))

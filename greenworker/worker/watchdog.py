@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from .. import green
 from ..backends.base import FAILURE, build_meta, celery_exception
 from .executor import request_in_stack
+from .signals import block_signals
 
 if TYPE_CHECKING:
     from kombu.message import Message
@@ -140,6 +141,9 @@ class Watchdog:
                 self._ticker = None
 
     def _watch(self) -> None:
+        # the CLI's signals go to the hub's thread, never to this one: while the hub's
+        # thread holds them back (a restart in place), none is taken here instead
+        block_signals()
         episode_stamp = None  # the hub's stamp when the current block began
         reported_past_limit = False
         while self._running:
