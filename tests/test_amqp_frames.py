@@ -143,4 +143,4 @@ def test_a_tls_transport_keeps_py_amqps_reads() -> None:
     class NotTcp:
         transport = object()
 
-    assert amqp_frames.install(NotTcp()) is False
+    assert amqp_frames.install(NotTcp()) is None

@@ -52,6 +52,14 @@ class FrameReader:
         self._pos = end + 1
         return frame_type, channel, buffer[start:end]
 
+    def has_frame(self) -> bool:
+        """Whether a whole frame is buffered: ``read_frame`` returns it without a read."""
+        available = len(self._buffer) - self._pos
+        if available < _HEADER.size:
+            return False
+        size: int = _HEADER.unpack_from(self._buffer, self._pos)[2]
+        return available > _HEADER.size + size
+
     def _fill(self, needed: int) -> None:
         """Read until ``needed`` unread bytes are buffered."""
         while len(self._buffer) - self._pos < needed:
@@ -74,14 +82,15 @@ class FrameReader:
             self._pos = 0
 
 
-def install(connection: Any) -> bool:
-    """Give a connected py-amqp ``connection`` buffered frame reads.  False (and
-    nothing changed) for a transport this does not know, such as TLS: py-amqp's own
-    reads stay."""
+def install(connection: Any) -> FrameReader | None:
+    """Give a connected py-amqp ``connection`` buffered frame reads: the reader.  None
+    (and nothing changed) for a transport this does not know, such as TLS: py-amqp's
+    own reads stay."""
     from amqp.transport import TCPTransport
 
     transport: Any = getattr(connection, "transport", None)
     if type(transport) is not TCPTransport or transport.sock is None:
-        return False
-    transport.read_frame = FrameReader(transport).read_frame
-    return True
+        return None
+    reader = FrameReader(transport)
+    transport.read_frame = reader.read_frame
+    return reader

@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING, Any
 from kombu.connection import Connection
 from kombu.message import Message
 from kombu.messaging import Consumer as KombuConsumer
+from kombu.serialization import prepare_accept_content
 
 from .. import green
 from ..client.delayed_delivery import wanted
 from ..config import POLLING_WAKE
-from . import amqp_frames, delayed_delivery
+from . import amqp_frames, amqp_lean, delayed_delivery
 from .reconnect import Backoff, FailureBurst, retry_until_stopped
 
 if TYPE_CHECKING:
@@ -257,6 +258,8 @@ class Consumer(Reconnecting):
         self._queue_changes: list[tuple[str, str]] = []
         self._connection: Connection | None = None
         self._kombu_consumer: KombuConsumer | None = None
+        self._lean: amqp_lean.LeanDelivery | None = None
+        self._accept = prepare_accept_content(app.conf.accept_content)
         # AMQP ack batching: tags delivered on the current channel and not settled yet,
         # and tags whose ack waits for the next flush (see _flush_acks)
         self._batch_acks = False
@@ -423,7 +426,7 @@ class Consumer(Reconnecting):
 
     # ------------------------------------------------------------ batched acks (AMQP)
 
-    def _receive(self, message: Message) -> None:
+    def _receive(self, message: Message | amqp_lean.LeanMessage) -> None:
         if self._batch_acks:
             self._unsettled.add(message.delivery_tag)
         self._delivering = True  # a prefetch change asked from here waits for the loop
@@ -449,10 +452,11 @@ class Consumer(Reconnecting):
                 self.failed_writes["ack"].add("connection lost", len(due))
                 return True
             try:
+                send_ack = amqp_lean.send_ack
                 if below:
-                    channel.basic_ack(max(below), multiple=True)
-                for tag in above:
-                    channel.basic_ack(tag)
+                    send_ack(channel, max(below), multiple=True)
+                for tag in sorted(above):
+                    send_ack(channel, tag)
             except Exception as exc:  # the connection it came on is gone: redelivered later
                 self._mark_lost(self._ack_channel_generation)
                 self.failed_writes["ack"].add(exc, len(due))
@@ -473,8 +477,13 @@ class Consumer(Reconnecting):
         self.connection_generation += 1
         channel = conn.channel()
         self._batch_acks = conn.transport.driver_type == "amqp"
+        self._lean = None
         if self._batch_acks:
-            amqp_frames.install(conn.connection)
+            reader = amqp_frames.install(conn.connection)
+            # the deliveries of this channel skip py-amqp's and kombu's message objects
+            self._lean = amqp_lean.install(
+                conn.connection, channel, self._receive, self._accept, self._write_lock, reader
+            )
         # RabbitMQ applies a per-consumer (global=False) count only to consumers started
         # after it; per channel, as Celery does there, a change takes effect at once.
         # Quorum queues refuse a global count: per consumer there (ConsumerCredit).
@@ -536,7 +545,10 @@ class Consumer(Reconnecting):
             if self._queue_changes:
                 self._apply_queue_changes(consumer)
             try:
-                conn.drain_events(timeout=interval)
+                if self._lean is not None:
+                    self._lean.drain(interval)
+                else:
+                    conn.drain_events(timeout=interval)
             except TimeoutError:  # socket.timeout: nothing arrived within the interval
                 pass
         with self._write_lock:
@@ -580,6 +592,7 @@ class Consumer(Reconnecting):
         self._unsettled = set()
         conn, self._connection = self._connection, None
         self._kombu_consumer = None
+        self._lean = None
         self._credit = None
         self._applied_prefetch = None
         if conn is not None:

@@ -15,10 +15,12 @@ from typing import Any
 from kombu.utils.json import loads as kombu_loads
 
 _TYPED = b'"__type__"'
+_TYPED_TEXT = '"__type__"'
 
 
-def loads_envelope(raw: bytes) -> Any:
-    """The envelope ``raw`` as kombu's transport would decode it."""
-    if _TYPED in raw:
+def loads_envelope(raw: bytes | str) -> Any:
+    """The envelope ``raw`` (UTF-8 or text) as kombu's transport would decode it."""
+    typed = _TYPED_TEXT in raw if isinstance(raw, str) else _TYPED in raw
+    if typed:
         return kombu_loads(raw)
     return json.loads(raw)
