@@ -13,7 +13,8 @@ Scenarios (each on every broker the system supports):
 A  20,000 noop at concurrency 100 and 1000: tasks/s (first to last completion), peak RSS
 B  5,000 io(50 ms) at concurrency 500: run time (ideal 0.5 s)
 C  publish-to-start latency while publishing 200 tasks/s for 10 s: p50 and p99
-D  broker ceiling: a bare kombu consumer draining 20,000 Celery messages: messages/s
+D  broker ceiling: a bare kombu consumer draining 20,000 Celery messages: messages/s;
+   beside it greenworker's worker on 20,000 tasks that do nothing
 E  startup (start to first task done), idle CPU % over 5 s, idle shutdown (SIGTERM)
 F  10,000 io(1 s) at concurrency 10,000 in one process: run time, peak RSS
 G  scale-out: 20,000 noop on 1 and on 2 greenworker processes (-c 100 each) on one
@@ -142,6 +143,8 @@ def cases(scenario: str, args: argparse.Namespace, runner: Runner) -> list[Case]
             found.append(
                 Case("D", "", "kombu-bare", broker, functools.partial(runner.run_d, broker))
             )
+        # beside it, greenworker's worker with tasks that do nothing: its own ceiling
+        each("", runner.run_d_worker, only=("greenworker",))
     elif scenario == "E":
         each("", functools.partial(_run_e, runner))
     elif scenario == "F":
@@ -171,7 +174,8 @@ def notes(sizes: Sizes) -> Callable[[str], list[str]]:
         text = {
             "B": f"Ideal: {sizes.b_tasks} / {sizes.b_concurrency} x {sizes.b_ms} ms.",
             "C": f"Concurrency {sizes.c_concurrency}; {sizes.c_seconds:g} s of publishing.",
-            "D": "No worker: kombu alone, no_ack=False, an ack per message.",
+            "D": "kombu-bare: no worker, kombu alone, no_ack=False, an ack per message. "
+            "greenworker: its worker on tasks that do nothing (-c 100, acks late).",
             "E": f"Concurrency {sizes.c_concurrency}; idle CPU over {sizes.e_idle:g} s.",
             "F": "Target for greenworker at full size: <= 3 s and <= 250 MB.",
             "G": (

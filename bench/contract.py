@@ -4,6 +4,10 @@
 ``io``       HTTP GET ``http://127.0.0.1:PORT/?ms=MS`` from bench/slow_server.py on a new
              connection (closed after), then INCR the counter.
 ``latency``  LPUSH ``now - published_at`` (seconds) onto a list: publish-to-start latency.
+``empty``    nothing, and no I/O but at the first task (INCR) and at the
+             ``BENCH_EMPTY_TOTAL``-th (INCRBY the rest): the worker's own cost per task, to
+             set beside the bare kombu consumer of scenario D.  Counted in the process, so
+             for one worker process only.
 
 Each ``tasks_*.py`` registers these very functions with its system.  The module imports
 nothing green: each worker has patched the process (gevent) before it imports this.
@@ -44,6 +48,20 @@ counter = redis.Redis(
 
 def noop() -> None:
     counter.incr(COUNTER_KEY)
+
+
+#: Tasks of ``empty`` the harness waits for; this process's count of them so far.
+EMPTY_TOTAL = int(os.environ.get("BENCH_EMPTY_TOTAL", "0"))
+_empty_done = 0
+
+
+def empty() -> None:
+    global _empty_done
+    _empty_done += 1
+    if _empty_done == 1:
+        counter.incr(COUNTER_KEY)  # the first completion, for the harness's clock
+    elif _empty_done == EMPTY_TOTAL:
+        counter.incrby(COUNTER_KEY, EMPTY_TOTAL - 1)
 
 
 def io(ms: int) -> None:

@@ -2,10 +2,11 @@
 
     python -m bench.publish SYSTEM TASK COUNT [--ms 50] [--rate 200]
 
-SYSTEM is greenworker, celery, dramatiq or huey; TASK is noop, io (argument: --ms) or
-latency (argument: the publish time, taken just before each send).  Without --rate the
-tasks are sent back to back; with it they are paced at RATE per second.  The broker comes
-from BENCH_BROKER.  Prints one JSON line: {"published": N, "seconds": S}.
+SYSTEM is greenworker, celery, dramatiq or huey; TASK is noop, empty (greenworker
+only), io (argument: --ms) or latency (argument: the publish time, taken just before
+each send).  Without --rate the tasks are sent back to back; with it they are paced at
+RATE per second.  The broker comes from BENCH_BROKER.  Prints one JSON line:
+{"published": N, "seconds": S}.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from collections.abc import Callable
 from typing import Any
 
 Sender = Callable[[str, tuple[Any, ...]], None]
+#: Every system has these; ``empty`` only greenworker (scenario D's worker row).
 TASKS = ("noop", "io", "latency")
+ALL_TASKS = (*TASKS, "empty")
 
 
 def greenworker_sender() -> tuple[Sender, Callable[[], None]]:
@@ -76,7 +79,7 @@ SENDERS: dict[str, Callable[[], tuple[Sender, Callable[[], None]]]] = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("system", choices=sorted(SENDERS))
-    parser.add_argument("task", choices=TASKS)
+    parser.add_argument("task", choices=ALL_TASKS)
     parser.add_argument("count", type=int)
     parser.add_argument("--ms", type=int, default=50, help="the io task's server delay")
     parser.add_argument("--rate", type=float, help="tasks per second (default: flat out)")
@@ -94,7 +97,7 @@ def main() -> None:
             elif args.task == "latency":
                 send("latency", (time.time(),))
             else:
-                send("noop", ())
+                send(args.task, ())  # noop, empty
     finally:
         close()
     print(json.dumps({"published": args.count, "seconds": round(time.monotonic() - started, 3)}))

@@ -23,7 +23,8 @@ TITLES = {
     "A": "A: noop throughput (first to last completion)",
     "B": "B: I/O tasks, 50 ms each (first request to last completion)",
     "C": "C: publish-to-start latency while publishing at a steady rate",
-    "D": "D: broker ceiling, a bare kombu consumer acking pre-published Celery messages",
+    "D": "D: broker ceiling, a bare kombu consumer acking pre-published Celery messages "
+    "(and greenworker's worker on tasks that do nothing)",
     "E": "E: startup (process start to first task done), idle CPU, idle shutdown (SIGTERM)",
     "F": "F: I/O tasks, 1 s each, all at once in one process",
     "G": "G: scale-out, noop throughput of N worker processes on one broker",

@@ -12,6 +12,7 @@ import contextlib
 import http.client
 import json
 import math
+import os
 import shutil
 import signal
 import socket
@@ -435,6 +436,35 @@ class Runner:
         if result["messages"] < count:
             return {**row, "status": f"timeout ({result['messages']}/{count} after {timeout}s)"}
         return {**row, "status": "ok"}
+
+    def run_d_worker(self, system: str, broker: str) -> dict[str, Any]:
+        """D's worker row: greenworker draining as many tasks that do nothing (``empty``)
+        at -c 100, prefetch 400 like the bare consumer: the worker's own ceiling."""
+        count = self.sizes.d_messages
+        os.environ["BENCH_EMPTY_TOTAL"] = str(count)  # the worker's environment
+        try:
+            with self.clean(broker):
+                publish_s = self.publish(system, broker, "empty", count)
+                started = time.time()
+                with self.start_worker(system, broker, self.sizes.d_prefetch // 4, "D") as worker:
+                    seen = self.watch(worker, count, started + self.timeout("D"))
+                    worker.stop()
+        finally:
+            del os.environ["BENCH_EMPTY_TOTAL"]
+        row: dict[str, Any] = {
+            "messages": count,
+            "prefetch": self.sizes.d_prefetch,
+            "publish_s": round(publish_s, 2),
+        }
+        if not seen.finished or seen.first is None or seen.last is None:
+            return {**row, "status": self.timed_out(seen, count, self.timeout("D"))}
+        elapsed = seen.last - seen.first
+        return {
+            **row,
+            "status": "ok",
+            "seconds": round(elapsed, 3),
+            "messages_per_s": round(count / elapsed, 1) if elapsed > 0 else None,
+        }
 
     # ------------------------------------------------------------ E: startup, idle, shutdown
 

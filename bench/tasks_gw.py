@@ -27,3 +27,4 @@ app = App(
 noop = app.task(name="bench.noop")(contract.noop)
 io = app.task(name="bench.io")(contract.io)
 latency = app.task(name="bench.latency")(contract.latency)
+empty = app.task(name="bench.empty")(contract.empty)
