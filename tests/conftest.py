@@ -8,15 +8,18 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from kombu.message import Message
 from kombu.messaging import Producer
 
 from greenworker import App, Worker, green
+
+if TYPE_CHECKING:
+    from .faults import TcpProxy
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -82,6 +85,22 @@ def scratch_redis(tmp_path: Path) -> Iterator[str]:
     server.start()
     yield server.url
     server.stop()
+
+
+@pytest.fixture
+def proxy() -> Iterator[Callable[[int], TcpProxy]]:
+    """Make TCP proxies to broker ports (``proxy(6379)``); each is cut after the test."""
+    from .faults import TcpProxy
+
+    made: list[TcpProxy] = []
+
+    def make(upstream: int) -> TcpProxy:
+        made.append(TcpProxy(upstream))
+        return made[-1]
+
+    yield make
+    for each in made:
+        each.cut()
 
 
 @pytest.fixture

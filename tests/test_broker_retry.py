@@ -11,7 +11,7 @@ import logging
 import re
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -96,19 +96,6 @@ def test_max_retries_gives_up_after_that_many_retries_and_exits_1(app: str, hub:
 
 
 # ------------------------------------------------------------------ embedded workers
-
-
-@pytest.fixture
-def proxy() -> Iterator[Callable[[int], TcpProxy]]:
-    made: list[TcpProxy] = []
-
-    def make(upstream: int) -> TcpProxy:
-        made.append(TcpProxy(upstream))
-        return made[-1]
-
-    yield make
-    for each in made:
-        each.cut()
 
 
 def _worker(broker: str, queue: str, **conf: Any) -> Worker:

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,19 +29,6 @@ from .conftest import ROOT, delete_queues_and_close
 from .faults import TcpProxy, env_with, free_port, log_tail
 
 PAUSE = re.compile(r"reconnecting in ([\d.]+)s")
-
-
-@pytest.fixture
-def proxy() -> Iterator[Callable[[int], TcpProxy]]:
-    made: list[TcpProxy] = []
-
-    def make(upstream: int) -> TcpProxy:
-        made.append(TcpProxy(upstream))
-        return made[-1]
-
-    yield make
-    for each in made:
-        each.cut()
 
 
 def _poll(predicate: Callable[[], bool], timeout: float, what: str) -> None:
