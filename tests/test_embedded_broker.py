@@ -4,6 +4,7 @@ one directory, fanout, the visibility timeout, crashes mid-write, a full store, 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import signal
@@ -14,11 +15,13 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from greenworker import App
+from greenworker import App, green
 from greenworker.protocol import build_task_message
+from greenworker.transport.lmdb_consumer import NativeLmdbConsumer
 from greenworker.transport.lmdb_store import BrokerStoreError, QueueInfo, open_store
 
 from .conftest import ROOT, run_cli, run_python, start_cli, wait_for_output
@@ -173,6 +176,59 @@ def test_space_of_deleted_messages_is_reused(tmp_path: Path) -> None:
         sizes.append(os.path.getsize(tmp_path / "broker" / "data.mdb"))
     assert sizes[-1] == sizes[5], sizes  # the file stopped growing: pages are reused
     assert sizes[-1] < 8 << 20
+
+
+# ------------------------------------------------------------------ the task consumer
+
+
+def test_the_native_consumer_delivers_by_priority_requeues_and_rejects_malformed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = App("nativeconsumer", data_dir=str(tmp_path))
+    queue = app.conf.task_default_queue
+    seen: list[tuple[int, bool]] = []
+    done = green.new_event()
+
+    def on_message(message: Any) -> None:
+        n = message.decode()[0][0]
+        redelivered = bool(message.delivery_info.get("redelivered"))
+        seen.append((n, redelivered))
+        if n == 3 and not redelivered:
+            consumer.reject(message, requeue=True)  # back at the head of its queue
+        else:
+            consumer.ack(message)
+        if len(seen) == 7:
+            done.set()
+
+    consumer = NativeLmdbConsumer(app, [queue], on_message, lambda: 1)
+    with app.connection() as conn:  # declares the queue and its binding
+        app.queue()(conn.default_channel).declare()
+    store = open_store(str(tmp_path / "broker"))
+    store.put([queue], b"this is not json", 0)
+    store.put([queue], b'["a list", "not an envelope"]', 0)
+    for n in range(1, 6):
+        app.send_task("native.record", (n,), priority=0)
+    app.send_task("native.record", (99,), priority=9)
+    with caplog.at_level(logging.ERROR, logger="greenworker"):
+        consumer.start()
+        try:
+            assert done.wait(10), seen
+        finally:
+            consumer.stop_consuming()
+            consumer.close()
+    # the highest priority first, whatever came before it; the requeued one at once again
+    assert seen == [
+        (99, False),
+        (1, False),
+        (2, False),
+        (3, False),
+        (3, True),
+        (4, False),
+        (5, False),
+    ]
+    errors = [r.getMessage() for r in caplog.records if "Rejected malformed" in r.getMessage()]
+    assert len(errors) == 2 and all("not kombu's JSON envelope" in e for e in errors), errors
+    assert store.size(queue) == 0 and store.unacked_count() == 0  # nothing left unsettled
 
 
 # ------------------------------------------------------------------ worker processes

@@ -28,10 +28,9 @@ from decimal import Decimal
 from typing import Any
 
 from kombu.compression import decompress
-from kombu.serialization import loads as kombu_loads
 
 from .amqp_frames import FrameReader
-from .envelope import loads_envelope
+from .envelope import decode_body
 
 log = logging.getLogger("greenworker.consumer")
 
@@ -267,22 +266,7 @@ class LeanMessage:
             from kombu.exceptions import DecodeError
 
             raise DecodeError(f"cannot decompress the body: {self.errors[0][1]}")
-        body, accept = self.body, self.accept
-        if (
-            self.content_type == "application/json"
-            and accept is not None
-            and "application/json" in accept
-            and body
-            and (isinstance(body, str) or self.content_encoding == "utf-8")
-        ):
-            # kombu's JSON decoding, without its per-object hook where no typed value is
-            try:
-                return loads_envelope(body)
-            except Exception as exc:
-                from kombu.exceptions import DecodeError
-
-                raise DecodeError(exc) from exc
-        return kombu_loads(body, self.content_type, self.content_encoding, accept=accept)
+        return decode_body(self.body, self.content_type, self.content_encoding, self.accept)
 
     def ack(self, multiple: bool = False) -> None:
         if self.acknowledged:

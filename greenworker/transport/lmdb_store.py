@@ -802,6 +802,30 @@ class BrokerStore:
         self._lock_fd = None
 
 
+def wake_socket(address: bytes) -> socket.socket:
+    """A datagram socket bound to the wake-up ``address`` (see :meth:`BrokerStore.sleep`)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    return sock
+
+
+def wait_for_wake(sock: socket.socket, seconds: float) -> bool:
+    """Wait up to ``seconds`` for a wake-up datagram on ``sock``: True if one came.
+    Every datagram sent meanwhile is read too (one wake-up is enough)."""
+    sock.settimeout(seconds)
+    try:
+        sock.recv(16)
+    except (TimeoutError, BlockingIOError):
+        return False
+    sock.setblocking(False)
+    try:
+        while sock.recv(16):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
+    return True
+
+
 _stores: dict[tuple[int, str], BrokerStore] = {}
 
 

@@ -319,9 +319,7 @@ class Transport(virtual.Transport):
             return None
         if self._socket is None:
             self._address = self.store.new_address()
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            sock.bind(self._address)
-            self._socket = sock
+            self._socket = lmdb_store.wake_socket(self._address)
         return self._socket
 
     def wake_self(self) -> None:
@@ -381,17 +379,7 @@ class Transport(virtual.Transport):
             self._asleep_on = queues
         self._waiting = True
         try:
-            sock.settimeout(seconds)
-            try:
-                sock.recv(16)
-            except (TimeoutError, BlockingIOError):
-                return
-            sock.setblocking(False)
-            try:
-                while sock.recv(16):  # every wake-up sent meanwhile: one is enough
-                    pass
-            except (BlockingIOError, InterruptedError):
-                pass
+            lmdb_store.wait_for_wake(sock, seconds)
         finally:
             self._waiting = False
 

@@ -37,7 +37,6 @@ instead); so does a transport option that changes kombu's key layout
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import logging
 import time
@@ -45,14 +44,13 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import redis
-from kombu.serialization import loads as kombu_loads
 from kombu.serialization import prepare_accept_content
 from kombu.utils import json  # kombu's envelope codec (typed values), as its transport
 from kombu.utils.url import maybe_sanitize_url
 
 from .. import green
 from .consumer import Reconnecting
-from .envelope import loads_envelope
+from .envelope import EnvelopeMessage, loads_envelope
 from .redis_layout import (
     BINDING_KEY,
     PRIORITY_SEP,
@@ -137,65 +135,14 @@ return moved
 """
 
 
-class RedisMessage:
-    """One task message from Redis, with the kombu ``Message`` interface the worker uses."""
+class RedisMessage(EnvelopeMessage):
+    """One task message from Redis, and the list it came from."""
 
-    __slots__ = (
-        "_consumer",
-        "acknowledged",
-        "body",
-        "channel",
-        "content_encoding",
-        "content_type",
-        "delivery_info",
-        "delivery_tag",
-        "headers",
-        "payload",
-        "properties",
-        "source",
-    )
+    __slots__ = ("source",)
 
     def __init__(self, consumer: NativeRedisConsumer, payload: dict[str, Any], source: str) -> None:
-        self._consumer = consumer
-        self.channel: Any = consumer  # what refresh_visibility matches messages on
-        self.payload = payload
+        super().__init__(consumer, payload)
         self.source = source  # the list it came from (priority lists included)
-        properties = payload.get("properties")
-        self.properties: dict[str, Any] = properties if isinstance(properties, dict) else {}
-        headers = payload.get("headers")
-        self.headers: dict[str, Any] = headers if isinstance(headers, dict) else {}
-        info = self.properties.get("delivery_info")
-        self.delivery_info: dict[str, Any] = dict(info) if isinstance(info, dict) else {}
-        self.delivery_tag: str = str(self.properties.get("delivery_tag", ""))
-        self.content_type = str(payload.get("content-type") or "application/json")
-        self.content_encoding = str(payload.get("content-encoding") or "utf-8")
-        body = payload.get("body", "")
-        if self.properties.get("body_encoding") == "base64" and isinstance(body, str):
-            self.body: bytes = base64.b64decode(body)
-        elif isinstance(body, str):
-            self.body = body.encode(self.content_encoding)
-        else:
-            self.body = json.dumps(body).encode()
-        self.acknowledged = False
-
-    def decode(self) -> Any:
-        """The body, deserialised (only content types in ``accept_content``)."""
-        return kombu_loads(
-            self.body,
-            self.content_type,
-            self.content_encoding,
-            accept=self._consumer.accept,
-        )
-
-    def ack(self) -> None:
-        if not self.acknowledged:
-            self.acknowledged = True
-            self._consumer.ack_tag(self.delivery_tag)
-
-    def reject(self, requeue: bool = False) -> None:
-        if not self.acknowledged:
-            self.acknowledged = True
-            self._consumer.settle(self, requeue=requeue, leftmost=True)
 
 
 class NativeRedisConsumer(Reconnecting):
@@ -355,7 +302,7 @@ class NativeRedisConsumer(Reconnecting):
             log.info("sent %d ack(s) held back while the broker was away", len(tags))
         return True
 
-    def settle(self, message: RedisMessage, *, requeue: bool, leftmost: bool) -> None:
+    def settle(self, message: RedisMessage, *, requeue: bool, leftmost: bool = True) -> None:
         """Remove ``message`` from unacked; with ``requeue`` put it back on its list first."""
         self._held.pop(message.delivery_tag, None)
         self._capacity.set()

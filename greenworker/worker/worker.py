@@ -200,6 +200,12 @@ class Worker:
             return NativeRedisConsumer(
                 app, self.queues, self.handler.on_message, self._prefetch_count
             )
+        if self.broker_scheme == "lmdb":
+            from ..transport.lmdb_consumer import NativeLmdbConsumer
+
+            return NativeLmdbConsumer(
+                app, self.queues, self.handler.on_message, self._prefetch_count
+            )
         return Consumer(app, self.queues, self.handler.on_message, self._prefetch_count)
 
     def _build_execution(self, runner: TaskRunner) -> None:
