@@ -30,7 +30,9 @@ def loads_envelope(raw: bytes | str) -> Any:
     return json.loads(raw)
 
 
-def decode_body(body: bytes | str, content_type: str, content_encoding: str, accept: Any) -> Any:
+def decode_body(
+    body: bytes | str, content_type: str | None, content_encoding: str | None, accept: Any
+) -> Any:
     """A message body deserialised as kombu does (only content types in ``accept``);
     JSON without kombu's per-object hook where the body holds no typed value."""
     if (
