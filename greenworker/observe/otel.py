@@ -143,7 +143,10 @@ class OpenTelemetryMiddleware(Middleware):
             if state == "FAILURE":
                 if isinstance(result, BaseException):
                     span.record_exception(result)
-                span.set_status(Status(StatusCode.ERROR, str(result)))
+                    description = f"{type(result).__name__}: {result}"
+                else:
+                    description = str(result)
+                span.set_status(Status(StatusCode.ERROR, description))
             elif state == "RETRY":
                 span.set_attribute(RETRY_REASON, str(result))
             elif state == "REVOKED":
