@@ -336,8 +336,8 @@ worker_init = Signal("worker_init")
 #: The worker is starting (sender: its node name; ``instance``: the worker, ``conf``:
 #: the app's settings), after ``worker_process_init``.
 celeryd_after_setup = Signal("celeryd_after_setup", ["instance", "conf"])
-#: Sent once per process, at the first start (sender: the node name): there is one
-#: process, where Celery sends it in each pool process.
+#: Sent once, at the worker's first start (sender: the node name): the worker is one
+#: process, where Celery sends it in each of its pool processes.
 worker_process_init = Signal("worker_process_init")
 #: The worker consumes (sender: the worker).
 worker_ready = Signal("worker_ready")

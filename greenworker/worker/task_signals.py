@@ -65,7 +65,7 @@ class WorkerSignals(Middleware):
         return worker
 
     def init_process(self) -> None:
-        """Called once per process, before ``worker_process_init``."""
+        """Called once, at the first start, before ``worker_process_init``."""
 
     def worker_start(self, worker: Worker) -> None:
         signals = self.signals
