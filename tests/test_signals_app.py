@@ -19,7 +19,7 @@ from greenworker.exceptions import NotRegistered, Retry, TimeLimitExceeded
 from greenworker.worker.request import Request
 from greenworker.worker.task_signals import AppSignals
 
-from .conftest import delete_queues_and_close, publish_raw
+from .conftest import delete_queues_and_close, publish_raw, run_python
 
 Record = list[tuple[str, dict[str, Any]]]
 
@@ -531,3 +531,15 @@ def test_only_a_greenworker_app_sends_greenworker_signals(memory_app: App) -> No
     celery_worker = CeleryApp(capp).Worker(concurrency=1)
     kinds = [type(m) for m in celery_worker.hooks.middleware]
     assert CelerySignals in kinds and AppSignals not in kinds
+
+
+def test_the_signals_and_an_apps_worker_never_import_celery() -> None:
+    done = run_python(
+        "import sys\n"
+        "from greenworker import App, signals\n"
+        "from greenworker.worker import task_signals\n"
+        "App('nocelery', broker='memory://').Worker(concurrency=1)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'celery'))\n"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
