@@ -903,10 +903,13 @@ def _run_celery_beat(app: App, schedule_path: str | None, max_interval: float | 
         raise CLIError(str(exc)) from None
 
 
-def _shutdown_listener(app: App, hostname: str) -> Callable[[str, str], object] | None:
-    """A Celery app hears of a shutdown as under Celery (``worker_shutting_down``)."""
+def _shutdown_listener(app: App, hostname: str) -> Callable[[str, str], object]:
+    """An app hears of a shutdown as under Celery (``worker_shutting_down``): a Celery
+    app from Celery's signal, a greenworker App from :mod:`greenworker.signals`."""
     if not _runs_celery_app(app):
-        return None
+        from .worker.task_signals import shutting_down as app_shutting_down
+
+        return functools.partial(app_shutting_down, hostname)
     from .celery.signals import shutting_down
 
     return functools.partial(shutting_down, hostname)

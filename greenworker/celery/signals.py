@@ -7,24 +7,23 @@ tracer; revocations and hard time limits from
 the rest, at the moments Celery's worker sends them: ``task_received``,
 ``task_rejected`` / ``task_unknown``, ``worker_process_init`` (once: there
 is one process), ``celeryd_after_setup``, ``worker_ready``,
-``heartbeat_sent``, ``worker_shutdown``.  Django's fixup, sentry-sdk and
-OpenTelemetry listen to these.
+``heartbeat_sent``, ``worker_shutdown``, as
+:class:`~greenworker.worker.task_signals.WorkerSignals` sends them for either kind of
+app.  Django's fixup, sentry-sdk and OpenTelemetry listen to these.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from celery import Celery, signals
 from celery.exceptions import NotRegistered
 
-from ..worker.executor import REJECTED_BY_TASK
-from ..worker.hooks import Middleware
+from ..worker import task_signals
+from ..worker.task_signals import WorkerSignals
 
 if TYPE_CHECKING:
-    from kombu.message import Message
-
     from ..worker.request import Request
     from ..worker.worker import Worker
 
@@ -57,34 +56,22 @@ class WorkerView:
         return f"<greenworker worker {self.hostname}>"
 
 
-class CelerySignals(Middleware):
+class CelerySignals(WorkerSignals):
     """Sends Celery's worker signals for a worker running ``app``, with ``view`` as sender."""
 
     def __init__(self, app: Celery, view: WorkerView) -> None:
+        super().__init__(signals, conf=app.conf, tasks=app.tasks, unknown_error=NotRegistered)
         self.app = app
         self.view = view
-        self._process_initialised = False
 
-    def worker_start(self, worker: Worker) -> None:
-        if not self._process_initialised:  # one process: "each pool process" means once
-            self._process_initialised = True
-            self.app.loader.init_worker_process()
-            signals.worker_process_init.send(sender=worker.hostname)
-        signals.celeryd_after_setup.send(
-            sender=worker.hostname, instance=self.view, conf=self.app.conf
-        )
-        if worker.heart is not None:
-            worker.heart.on_beat = self._heartbeat_sent
+    def sender(self, worker: Worker) -> WorkerView:
+        return self.view
 
-    def _heartbeat_sent(self) -> None:
-        if signals.heartbeat_sent.receivers:
-            signals.heartbeat_sent.send(sender=self.view)
-
-    def worker_ready(self, worker: Worker) -> None:
-        signals.worker_ready.send(sender=self.view)
+    def init_process(self) -> None:
+        self.app.loader.init_worker_process()
 
     def worker_stop(self, worker: Worker) -> None:
-        signals.worker_shutdown.send(sender=self.view)
+        super().worker_stop(worker)
         self.app.loader.shutdown_worker()
 
     def task_received(self, request: Request) -> None:
@@ -104,24 +91,8 @@ class CelerySignals(Middleware):
         )
         signals.task_received.send(sender=self.view, request=celery_request)
 
-    def task_rejected(self, message: Message, reason: str, requeue: bool) -> None:
-        if reason.startswith(REJECTED_BY_TASK):
-            return  # Reject() in a task: Celery sends no signal for it, only the event
-        headers: dict[str, Any] = message.headers or {}
-        name = headers.get("task")
-        if isinstance(name, str) and name not in self.app.tasks:
-            signals.task_unknown.send(
-                sender=self.view,
-                message=message,
-                exc=NotRegistered(name),
-                name=name,
-                id=headers.get("id"),
-            )
-            return
-        signals.task_rejected.send(sender=self.view, message=message, exc=ValueError(reason))
-
 
 def shutting_down(hostname: str, sig: str, how: str) -> None:
     """Celery's ``worker_shutting_down``: a signal started a ``how`` ("Warm", "Cold")
     shutdown of worker ``hostname``."""
-    signals.worker_shutting_down.send(sender=hostname, sig=sig, how=how, exitcode=0)
+    task_signals.shutting_down(hostname, sig, how, signals=signals)

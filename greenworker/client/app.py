@@ -32,6 +32,7 @@ from ..config import (
 )
 from ..exceptions import ImproperlyConfigured
 from ..protocol import build_task_message, utcnow
+from ..signals import after_task_publish, before_task_publish, worker_init
 from . import delayed_delivery
 from . import shared as shared_module
 from .result import AsyncResult
@@ -50,6 +51,9 @@ EMBEDDED_BROKER = "lmdb://localhost/"
 REDIS_BROKER_SCHEMES = frozenset({"redis", "rediss", "redis+socket", "sentinel"})
 REDIS_BACKEND_SCHEMES = frozenset({"redis", "rediss", "unix"})
 AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
+
+#: How the producer retries a publish that fails on the connection (kombu's retry_policy).
+PUBLISH_RETRY_POLICY = {"max_retries": 3, "interval_start": 0.1, "interval_step": 0.5}
 
 
 log = logging.getLogger("greenworker.app")
@@ -673,6 +677,18 @@ class App:
         if exchange is None:
             raise ValueError("publish needs a queue or an exchange")
         routing_key = routing_key or ""
+        declare = [queue if queue is not None else exchange]
+        if before_task_publish.receivers:  # Celery's; a receiver may add headers
+            before_task_publish.send(
+                sender=headers.get("task"),
+                body=body,
+                exchange=exchange.name,
+                routing_key=routing_key,
+                headers=headers,
+                properties=properties,
+                declare=declare,
+                retry_policy=dict(PUBLISH_RETRY_POLICY),
+            )
         native_key = (queue.name, exchange.name, routing_key) if queue is not None else None
         if (
             native_key in self._native_queues
@@ -685,6 +701,7 @@ class App:
         ):
             native = self._native()
             if native.send(body, headers, properties, exchange.name, routing_key, queue.name):
+                self._published(body, headers, exchange, routing_key)
                 return
         if self._producer_lock is None:
             self._producer_lock = threading.Lock()
@@ -698,14 +715,28 @@ class App:
                 routing_key=routing_key,
                 serializer=serializer or self.conf.task_serializer,
                 headers=headers,
-                declare=[queue if queue is not None else exchange],
+                declare=declare,
                 delivery_mode=delivery_mode or self.conf.task_default_delivery_mode,
                 retry=True,
-                retry_policy={"max_retries": 3, "interval_start": 0.1, "interval_step": 0.5},
+                retry_policy=PUBLISH_RETRY_POLICY,
                 **properties,
             )
         if self.native_redis and native_key is not None:
             self._native_queues.add(native_key)
+        self._published(body, headers, exchange, routing_key)
+
+    @staticmethod
+    def _published(
+        body: Any, headers: dict[str, Any], exchange: Exchange, routing_key: str
+    ) -> None:
+        if after_task_publish.receivers:
+            after_task_publish.send(
+                sender=headers.get("task"),
+                body=body,
+                exchange=exchange.name,
+                routing_key=routing_key,
+                headers=headers,
+            )
 
     @property
     def native_redis(self) -> bool:
@@ -760,7 +791,9 @@ class App:
         self.check_urls()
         self._refuse_quorum_consumption(options.get("queues") or [self.conf.task_default_queue])
         self.set_current()  # the worker's tasks send shared tasks through this app
-        return Worker(self, **options)
+        worker = Worker(self, **options)
+        worker_init.send(sender=worker)  # Celery's, sent when its WorkController is built
+        return worker
 
     def _refuse_quorum_consumption(self, queues: Sequence[str]) -> None:
         """With ``worker_detect_quorum_queues`` off, the worker's consumer sets a global

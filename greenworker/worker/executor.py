@@ -47,7 +47,7 @@ from ..backends.base import (
     encode_meta,
     exception_to_meta,
 )
-from ..client.task import current_request
+from ..client.task import Context, current_request
 from ..exceptions import (
     HardTimeLimit,
     Retry,
@@ -242,21 +242,27 @@ class Executor:
             if request.option("track_started"):
                 meta = {"pid": os.getpid(), "hostname": self.hostname}
                 self.runner.store(request, build_meta(request.id, STARTED, meta))
-            self.hooks.emit("before_task", request)
+            # the before_task hooks see the task as running (Celery's task_prerun, tracing)
+            context = request.context()
+            token = current_request.set(context)
+            try:
+                self.hooks.emit("before_task", request)
+            finally:
+                current_request.reset(token)
             soft, hard = request.time_limits
             if hard:
                 request._hard_timer = self.timer.call_after(
                     hard, self.on_hard_time_limit, request, hard
                 )
-            self._run(request, soft)
+            self._run(request, soft, context)
         finally:
             if request._hard_timer is not None:
                 request._hard_timer.cancel()
             self.state.task_finished(request)
 
-    def _run(self, request: Request, soft: float | None) -> None:
+    def _run(self, request: Request, soft: float | None, context: Context) -> None:
         # set for the ending too: hooks (canvas callbacks) send with this task as parent
-        token = current_request.set(request.context())
+        token = current_request.set(context)
         try:
             try:
                 outcome = self.runner.run(request, soft)

@@ -50,7 +50,7 @@ class Middleware:
         """A valid message for a known task arrived (the consumer greenlet; keep it short)."""
 
     def before_task(self, request: Request) -> None:
-        """The task is about to run (its own greenlet)."""
+        """The task is about to run (its own greenlet, its request current)."""
 
     def after_task(self, request: Request, state: str, result: Any) -> None:
         """The task ended in ``state`` and its result was stored (its own greenlet)."""

@@ -70,6 +70,16 @@ class Request:
     def name(self) -> str:
         return self.msg.task
 
+    @property
+    def args(self) -> list[Any]:
+        """The task's positional arguments (as Celery's worker Request has them)."""
+        return self.msg.args
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """The task's keyword arguments."""
+        return self.msg.kwargs
+
     # ------------------------------------------------------------ options
 
     def option(self, name: str) -> Any:

@@ -37,6 +37,7 @@ from .pool import GreenPool
 from .recycle import ProcessLimits
 from .state import RevokedSet, WorkerState
 from .store import StateSaver, StateStore
+from .task_signals import AppSignals
 from .timer import Timer
 from .watchdog import Watchdog
 
@@ -84,8 +85,9 @@ class Worker:
     ) -> None:
         """``task_runner``, ``app_middleware`` and ``beat_opener`` (what ``beat`` runs) are
         what differs between kinds of app: by default greenworker's own
-        (:class:`AppTaskRunner`, canvas callbacks, :class:`~greenworker.beat.Beat`); a
-        Celery app (:mod:`greenworker.celery`) passes Celery's tracer, signals and beat."""
+        (:class:`AppTaskRunner`, canvas callbacks and :mod:`greenworker.signals`,
+        :class:`~greenworker.beat.Beat`); a Celery app (:mod:`greenworker.celery`)
+        passes Celery's tracer, signals and beat."""
         self.app = app
         conf = app.conf
         self.broker_scheme = app.broker_url.split("://", 1)[0]
@@ -141,7 +143,9 @@ class Worker:
         # filesystem transport.
         fanout = self.broker_scheme != "filesystem"
         kind: list[Middleware] = (
-            list(app_middleware) if app_middleware is not None else [CanvasMiddleware(app)]
+            list(app_middleware)
+            if app_middleware is not None
+            else [CanvasMiddleware(app), AppSignals(conf, app.tasks)]
         )
         self._build_events(fanout, kind, middleware)
         self._build_execution(task_runner or AppTaskRunner(lambda: app.backend))
