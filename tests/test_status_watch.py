@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from greenworker import App
 from greenworker.control.watch import ENTER_SCREEN, HOME, LEAVE_SCREEN
 
 from .conftest import ROOT, delete_queues_and_close, run_cli, start_cli, wait_for_output
+from .faults import TcpProxy
 
 #: Makes the pseudo-terminal the controlling terminal of the (new session's) child, so
 #: that Ctrl-C typed into it is a SIGINT from the terminal driver, then runs the CLI.
@@ -41,27 +43,40 @@ class Setup:
     worker: subprocess.Popen[str]
 
 
-@pytest.fixture(params=["redis", "embedded"])
-def setup(
-    request: pytest.FixtureRequest, hub: str, queue_name: str, tmp_path: Path
-) -> Iterator[Setup]:
-    if request.param == "redis":
-        url = request.getfixturevalue("redis_url")
+@contextmanager
+def _running(kind: str, hub: str, queue: str, url: str, data_dir: Path) -> Iterator[Setup]:
+    if kind == "redis":
         base = ["-A", "tests.cliapp", "-b", url, "--result-backend", url]
         app = App("watchtest", broker=url)
     else:
-        base = ["-A", "tests.cliapp", "--data-dir", str(tmp_path)]
-        app = App("watchtest", data_dir=str(tmp_path))
-    host = f"{queue_name}@watch"
-    worker = start_cli(*base, "-P", hub, "-c", "4", "-Q", queue_name, "-n", host)
+        base = ["-A", "tests.cliapp", "--data-dir", str(data_dir)]
+        app = App("watchtest", data_dir=str(data_dir))
+    host = f"{queue}@watch"
+    worker = start_cli(*base, "-P", hub, "-c", "4", "-Q", queue, "-n", host)
     try:
         wait_for_output(worker, "ready", timeout=60)
-        yield Setup(base, app, queue_name, host, worker)
+        yield Setup(base, app, queue, host, worker)
     finally:
         if worker.poll() is None:
             worker.kill()
             worker.wait(10)
-        delete_queues_and_close(app, *([queue_name] if request.param == "redis" else []))
+        delete_queues_and_close(app, *([queue] if kind == "redis" else []))
+
+
+@pytest.fixture(params=["redis", "embedded"])
+def setup(
+    request: pytest.FixtureRequest, hub: str, queue_name: str, tmp_path: Path
+) -> Iterator[Setup]:
+    """A worker process on Redis, or on the embedded default."""
+    url = request.getfixturevalue("redis_url") if request.param == "redis" else ""
+    with _running(request.param, hub, queue_name, url, tmp_path) as running:
+        yield running
+
+
+@pytest.fixture
+def redis_setup(hub: str, queue_name: str, redis_url: str, tmp_path: Path) -> Iterator[Setup]:
+    with _running("redis", hub, queue_name, redis_url, tmp_path) as running:
+        yield running
 
 
 def _send(setup: Setup, count: int) -> None:
@@ -286,3 +301,32 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], fragment: str) -> Non
     assert result.returncode == 2, (result.stdout, result.stderr)
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and fragment in lines[0], lines
+
+
+@pytest.mark.timeout(120)
+def test_a_lost_broker_is_said_and_the_view_comes_back_with_it(
+    redis_setup: Setup, hub: str, proxy: Callable[[int], TcpProxy]
+) -> None:
+    setup = redis_setup
+    through = proxy(6379)
+    through.start()
+    url = f"redis://127.0.0.1:{through.port}/0"
+    row = _row(setup.host)
+    watch = start_cli(
+        "-A", "tests.cliapp", "-b", url, "-P", hub, "top", "--interval", "0.3", "-d", setup.host
+    )
+    try:
+        _read_lines_until(watch, row)
+        through.cut()
+        _read_lines_until(watch, re.compile(r"^broker unreachable: .* \(retrying\)$"))
+        _read_lines_until(watch, re.compile(rf"^{re.escape(setup.host)}\s+gone: "))
+        through.restore()
+        _read_lines_until(watch, row)  # answering again, on a new connection
+        watch.send_signal(signal.SIGINT)
+        rest = _rest(watch)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait(10)
+    assert watch.returncode == 0, rest
+    assert "Traceback" not in rest

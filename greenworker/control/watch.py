@@ -215,7 +215,8 @@ class Sampler:
         else:
             total = reply.get("total")
             processed = sum(int(n) for n in total.values()) if isinstance(total, dict) else 0
-            pool = reply.get("pool") if isinstance(reply.get("pool"), dict) else {}
+            given = reply.get("pool")
+            pool: dict[str, Any] = given if isinstance(given, dict) else {}
             rate = None
             if seen.row is not None and processed >= seen.processed and now > seen.at:
                 rate = (processed - seen.processed) / (now - seen.at)
