@@ -330,3 +330,43 @@ def test_a_lost_broker_is_said_and_the_view_comes_back_with_it(
             watch.wait(10)
     assert watch.returncode == 0, rest
     assert "Traceback" not in rest
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("args", [["status", "--watch"], ["top"]])
+def test_a_broker_that_cannot_be_reached_is_one_line_and_exit_1(args: list[str]) -> None:
+    dead = "redis://127.0.0.1:6399/0"  # nothing listens there
+    result = run_cli("-A", "tests.cliapp", "-b", dead, *args, timeout=60)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: broker unreachable ({dead}): "), lines
+    assert result.stdout == ""
+
+
+@pytest.mark.timeout(60)
+def test_stats_counts_reserved_and_scheduled_without_the_lists(memory_app: App) -> None:
+    from greenworker import green
+    from greenworker.control.commands import stats
+
+    release = green.new_event()
+
+    @memory_app.task(name="watch.hold")
+    def hold() -> None:
+        release.wait(30)
+
+    worker = memory_app.Worker(concurrency=1)
+    worker.start()
+    try:
+        hold.delay()  # runs
+        hold.delay()  # waits for the one greenlet
+        hold.apply_async(countdown=60)  # held for its ETA
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not (
+            worker.state.active and len(worker.state.reserved) == 2
+        ):
+            green.sleep(0.01)
+        reply = stats(worker.control_target)
+        assert (reply["reserved"], reply["scheduled"], reply["pool"]["running"]) == (1, 1, 1)
+    finally:
+        release.set()
+        worker.stop(timeout=5)
