@@ -370,3 +370,35 @@ def test_stats_counts_reserved_and_scheduled_without_the_lists(memory_app: App) 
     finally:
         release.set()
         worker.stop(timeout=5)
+
+
+def test_render_shows_each_kind_of_row() -> None:
+    from greenworker.control.watch import Row, Snapshot, render
+
+    at = time.mktime((2026, 1, 2, 3, 4, 5, 0, 0, -1))
+    rows = [
+        Row("a@h", processed=10, rate=2.5, active=1, pool=8, reserved=3, queues={"q": 7}),
+        Row("b@h", processed=0, active=0, pool=4, queues={"q": 7, "gone.q": None}),
+        Row("c@h", error="command 'stats' is not allowed", queues={}),
+        Row("d@h", processed=5, gone_since=at),
+    ]
+    lines = render(Snapshot(at, rows), broker="redis://h/0", interval=1.0, timeout=1.0)
+    assert lines[0] == "2026-01-02 03:04:05  greenworker · redis://h/0 · 3 worker(s) · every 1s"
+    assert re.split(r"\s{2,}", lines[1]) == [
+        *("WORKER", "PROCESSED", "TASKS/S", "ACTIVE/POOL", "RESERVED", "QUEUES (WAITING)")
+    ]
+    assert re.split(r"\s+", lines[2]) == ["a@h", "10", "2.5", "1/8", "3", "q=7"]
+    assert re.split(r"\s+", lines[3]) == ["b@h", "0", "-", "0/4", "-", "q=7", "gone.q=-"]
+    assert lines[4] == "c@h     error: command 'stats' is not allowed  -"
+    assert lines[5] == "d@h     gone: no reply since 03:04:05"
+    assert len(lines) == 6
+    nobody = render(Snapshot(at, []), broker="redis://h/0", interval=0.5, timeout=0.5)
+    assert nobody[-1] == "no worker answered within 0.5s (still watching; Ctrl-C to stop)"
+    lost = render(
+        Snapshot(at, rows[3:], broker_error="Connection refused"),
+        broker="redis://h/0",
+        interval=1.0,
+        timeout=1.0,
+    )
+    assert lost[1] == "broker unreachable: Connection refused (retrying)"
+    assert "no worker answered" not in "\n".join(lost)

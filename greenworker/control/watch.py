@@ -214,7 +214,8 @@ class Sampler:
             row = Row(host, queues=queues, error=str(reply["error"]))
         else:
             total = reply.get("total")
-            processed = sum(int(n) for n in total.values()) if isinstance(total, dict) else 0
+            counts = total.values() if isinstance(total, dict) else ()
+            processed = sum(n for n in counts if isinstance(n, int))
             given = reply.get("pool")
             pool: dict[str, Any] = given if isinstance(given, dict) else {}
             rate = None
