@@ -402,3 +402,12 @@ def test_render_shows_each_kind_of_row() -> None:
     )
     assert lost[1] == "broker unreachable: Connection refused (retrying)"
     assert "no worker answered" not in "\n".join(lost)
+
+
+@pytest.mark.parametrize("args", [["status", "--watch"], ["top"]])
+def test_kombus_filesystem_transport_is_refused(args: list[str]) -> None:
+    from greenworker.cli import NO_REMOTE_CONTROL
+
+    result = run_cli("-A", "tests.cliapp", "-b", "filesystem://localhost/", *args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"Error: {NO_REMOTE_CONTROL}\n"
