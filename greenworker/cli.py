@@ -1,8 +1,8 @@
 """The ``greenworker`` command.
 
 ``greenworker -A proj [-P gevent|eventlet] [-c N] [-Q q1,q2]`` runs a worker.
-Nine subcommands: ``call``, ``purge``, ``inspect``, ``control``, ``status`` and
-``events`` act as clients; ``beat`` runs the scheduler alone; ``statedb`` shows,
+Ten subcommands: ``call``, ``purge``, ``inspect``, ``control``, ``status``, ``top``
+and ``events`` act as clients; ``beat`` runs the scheduler alone; ``statedb`` shows,
 compacts or clears a state store, ``brokerdb`` shows or compacts the embedded
 broker's store.  The chosen hub patches the process before the user's module is
 imported, so nothing here imports kombu or the app at module level.
@@ -1552,14 +1552,35 @@ def beat(
     logging.getLogger("greenworker.beat").info("beat stopped after sending %d task(s)", sent)
 
 
+_interval_option = click.option(
+    "--interval",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds between two refreshes of the live view.  [default: 1]",
+)
+
+
 @main.command()
 @_reply_timeout_option
 @_destination_option
+@click.option("-w", "--watch", is_flag=True, help="A live view, refreshed until Ctrl-C.")
+@_interval_option
 @click.pass_obj
-def status(loader: AppLoader, timeout: float, destination: str | None) -> None:
-    """List the workers that answer ping; exit 1 if none does (a health check)."""
+def status(
+    loader: AppLoader,
+    timeout: float,
+    destination: str | None,
+    watch: bool,
+    interval: float | None,
+) -> None:
+    """List the workers that answer ping; exit 1 if none does (a health check).
+    With --watch: a live view of each worker (see the top command)."""
     from .control.mailbox import broadcast
 
+    if interval is not None and not watch:
+        raise CLIError("--interval is for the live view: add --watch")
+    if watch:
+        _watch(loader, interval or 1.0, timeout, destination)
+        return
     app = loader.load()
     _require_remote_control(app)
     targets = [d.strip() for d in destination.split(",")] if destination else None
@@ -1575,6 +1596,46 @@ def status(loader: AppLoader, timeout: float, destination: str | None) -> None:
         click.echo("Error: no worker answered ping", err=True)
         sys.exit(1)
     click.echo(f"{len(hosts)} node(s) online.")
+
+
+@main.command()
+@_reply_timeout_option
+@_destination_option
+@_interval_option
+@click.pass_obj
+def top(loader: AppLoader, timeout: float, destination: str | None, interval: float | None) -> None:
+    """A live view of the workers, one line each (status --watch): processed, tasks/s,
+    active/pool, reserved, messages waiting per queue; Ctrl-C to stop."""
+    _watch(loader, interval or 1.0, timeout, destination)
+
+
+def _watch(loader: AppLoader, interval: float, timeout: float, destination: str | None) -> None:
+    import signal
+
+    from kombu.utils.url import maybe_sanitize_url
+
+    from .control import watch
+
+    app = loader.load()
+    _require_remote_control(app)
+    targets = [d.strip() for d in destination.split(",")] if destination else None
+    with _broker_connection(app):  # an unreachable broker: one line and exit 1, at once
+        pass
+    stop = green.new_event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        green.on_signal(signum, stop.set)  # exit 0, the terminal restored, no traceback
+    sampler = watch.Sampler(app.connection, timeout=min(timeout, interval), destination=targets)
+    try:
+        watch.run(
+            sampler,
+            watch.Screen(sys.stdout),
+            interval=interval,
+            broker=maybe_sanitize_url(app.broker_url),
+            connection_errors=_connection_errors(app),
+            stop=stop,
+        )
+    finally:
+        app.close()
 
 
 @main.command()

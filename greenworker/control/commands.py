@@ -148,6 +148,7 @@ def stats(target: ControlTarget) -> dict[str, Any]:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     soft, hard = target.settings.task_soft_time_limit, target.settings.task_time_limit
     base = summary(target)
+    held = list(target.state.reserved.values())
     return {
         "total": dict(target.state.total),
         "pid": os.getpid(),
@@ -189,6 +190,10 @@ def stats(target: ControlTarget) -> dict[str, Any]:
         "failed": base["failed"],
         "succeeded": base["succeeded"],
         "rejected": base["rejected"],
+        # greenworker's own: the counts of ``reserved`` and ``scheduled``, without the
+        # lists, for a view that asks every second (``status --watch``)
+        "reserved": sum(1 for r in held if r.msg.eta is None),
+        "scheduled": sum(1 for r in held if r.msg.eta is not None),
     }
 
 
