@@ -42,6 +42,7 @@ from .watchdog import Watchdog
 
 if TYPE_CHECKING:
     from ..client.app import App
+    from ..observe.metrics import WorkerMetrics
 
 log = logging.getLogger("greenworker.worker")
 
@@ -143,6 +144,7 @@ class Worker:
         kind: list[Middleware] = (
             list(app_middleware) if app_middleware is not None else [CanvasMiddleware(app)]
         )
+        self.metrics = self._build_metrics()
         self._build_events(fanout, kind, middleware)
         self._build_execution(task_runner or AppTaskRunner(lambda: app.backend))
         self._build_control(fanout)
@@ -250,6 +252,8 @@ class Worker:
             builtin.append(TaskEvents(self.events))
         if self.limits is not None:
             builtin.append(self.limits)
+        if self.metrics is not None:
+            builtin.append(self.metrics)
         self.hooks: Hooks = Hooks([*builtin, *app.middleware, *middleware])
         self.heart = (
             Heart(
@@ -273,6 +277,24 @@ class Worker:
             )
             if fanout and conf.worker_enable_gossip
             else None
+        )
+
+    def _build_metrics(self) -> WorkerMetrics | None:
+        """Prometheus metrics at ``/metrics`` (``worker_metrics_port``), or None when off."""
+        conf = self.app.conf
+        if conf.worker_metrics_port is None:
+            return None
+        # ImproperlyConfigured without prometheus_client: only then is it needed
+        from ..observe.metrics import WorkerMetrics
+
+        return WorkerMetrics(
+            hostname=self.hostname,
+            tasks=self.app.tasks,
+            stats=self.stats,
+            state=self.state,
+            eta_held=lambda: self.handler.eta_held,
+            bind=conf.worker_metrics_bind,
+            port=conf.worker_metrics_port,
         )
 
     def _build_control(self, fanout: bool) -> None:
@@ -340,6 +362,14 @@ class Worker:
             except BaseException:
                 if self.store is not None:
                     self.store.close()
+                raise
+        if self.metrics is not None:
+            try:
+                self.metrics.serve()  # MetricsError (its port is taken): nothing runs yet
+            except BaseException:
+                for store in (self._beat_store, self.store):
+                    if store is not None:
+                        store.close()
                 raise
         self._started = True
         self.restart_reason = None
@@ -482,6 +512,8 @@ class Worker:
         if self.control is not None:
             self.control.stop()
         self.watchdog.stop()
+        if self.metrics is not None:
+            self.metrics.close()
         self.timer.stop()
         if self.limits is not None:
             self.limits.stop()
