@@ -506,8 +506,7 @@ _WORKER_OPTIONS: tuple[Callable[[Any], Any], ...] = (
         "--metrics-bind",
         metavar="ADDR",
         group=_FEATURES,
-        help="The address --metrics-port listens on (worker_metrics_bind).  "
-        "[default: 127.0.0.1]",
+        help="The address --metrics-port listens on (worker_metrics_bind).  [default: 127.0.0.1]",
     ),
     _option(
         "-B",

@@ -307,11 +307,11 @@ def test_without_prometheus_client_says_what_to_install(hub: str, tmp_path: Path
     hidden = tmp_path / "hidden"
     (hidden / "prometheus_client").mkdir(parents=True)
     (hidden / "prometheus_client" / "__init__.py").write_text(
-        'raise ImportError("No module named \'prometheus_client\'")\n'
+        "raise ImportError(\"No module named 'prometheus_client'\")\n"
     )
+    command = [sys.executable, "-m", "greenworker", *worker_command(hub, tmp_path / "data")]
     result = subprocess.run(
-        [sys.executable, "-m", "greenworker", *worker_command(hub, tmp_path / "data")]
-        + ["--metrics-port", "0"],
+        [*command, "--metrics-port", "0"],
         cwd=ROOT,
         capture_output=True,
         text=True,

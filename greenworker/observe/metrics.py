@@ -274,7 +274,9 @@ class _StateCollector:
             "Tasks held on the timer until their ETA (part of the reserved ones).",
             self.eta_held(),
         )
-        yield _gauge("greenworker_pool_size", "Greenlets the pool may run at once.", pool["max-concurrency"])
+        yield _gauge(
+            "greenworker_pool_size", "Greenlets the pool may run at once.", pool["max-concurrency"]
+        )
         yield _gauge(
             "greenworker_pool_waiting", "Tasks waiting for a free greenlet.", pool["waiting"]
         )
