@@ -748,6 +748,7 @@ class _WorkerPlan:
     autoscale: tuple[int, int] | None
     pidfile: str | None
     logfile: str | None
+    metrics: tuple[str, int] | None  # where the metrics are served: (address, port)
     notes: list[tuple[int, str]]  # (logging level, line), said once the log is set up
 
 
@@ -877,6 +878,9 @@ def _plan(app: App, options: WorkerOptions) -> _WorkerPlan:
         logfile=expand_node_path(options.logfile, hostname, "-f/--logfile")
         if options.logfile
         else None,
+        metrics=None
+        if conf.worker_metrics_port is None
+        else (conf.worker_metrics_bind, conf.worker_metrics_port),
         notes=notes,
     )
 
@@ -994,6 +998,10 @@ def _prepare_process(options: WorkerOptions, plan: _WorkerPlan) -> None:
         # what would fail in the daemon fails here, on the terminal
         if pidfile is not None:
             pidfile.check_writable()
+        if plan.metrics is not None:
+            from .observe.metrics import check_port  # needs prometheus_client, said here too
+
+            check_port(*plan.metrics)
         if plan.logfile is not None:
             check_logfile(plan.logfile)
         else:

@@ -281,7 +281,8 @@ def test_scrape_during_a_full_load(hub: str, tmp_path: Path, redis_url: str) -> 
 
 @pytest.mark.timeout(60)
 def test_command_errors_are_one_line(hub: str, tmp_path: Path) -> None:
-    """A port taken, an address not of this machine, a bad port: one line, a status."""
+    """A port taken (also with -D), an address not of this machine, a bad port: one
+    line, a status."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
@@ -294,12 +295,19 @@ def test_command_errors_are_one_line(hub: str, tmp_path: Path) -> None:
                 "Error: metrics: cannot listen on 192.0.2.1:0: ",
             ),
             (("--metrics-port", "70000"), 2, "Error: Invalid value for '--metrics-port': "),
+            # -D: on the terminal, before the fork (the daemon's stderr is /dev/null)
+            (
+                ("-D", "-f", str(tmp_path / "daemon.log"), "--metrics-port", port),
+                1,
+                f"Error: metrics: cannot listen on 127.0.0.1:{port}: ",
+            ),
         ]
         for args, status, says in cases:
             result = run_cli(*worker_command(hub, tmp_path / "data", *args), timeout=40)
             assert result.returncode == status, (args, result.stderr)
             assert result.stderr.splitlines()[-1].startswith(says), (args, result.stderr)
             assert "Traceback" not in result.stderr
+    assert not (tmp_path / "daemon.log").exists()  # no daemon started
 
 
 @pytest.mark.timeout(60)

@@ -312,6 +312,14 @@ def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily
     return CounterMetricFamily(name, documentation, value=value)
 
 
+def check_port(host: str, port: int) -> None:
+    """Raise :class:`MetricsError` now if ``host:port`` cannot be listened on (before
+    ``-D`` forks: the daemon's error would reach only its log)."""
+    server = MetricsServer(bytes, host, port)
+    server.bind()
+    server.stop()
+
+
 class MetricsServer:
     """Serves ``render()`` at ``GET /metrics`` over HTTP/1.0-style one-shot connections,
     in greenlets of the current hub (the process is monkeypatched: ``socket`` is green)."""
