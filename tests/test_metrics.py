@@ -330,3 +330,51 @@ def test_without_prometheus_client_says_what_to_install(hub: str, tmp_path: Path
     assert len(result.stderr.splitlines()) == 1, result.stderr
     assert result.stderr.startswith("Error: metrics need prometheus_client")
     assert result.stderr.rstrip().endswith("pip install greenworker[metrics]")
+
+
+@pytest.mark.timeout(60)
+def test_a_celery_apps_tasks_are_counted(redis_url: str, queue_name: str) -> None:
+    """Celery's tracer runs the task: the outcomes are counted the same way; the setting
+    comes from the Celery app's own configuration."""
+    from celery import Celery
+    from celery.app import trace
+
+    from greenworker.celery.app import CeleryApp
+
+    celery_app = Celery("metered", broker=redis_url, backend=redis_url, set_as_current=False)
+    celery_app.conf.update(task_default_queue=queue_name, worker_metrics_port=0)
+
+    @celery_app.task(name="metered.add")  # type: ignore[untyped-decorator]
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    @celery_app.task(name="metered.flaky", bind=True)  # type: ignore[untyped-decorator]
+    def flaky(self: Any) -> str:
+        if self.request.retries == 0:
+            raise self.retry(countdown=0)
+        return "second time"
+
+    @celery_app.task(name="metered.fail")  # type: ignore[untyped-decorator]
+    def fail() -> None:
+        raise ValueError("failed on purpose")
+
+    worker = CeleryApp(celery_app).Worker(concurrency=5)
+    worker.start()
+    try:
+        assert add.delay(1, 2).get(timeout=10) == 3
+        assert flaky.delay().get(timeout=10) == "second time"
+        with pytest.raises(ValueError):
+            fail.delay().get(timeout=10)
+        samples = scrape(url_of(worker))
+    finally:
+        worker.stop()
+        trace.reset_worker_optimizations(celery_app)
+        with celery_app.connection_for_write() as conn:
+            celery_app.amqp.queues[queue_name](conn.default_channel).delete()
+        celery_app.close()
+    total = "greenworker_tasks_total"
+    assert value(samples, total, task="metered.add", state="succeeded") == 1
+    assert value(samples, total, task="metered.flaky", state="retried") == 1
+    assert value(samples, total, task="metered.flaky", state="succeeded") == 1
+    assert value(samples, total, task="metered.fail", state="failed") == 1
+    assert value(samples, "greenworker_task_runtime_seconds_count", task="metered.add") == 1
