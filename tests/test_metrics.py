@@ -196,6 +196,41 @@ def test_two_embedded_workers_have_registries_of_their_own(memory_app: App) -> N
 
 
 @pytest.mark.timeout(30)
+def test_a_task_blocking_the_hub_shows_in_blocks_and_lag(memory_app: App) -> None:
+    memory_app.conf.update(
+        worker_metrics_port=0, worker_block_threshold=0.2, worker_block_policy="log"
+    )
+
+    @memory_app.task(name="m.spin")
+    def spin(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:  # never yields: the hub is blocked
+            pass
+
+    worker = memory_app.Worker(concurrency=2)
+    worker.start()
+    try:
+        url = url_of(worker)
+        memory_app.send_task("m.spin", (1.0,))
+        worker.join(timeout=10)
+        deadline = time.monotonic() + 10
+        while True:  # the lag probe wakes late once the hub runs again
+            samples = scrape(url)
+            lag = "greenworker_hub_lag_seconds_bucket"
+            late = (value(samples, lag, le="+Inf") or 0) - (value(samples, lag, le="0.25") or 0)
+            if late >= 1 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert late >= 1, samples
+        blocks = value(samples, "greenworker_hub_blocks_total")
+        assert blocks is not None and blocks >= 1
+        ran = value(samples, "greenworker_task_runtime_seconds_sum", task="m.spin")
+        assert ran is not None and ran >= 1.0
+    finally:
+        worker.stop(timeout=5)
+
+
+@pytest.mark.timeout(30)
 def test_a_port_in_use_fails_the_start(memory_app: App) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
