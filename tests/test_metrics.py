@@ -231,6 +231,30 @@ def test_a_task_blocking_the_hub_shows_in_blocks_and_lag(memory_app: App) -> Non
 
 
 @pytest.mark.timeout(30)
+def test_stop_frees_the_port_and_a_new_start_serves_it_again(
+    memory_app: App, caplog: pytest.LogCaptureFixture
+) -> None:
+    memory_app.conf.update(worker_metrics_port=0)
+    memory_app.task(name="m.noop")(lambda: None)
+    worker = memory_app.Worker(concurrency=2)
+    worker.start()
+    url = url_of(worker)
+    memory_app.send_task("m.noop")
+    worker.join(timeout=10)
+    worker.stop(timeout=5)
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(url, timeout=5)
+    worker.start()
+    try:
+        assert url_of(worker) == url  # the port it took at first
+        samples = scrape(url)
+        assert value(samples, "greenworker_tasks_total", task="m.noop") == 1  # kept
+    finally:
+        worker.stop(timeout=5)
+    assert not [r for r in caplog.records if r.name == "greenworker.metrics" and r.levelno > 20]
+
+
+@pytest.mark.timeout(30)
 def test_a_port_in_use_fails_the_start(memory_app: App) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

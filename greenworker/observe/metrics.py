@@ -426,6 +426,8 @@ class MetricsServer:
             try:
                 conn, _ = listener.accept()
             except OSError as exc:
+                if self._listener is not listener:
+                    return  # closed by stop()
                 log.warning("metrics: accept failed: %s", _why(exc))
                 green.sleep(0.1)  # out of file descriptors, say: do not spin
                 continue
