@@ -144,6 +144,7 @@ class Worker:
         kind: list[Middleware] = (
             list(app_middleware) if app_middleware is not None else [CanvasMiddleware(app)]
         )
+        #: Prometheus metrics served at ``/metrics`` (``worker_metrics_port``), or None.
         self.metrics = self._build_metrics()
         self._build_events(fanout, kind, middleware)
         self._build_execution(task_runner or AppTaskRunner(lambda: app.backend))
