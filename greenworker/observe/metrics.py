@@ -1,7 +1,8 @@
 """Prometheus metrics of one worker, served as text at ``/metrics`` from its own hub.
 
 Turned on by ``worker_metrics_port`` (``--metrics-port``); needs ``prometheus_client``
-(``pip install greenworker[metrics]``).  Two parts:
+(``pip install greenworker[metrics]``): without it, importing this module raises
+:class:`~greenworker.exceptions.ImproperlyConfigured` saying so.  Two parts:
 
 * :class:`WorkerMetrics`, a :class:`~greenworker.worker.hooks.Middleware`: counts
   each task's final state and observes its run time and queue wait as it starts
@@ -89,8 +90,9 @@ MAX_REQUEST = 8192
 
 
 def published_at(message: Message, eta: datetime | None) -> float | None:
-    """When the task was published (epoch seconds), as far as its message says: its
-    ``timestamp`` property, else its ETA; None when neither is there."""
+    """When the task's queue wait began (epoch seconds): its message's ``timestamp``
+    property (when it was published), else its ``eta`` (when it was due); None when
+    it has neither."""
     stamp = (message.properties or {}).get("timestamp")
     if isinstance(stamp, int | float) and not isinstance(stamp, bool):
         return float(stamp)
