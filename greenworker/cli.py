@@ -495,6 +495,20 @@ _WORKER_OPTIONS: tuple[Callable[[Any], Any], ...] = (
         help="Grow the pool up to MAX when tasks wait, shrink to MIN when idle.",
     ),
     _option(
+        "--metrics-port",
+        type=click.IntRange(0, 65535),
+        metavar="PORT",
+        group=_FEATURES,
+        help="Serve Prometheus metrics at http://BIND:PORT/metrics (worker_metrics_port; "
+        "0: any free port; needs greenworker[metrics]).  [default: off]",
+    ),
+    _option(
+        "--metrics-bind",
+        metavar="ADDR",
+        group=_FEATURES,
+        help="The address --metrics-port listens on (worker_metrics_bind).  [default: 127.0.0.1]",
+    ),
+    _option(
         "-B",
         "--beat",
         "embed_beat",
@@ -593,6 +607,8 @@ class WorkerOptions:
     without_heartbeat: bool
     heartbeat_interval: float | None
     autoscale: tuple[int, int] | None
+    metrics_port: int | None
+    metrics_bind: str | None
     embed_beat: bool
     schedule: str | None
     scheduler: str | None
@@ -732,13 +748,14 @@ class _WorkerPlan:
     autoscale: tuple[int, int] | None
     pidfile: str | None
     logfile: str | None
+    metrics: tuple[str, int] | None  # where the metrics are served: (address, port)
     notes: list[tuple[int, str]]  # (logging level, line), said once the log is set up
 
 
 def _run_worker(app: App, options: WorkerOptions, quiet: bool) -> bool:
     """Run the worker until it stops; True if the process should restart in place."""
     from .daemon import DaemonError, PidfileInUse
-    from .exceptions import BeatError, ImproperlyConfigured
+    from .exceptions import BeatError, ImproperlyConfigured, MetricsError
     from .worker.signals import SignalSupervisor
     from .worker.store import StoreError
 
@@ -771,6 +788,8 @@ def _run_worker(app: App, options: WorkerOptions, quiet: bool) -> bool:
         worker.wait_stopped()
     except PidfileInUse as exc:
         raise CannotCreate(str(exc)) from None
+    except MetricsError as exc:  # its port is taken: the usage was right
+        raise CommandFailed(str(exc)) from None
     except (StoreError, BeatError, ImproperlyConfigured, ValueError, DaemonError) as exc:
         raise CLIError(str(exc)) from None
     if worker.fatal is not None:
@@ -810,6 +829,10 @@ def _plan(app: App, options: WorkerOptions) -> _WorkerPlan:
         conf.worker_heartbeat = options.heartbeat_interval
     if options.without_heartbeat:
         conf.worker_heartbeat = 0
+    if options.metrics_port is not None:
+        conf.worker_metrics_port = options.metrics_port
+    if options.metrics_bind is not None:
+        conf.worker_metrics_bind = options.metrics_bind
     if options.schedule is not None:
         conf.beat_schedule_filename = options.schedule
     if options.scheduler is not None:
@@ -855,6 +878,9 @@ def _plan(app: App, options: WorkerOptions) -> _WorkerPlan:
         logfile=expand_node_path(options.logfile, hostname, "-f/--logfile")
         if options.logfile
         else None,
+        metrics=None
+        if conf.worker_metrics_port is None
+        else (conf.worker_metrics_bind, conf.worker_metrics_port),
         notes=notes,
     )
 
@@ -975,6 +1001,10 @@ def _prepare_process(options: WorkerOptions, plan: _WorkerPlan) -> None:
         # what would fail in the daemon fails here, on the terminal
         if pidfile is not None:
             pidfile.check_writable()
+        if plan.metrics is not None:
+            from .observe.metrics import check_port  # needs prometheus_client, said here too
+
+            check_port(*plan.metrics)
         if plan.logfile is not None:
             check_logfile(plan.logfile)
         else:

@@ -157,6 +157,11 @@ class Settings:
     worker_block_threshold: float = 1.0
     #: What to do when a task blocks the hub past its hard time limit: "exit" or "log".
     worker_block_policy: str = "exit"
+    #: Serve Prometheus metrics at ``/metrics`` on this port (``--metrics-port``; 0: any
+    #: free port; None: off).  Needs ``pip install greenworker[metrics]``.
+    worker_metrics_port: int | None = None
+    #: The address the metrics port listens on (``--metrics-bind``; "0.0.0.0": all).
+    worker_metrics_bind: str = "127.0.0.1"
     task_store_errors_even_if_ignored: bool = False
     result_expires: float | None = 86400.0
     worker_concurrency: int = 100
@@ -431,6 +436,11 @@ def _check_queue_type(value: Any, what: str) -> None:
         raise ConfigError(f"{what} must be 'classic' or 'quorum', not {value!r}")
 
 
+def _check_port(value: Any, what: str) -> None:
+    if not 0 <= value <= 65535:
+        raise ConfigError(f"{what} must be a port number (0 to 65535), not {value!r}")
+
+
 #: Checks of a setting's value beyond its type.
 _VALUE_CHECKS: dict[str, Callable[[Any, str], object]] = {
     "task_default_queue_type": _check_queue_type,
@@ -438,6 +448,7 @@ _VALUE_CHECKS: dict[str, Callable[[Any, str], object]] = {
     "broker_native_delayed_delivery_queue_type": _check_queue_type,
     "task_default_priority": check_priority,
     "task_queue_max_priority": check_priority,
+    "worker_metrics_port": _check_port,
 }
 
 

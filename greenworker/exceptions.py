@@ -19,6 +19,10 @@ class BeatError(GreenworkerError):
     another beat, a scheduler that cannot be loaded, a bad ``beat_schedule`` entry)."""
 
 
+class MetricsError(GreenworkerError):
+    """The metrics endpoint cannot be served: its port is taken, or its address is wrong."""
+
+
 class NotRegistered(GreenworkerError, KeyError):
     """A message names a task this worker does not know."""
 

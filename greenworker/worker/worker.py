@@ -43,6 +43,7 @@ from .watchdog import Watchdog
 
 if TYPE_CHECKING:
     from ..client.app import App
+    from ..observe.metrics import WorkerMetrics
 
 log = logging.getLogger("greenworker.worker")
 
@@ -147,6 +148,8 @@ class Worker:
             if app_middleware is not None
             else [CanvasMiddleware(app), AppSignals(conf, app.tasks)]
         )
+        #: Prometheus metrics served at ``/metrics`` (``worker_metrics_port``), or None.
+        self.metrics = self._build_metrics()
         self._build_events(fanout, kind, middleware)
         self._build_execution(task_runner or AppTaskRunner(lambda: app.backend))
         self._build_control(fanout)
@@ -260,6 +263,8 @@ class Worker:
             builtin.append(TaskEvents(self.events))
         if self.limits is not None:
             builtin.append(self.limits)
+        if self.metrics is not None:
+            builtin.append(self.metrics)
         self.hooks: Hooks = Hooks([*builtin, *app.middleware, *middleware])
         self.heart = (
             Heart(
@@ -283,6 +288,24 @@ class Worker:
             )
             if fanout and conf.worker_enable_gossip
             else None
+        )
+
+    def _build_metrics(self) -> WorkerMetrics | None:
+        """Prometheus metrics at ``/metrics`` (``worker_metrics_port``), or None when off."""
+        conf = self.app.conf
+        if conf.worker_metrics_port is None:
+            return None
+        # ImproperlyConfigured without prometheus_client: only then is it needed
+        from ..observe.metrics import WorkerMetrics
+
+        return WorkerMetrics(
+            hostname=self.hostname,
+            tasks=self.app.tasks,
+            stats=self.stats,
+            state=self.state,
+            eta_held=lambda: self.handler.eta_held,
+            bind=conf.worker_metrics_bind,
+            port=conf.worker_metrics_port,
         )
 
     def _build_control(self, fanout: bool) -> None:
@@ -350,6 +373,14 @@ class Worker:
             except BaseException:
                 if self.store is not None:
                     self.store.close()
+                raise
+        if self.metrics is not None:
+            try:
+                self.metrics.serve()  # MetricsError (its port is taken): nothing runs yet
+            except BaseException:
+                for store in (self._beat_store, self.store):
+                    if store is not None:
+                        store.close()
                 raise
         self._started = True
         self.restart_reason = None
@@ -492,6 +523,8 @@ class Worker:
         if self.control is not None:
             self.control.stop()
         self.watchdog.stop()
+        if self.metrics is not None:
+            self.metrics.close()
         self.timer.stop()
         if self.limits is not None:
             self.limits.stop()
