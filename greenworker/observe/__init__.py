@@ -1,0 +1,1 @@
+"""What the worker shows of itself: task log lines, metrics, tracing."""
