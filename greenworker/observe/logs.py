@@ -54,10 +54,13 @@ def _emit(
     level: int, msg: str, args: tuple[Any, ...], name: str, task_id: str, exc: ExcInfo | None
 ) -> None:
     # What Logger._log does, less the stack walk of findCaller: the caller is this module.
-    record = TRACE.makeRecord(TRACE.name, level, __file__, 0, msg, args, exc, "_emit")
+    record = TRACE.makeRecord(TRACE.name, level, __file__, _LINE, msg, args, exc, "_emit")
     record.task_name = name
     record.task_id = task_id
     TRACE.handle(record)
+
+
+_LINE = _emit.__code__.co_firstlineno
 
 
 def task_received(name: str, task_id: str) -> None:
@@ -94,15 +97,20 @@ def task_timed_out(name: str, task_id: str, hard: float) -> None:
 
 
 class _Repr:
-    """A result's repr, made when the line is formatted (never if no handler takes it)."""
+    """A result's repr, made when the line is first formatted (never if no handler takes
+    it), once however many handlers format it."""
 
-    __slots__ = ("value",)
+    __slots__ = ("text", "value")
 
     def __init__(self, value: Any) -> None:
         self.value = value
+        self.text: str | None = None
 
     def __str__(self) -> str:
-        return short_repr(self.value)
+        if self.text is None:
+            self.text = short_repr(self.value)
+            self.value = None  # the line keeps its text, not the result
+        return self.text
 
 
 def short_repr(value: Any, maxsize: int = RESULT_REPR_MAX) -> str:
