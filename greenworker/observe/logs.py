@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from logging.handlers import WatchedFileHandler
@@ -54,13 +56,39 @@ def _emit(
     level: int, msg: str, args: tuple[Any, ...], name: str, task_id: str, exc: ExcInfo | None
 ) -> None:
     # What Logger._log does, less the stack walk of findCaller: the caller is this module.
-    record = TRACE.makeRecord(TRACE.name, level, __file__, _LINE, msg, args, exc, "_emit")
+    if logging.getLogRecordFactory() is logging.LogRecord:
+        record = _record(level, msg, args, exc)
+    else:  # a factory of the program's own (OpenTelemetry's adds trace ids): through it
+        record = TRACE.makeRecord(TRACE.name, level, __file__, _LINE, msg, args, exc, "_emit")
     record.task_name = name
     record.task_id = task_id
     TRACE.handle(record)
 
 
 _LINE = _emit.__code__.co_firstlineno
+#: A record made once, in the main greenlet: what every task line's record shares.
+_TEMPLATE = logging.LogRecord(TRACE.name, INFO, __file__, _LINE, "", (), None, "_emit").__dict__
+
+
+def _record(level: int, msg: str, args: tuple[Any, ...], exc: ExcInfo | None) -> logging.LogRecord:
+    """A :class:`logging.LogRecord` as ``LogRecord(...)`` makes it, less what costs per line
+    under a green hub: ``threading.current_thread()`` in a task's greenlet, new for each
+    task, makes a dummy thread each time.  The thread fields are those of the thread that
+    runs the hub (MainThread), the process fields those of this process."""
+    record = logging.LogRecord.__new__(logging.LogRecord)
+    fields = record.__dict__
+    fields.update(_TEMPLATE)
+    now = time.time()
+    fields["created"] = now
+    fields["msecs"] = int((now - int(now)) * 1000) + 0.0
+    fields["relativeCreated"] = _TEMPLATE["relativeCreated"] + (now - _TEMPLATE["created"]) * 1000
+    fields["msg"] = msg
+    fields["args"] = args
+    fields["levelno"] = level
+    fields["levelname"] = logging.getLevelName(level)
+    fields["exc_info"] = exc
+    fields["process"] = os.getpid()  # a program may fork after importing this module
+    return record
 
 
 def task_received(name: str, task_id: str) -> None:
@@ -172,6 +200,39 @@ def _task_of(record: logging.LogRecord) -> tuple[Any, Any]:
 # ------------------------------------------------------------ the worker command's setup
 
 
+class TextFormatter(logging.Formatter):
+    """:class:`logging.Formatter` that formats each second's time once: ``time.strftime``
+    has nothing finer than a second, and the task lines come thousands a second."""
+
+    def __init__(self, fmt: str | None = None, datefmt: str | None = None) -> None:
+        super().__init__(fmt, datefmt)
+        self._second: int | None = None
+        self._stamp = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second:
+            ct = self.converter(record.created)
+            self._stamp = time.strftime(datefmt or self.default_time_format, ct)
+            self._second = second
+        if datefmt:
+            return self._stamp
+        return self.default_msec_format % (self._stamp, record.msecs)
+
+
+class LogFile(WatchedFileHandler):
+    """Celery's handler for ``-f``: the file is reopened when logrotate moves it, here
+    noticed within a second (one ``stat`` a second rather than one a line)."""
+
+    _next_check = 0.0
+
+    def reopenIfNeeded(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._next_check = now + 1.0
+            super().reopenIfNeeded()
+
+
 def early_handler() -> logging.Handler:
     """Where greenworker's own lines go while the app loads: stderr, in the text format,
     on the ``greenworker`` logger only, so that the root logger is still untouched when
@@ -206,6 +267,8 @@ def configure(
     """
     if early is not None:
         logging.getLogger("greenworker").removeHandler(early)
+    # One process: its name is always MainProcess, no need to ask multiprocessing per line.
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     root.setLevel(level.upper())
     own = [h for h in root.handlers if not isinstance(h, logging.NullHandler)]
@@ -223,9 +286,7 @@ def configure(
         return
     formatter = _formatter(json_lines, worker, text_format, datefmt, warn)
     handler: logging.Handler = (
-        WatchedFileHandler(logfile, encoding="utf-8")
-        if logfile
-        else logging.StreamHandler(sys.stderr)
+        LogFile(logfile, encoding="utf-8") if logfile else logging.StreamHandler(sys.stderr)
     )
     handler.setFormatter(formatter)
     if hijack:
@@ -251,6 +312,6 @@ def _formatter(
             warn(f"{' and '.join(unused)}: not used for JSON lines (--log-format json)")
         return JsonFormatter(worker)
     try:
-        return logging.Formatter(text_format or LOG_FORMAT, datefmt=datefmt)
+        return TextFormatter(text_format or LOG_FORMAT, datefmt=datefmt)
     except ValueError as exc:  # a %-format that does not parse
         raise ValueError(f"worker_log_format {text_format!r}: {exc}") from None
