@@ -480,3 +480,31 @@ def test_sentry_sdk_gets_a_failing_app_task_with_its_exception(hub: str) -> None
     assert frames[-1]["filename"].endswith("sentry_app.py")
     assert event["logger"] == "greenworker.trace"
     assert event["message"].startswith("Task sentryapp.fail[")
+
+
+def test_the_log_file_is_written_once_per_hub_turn(tmp_path: Path) -> None:
+    """-f's handler: INFO lines reach the file at the end of the hub's turn, in one write;
+    a WARNING line and a line from another thread are written at once, with all before."""
+    path = tmp_path / "w.log"
+    handler = logs.LogFile(str(path), encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    handler.watch_hub()
+    logger = logging.getLogger("greenworker.test_turn")
+    logger.propagate, logger.level = False, logging.INFO
+    logger.addHandler(handler)
+    try:
+        logger.info("one")
+        logger.info("two")
+        assert path.read_text() == ""  # not yet: the hub has not had its turn
+        green.sleep(0)
+        assert path.read_text() == "INFO one\nINFO two\n"
+        logger.info("three")
+        logger.warning("four")
+        assert path.read_text().endswith("INFO three\nWARNING four\n")
+        logger.info("five")
+        green.run_in_thread(logger.info, "six")  # a real thread: at once
+        assert path.read_text().endswith("INFO five\nINFO six\n")
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        logger.propagate, logger.level = True, logging.NOTSET

@@ -33,6 +33,8 @@ from datetime import UTC, datetime
 from logging.handlers import WatchedFileHandler
 from typing import Any
 
+from .. import green
+
 #: The per-task lines (received, succeeded, retry, raised, hard time limit).
 TRACE = logging.getLogger("greenworker.trace")
 #: greenworker's text format (Celery's, with the logger's name for the process's).
@@ -68,6 +70,10 @@ def _emit(
 _LINE = _emit.__code__.co_firstlineno
 #: A record made once, in the main greenlet: what every task line's record shares.
 _TEMPLATE = logging.LogRecord(TRACE.name, INFO, __file__, _LINE, "", (), None, "_emit").__dict__
+_START = (_TEMPLATE["created"], _TEMPLATE["relativeCreated"])
+_LEVEL_NAMES = {INFO: logging.getLevelName(INFO), ERROR: logging.getLevelName(ERROR)}
+_new_record = logging.LogRecord.__new__
+_now = time.time
 
 
 def _record(level: int, msg: str, args: tuple[Any, ...], exc: ExcInfo | None) -> logging.LogRecord:
@@ -75,20 +81,25 @@ def _record(level: int, msg: str, args: tuple[Any, ...], exc: ExcInfo | None) ->
     under a green hub: ``threading.current_thread()`` in a task's greenlet, new for each
     task, makes a dummy thread each time.  The thread fields are those of the thread that
     runs the hub (MainThread), the process fields those of this process."""
-    record = logging.LogRecord.__new__(logging.LogRecord)
-    fields = record.__dict__
-    fields.update(_TEMPLATE)
-    now = time.time()
+    record = _new_record(logging.LogRecord)
+    fields = _TEMPLATE.copy()
+    now = _now()
     fields["created"] = now
     fields["msecs"] = int((now - int(now)) * 1000) + 0.0
-    fields["relativeCreated"] = _TEMPLATE["relativeCreated"] + (now - _TEMPLATE["created"]) * 1000
+    fields["relativeCreated"] = _START[1] + (now - _START[0]) * 1000
     fields["msg"] = msg
     fields["args"] = args
     fields["levelno"] = level
-    fields["levelname"] = logging.getLevelName(level)
+    fields["levelname"] = _LEVEL_NAMES[level]
     fields["exc_info"] = exc
-    fields["process"] = os.getpid()  # a program may fork after importing this module
+    fields["process"] = _PID[0]
+    record.__dict__ = fields
     return record
+
+
+#: This process's id, renewed in a forked child (a program may fork after importing this).
+_PID = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
 
 
 def task_received(name: str, task_id: str) -> None:
@@ -215,12 +226,56 @@ class TextFormatter(logging.Formatter):
             ct = self.converter(record.created)
             self._stamp = time.strftime(datefmt or self.default_time_format, ct)
             self._second = second
-        if datefmt:
+        if datefmt or not self.default_msec_format:
             return self._stamp
         return self.default_msec_format % (self._stamp, record.msecs)
 
 
-class LogFile(WatchedFileHandler):
+class _FlushPerTurn(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes each line when it comes and flushes once per turn of the hub: the INFO and
+    DEBUG lines of one turn (a task's, the next message's...) reach the file in one
+    ``write``.  A WARNING or worse line, a line from another thread (the watchdog's) and
+    a line outside a green hub are flushed at once, with all before them; the worker
+    flushes before it restarts in place or exits for a blocked hub, and logging at exit."""
+
+    _pending = False
+    _hub_thread: int | None = None
+    _thread: Callable[[], int] | None = None
+
+    def watch_hub(self) -> None:
+        """Flush per turn from now on: the caller runs the hub's thread, patched."""
+        self._thread = green.real_thread_ident_function()
+        self._hub_thread = self._thread()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        thread = self._thread
+        if record.levelno >= logging.WARNING or thread is None or thread() != self._hub_thread:
+            super().emit(record)
+            return
+        try:
+            self._write(self.format(record) + self.terminator)
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+            return
+        if not self._pending:
+            self._pending = True
+            green.spawn(self._flush_turn)
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
+
+    def _flush_turn(self) -> None:
+        self._pending = False
+        self.flush()
+
+
+class Stderr(_FlushPerTurn):
+    """The worker command's handler without ``-f``."""
+
+
+class LogFile(_FlushPerTurn, WatchedFileHandler):
     """Celery's handler for ``-f``: the file is reopened when logrotate moves it, here
     noticed within a second (one ``stat`` a second rather than one a line)."""
 
@@ -231,6 +286,12 @@ class LogFile(WatchedFileHandler):
         if now >= self._next_check:
             self._next_check = now + 1.0
             super().reopenIfNeeded()
+
+    def _write(self, text: str) -> None:
+        self.reopenIfNeeded()
+        if self.stream is None:  # closed, or not opened yet
+            self.stream = self._open()
+        self.stream.write(text)
 
 
 def early_handler() -> logging.Handler:
@@ -285,10 +346,10 @@ def configure(
             )
         return
     formatter = _formatter(json_lines, worker, text_format, datefmt, warn)
-    handler: logging.Handler = (
-        LogFile(logfile, encoding="utf-8") if logfile else logging.StreamHandler(sys.stderr)
-    )
+    handler = LogFile(logfile, encoding="utf-8") if logfile else Stderr(sys.stderr)
     handler.setFormatter(formatter)
+    if green.patched_by() is not None:
+        handler.watch_hub()
     if hijack:
         for previous in list(root.handlers):
             root.removeHandler(previous)
