@@ -19,6 +19,8 @@ E  startup (start to first task done), idle CPU % over 5 s, idle shutdown (SIGTE
 F  10,000 io(1 s) at concurrency 10,000 in one process: run time, peak RSS
 G  scale-out: 20,000 noop on 1 and on 2 greenworker processes (-c 100 each) on one
    broker: tasks/s (first to last completion) of each, and the ratio
+L  the log's cost: 20,000 noop on greenworker at -l warning and at -l info (Celery's task
+   lines, two per task), each with -f to a file: tasks/s of each, and the ratio
 
 Each system pre-publishes with its own client.  Runs are interleaved (each round runs
 every system for a scenario) and repeated; the tables show median (min-max).  Rows are
@@ -45,7 +47,7 @@ from bench.proc import raise_nofile
 from bench.scenarios import QUICK, Runner, Sizes
 from bench.systems import ROOT
 
-SCENARIOS = ("A", "B", "C", "D", "E", "F", "G")
+SCENARIOS = ("A", "B", "C", "D", "E", "F", "G", "L")
 RESULTS = ROOT / "bench" / "results"
 LATEST = ROOT / "docs" / "bench-latest.txt"
 
@@ -75,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--brokers", default=",".join(systems.BROKERS))
     parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--quick", action="store_true", help="small counts: a smoke run")
-    parser.add_argument("--tasks", type=int, help="A's and G's noop tasks and D's messages")
+    parser.add_argument("--tasks", type=int, help="A's, G's and L's noop tasks and D's messages")
     parser.add_argument(
         "--concurrency",
         help="A's concurrencies, comma-separated (the first one is used by C and E)",
@@ -106,7 +108,7 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
     sizes = QUICK if args.quick else Sizes()
     if args.tasks:
         sizes = dataclasses.replace(
-            sizes, a_tasks=args.tasks, d_messages=args.tasks, g_tasks=args.tasks
+            sizes, a_tasks=args.tasks, d_messages=args.tasks, g_tasks=args.tasks, l_tasks=args.tasks
         )
     if args.concurrency:
         levels = tuple(int(c) for c in _csv(args.concurrency))
@@ -151,6 +153,8 @@ def cases(scenario: str, args: argparse.Namespace, runner: Runner) -> list[Case]
         each("", functools.partial(_run_io, runner, "F"))
     elif scenario == "G":  # greenworker's own scale-out: its worker commands only
         each("", runner.run_g, only=systems.GREENWORKER_SYSTEMS)
+    elif scenario == "L":  # greenworker's own log lines
+        each("", runner.run_l, only=systems.GREENWORKER_SYSTEMS)
     return found
 
 
@@ -181,6 +185,11 @@ def notes(sizes: Sizes) -> Callable[[str], list[str]]:
             "G": (
                 f"{sizes.g_tasks} noop; each process -c {sizes.g_concurrency}, its own -n "
                 "(and -S on embedded); greenworker systems only. Ratio: N=2 / N=1 per round."
+            ),
+            "L": (
+                f"{sizes.l_tasks} noop at -c {sizes.l_concurrency}, -f to a file at each "
+                "level; greenworker systems only. Ratio: INFO / WARNING per round "
+                "(the goal: at least 0.85)."
             ),
         }.get(scenario)
         return ["", text] if text else []

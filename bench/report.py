@@ -28,6 +28,7 @@ TITLES = {
     "E": "E: startup (process start to first task done), idle CPU, idle shutdown (SIGTERM)",
     "F": "F: I/O tasks, 1 s each, all at once in one process",
     "G": "G: scale-out, noop throughput of N worker processes on one broker",
+    "L": "L: the log's cost, noop throughput at -l info beside -l warning (-f to a file)",
 }
 
 
@@ -84,6 +85,13 @@ COLUMNS: dict[str, list[Column]] = {
         Column("N=1 tasks/s", "n1_tasks_per_s"),
         Column("N=2 tasks/s", "n2_tasks_per_s"),
         Column("N=2 / N=1", "scale_ratio", 2),
+    ],
+    "L": [
+        Column("tasks", "tasks", fixed=True),
+        Column("c", "concurrency", fixed=True),
+        Column("WARNING tasks/s", "warning_tasks_per_s"),
+        Column("INFO tasks/s", "info_tasks_per_s"),
+        Column("INFO / WARNING", "log_ratio", 3),
     ],
 }
 

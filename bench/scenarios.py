@@ -43,6 +43,8 @@ RSS_EVERY = 0.05  # seconds between samples of the worker tree's RSS
 MB = 1024 * 1024
 #: G's worker process counts: the table shows each and the ratio of the last to the first.
 G_PROCESSES = (1, 2)
+#: L's log levels: the table shows each and the ratio of the last to the first.
+L_LEVELS = ("warning", "info")
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,8 @@ class Sizes:
     f_ms: int = 1000
     g_tasks: int = 20_000
     g_concurrency: int = 100  # each process's
+    l_tasks: int = 20_000
+    l_concurrency: int = 100
     #: Per-run timeouts (seconds from the worker's start) by scenario.
     timeouts: dict[str, float] = field(
         default_factory=lambda: {
@@ -76,6 +80,7 @@ class Sizes:
             "E": 60,
             "F": 30,
             "G": 600,
+            "L": 600,
         }
     )
 
@@ -90,7 +95,8 @@ QUICK = Sizes(
     f_tasks=1_000,
     f_concurrency=1_000,
     g_tasks=1_000,
-    timeouts={"A": 60, "B": 30, "C": 30, "D": 60, "E": 30, "F": 20, "G": 60},
+    l_tasks=1_000,
+    timeouts={"A": 60, "B": 30, "C": 30, "D": 60, "E": 30, "F": 20, "G": 60, "L": 60},
 )
 
 
@@ -139,6 +145,8 @@ class Runner:
         self.data_dir: str | None = None
         #: G's runs so far per (system, broker): the order of its process counts alternates.
         self._g_runs: dict[tuple[str, str], int] = {}
+        #: L's, for the order of its log levels.
+        self._l_runs: dict[tuple[str, str], int] = {}
 
     def timeout(self, scenario: str) -> float:
         return self.timeout_override or self.sizes.timeouts[scenario]
@@ -550,6 +558,64 @@ class Runner:
             "log_errors": log_errors,
             "publish_s": round(publish_s, 2),
             "peak_rss_mb": round(seen.peak_rss / MB, 1),
+        }
+        if not seen.finished or seen.first is None or seen.last is None:
+            return {**row, "status": self.timed_out(seen, tasks, timeout)}
+        elapsed = seen.last - seen.first
+        return {
+            **row,
+            "status": "ok",
+            "seconds": round(elapsed, 3),
+            "tasks_per_s": round(tasks / elapsed, 1) if elapsed > 0 else None,
+        }
+
+    # ------------------------------------------------------------ L: the log's cost
+
+    def run_l(self, system: str, broker: str) -> dict[str, Any]:
+        """L's noop throughput at ``-l warning`` and at ``-l info`` (Celery's task lines,
+        two per task), each logging to a file (``-f``), and the ratio INFO / WARNING.  The
+        order alternates from one round to the next."""
+        sizes = self.sizes
+        runs = self._l_runs.get((system, broker), 0)
+        self._l_runs[system, broker] = runs + 1
+        order = L_LEVELS[::-1] if runs % 2 else L_LEVELS
+        row: dict[str, Any] = {
+            "tasks": sizes.l_tasks,
+            "concurrency": sizes.l_concurrency,
+            "order": list(order),
+            "log_errors": 0,
+        }
+        problems = []
+        for level in order:
+            try:
+                part = self._run_l_once(system, broker, level)
+            except Exception as exc:  # one level failing still reports the other
+                part = {"status": f"error: {type(exc).__name__}: {exc}"}
+            row["log_errors"] += part.pop("log_errors", 0)
+            status = part.pop("status")
+            if status != "ok":
+                problems.append(f"-l {level}: {status}")
+            row.update({f"{level}_{name}": value for name, value in part.items()})
+        first, last = (row.get(f"{level}_tasks_per_s") for level in (L_LEVELS[0], L_LEVELS[-1]))
+        if first and last:
+            row["log_ratio"] = round(last / first, 3)
+        return {**row, "status": "; ".join(problems) or "ok"}
+
+    def _run_l_once(self, system: str, broker: str, level: str) -> dict[str, Any]:
+        tasks, timeout = self.sizes.l_tasks, self.timeout("L")
+        logfile = self.log_dir / f"{self._runs + 1:04d}-L-{level}-{system}-{broker}.file.log"
+        with self.clean(broker):
+            publish_s = self.publish(system, broker, "noop", tasks)
+            started = time.time()
+            options = ("-l", level, "-f", str(logfile))  # after the command's -l warning
+            with self.start_worker(system, broker, self.sizes.l_concurrency, "L", options) as w:
+                seen = self.watch(w, tasks, started + timeout)
+                w.stop()
+        lines = logfile.read_text(errors="replace").splitlines() if logfile.exists() else []
+        row: dict[str, Any] = {
+            "log_errors": sum(1 for line in lines if "ERROR" in line or "CRITICAL" in line),
+            "publish_s": round(publish_s, 2),
+            "log_lines": len(lines),
         }
         if not seen.finished or seen.first is None or seen.last is None:
             return {**row, "status": self.timed_out(seen, tasks, timeout)}

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .client.app import App
     from .worker.worker import Worker
 
-LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(name)s] %(message)s"
+from .observe.logs import LOG_FORMAT
 
 log = logging.getLogger("greenworker.cli")
 
@@ -354,6 +354,13 @@ _WORKER_OPTIONS: tuple[Callable[[Any], Any], ...] = (
         help="Logging level.  [default: INFO]",
     ),
     _option(
+        "--log-format",
+        type=click.Choice(["text", "json"]),
+        group=_WORKER,
+        help="Log lines as text, or one JSON object per line.  [default: text, or json "
+        "when worker_log_json is True]",
+    ),
+    _option(
         "-O",
         "--optimization",
         type=click.Choice(["default", "fair"]),
@@ -586,6 +593,7 @@ class WorkerOptions:
     detach: bool
     statedb: str | None
     loglevel: str | None
+    log_format: str | None
     optimization: str | None
     prefetch_multiplier: int | None
     disable_prefetch: bool
@@ -722,12 +730,13 @@ def _worker(loader: AppLoader, quiet: bool, options: WorkerOptions) -> None:
     from .worker.signals import restart_in_place
 
     _patch(options.pool)
-    logging.basicConfig(level=(options.loglevel or "INFO").upper(), format=LOG_FORMAT)
     from .daemon import already_detached
+    from .observe.logs import early_handler
 
+    early = early_handler()  # the root logger stays the app's to configure on import
     app = loader.load(worker=True)
     try:
-        restart = _run_worker(app, options, quiet)
+        restart = _run_worker(app, options, quiet, early)
     except click.ClickException as exc:
         if already_detached():  # stderr is /dev/null: say it in the log file
             log.error("%s", exc.format_message())
@@ -752,7 +761,7 @@ class _WorkerPlan:
     notes: list[tuple[int, str]]  # (logging level, line), said once the log is set up
 
 
-def _run_worker(app: App, options: WorkerOptions, quiet: bool) -> bool:
+def _run_worker(app: App, options: WorkerOptions, quiet: bool, early: logging.Handler) -> bool:
     """Run the worker until it stops; True if the process should restart in place."""
     from .daemon import DaemonError, PidfileInUse
     from .exceptions import BeatError, ImproperlyConfigured, MetricsError
@@ -762,6 +771,7 @@ def _run_worker(app: App, options: WorkerOptions, quiet: bool) -> bool:
     try:
         plan = _plan(app, options)
         _prepare_process(options, plan)
+        _setup_logging(app, options, plan, early)
         worker = app.Worker(
             concurrency=options.concurrency,
             queues=plan.queues,
@@ -1013,23 +1023,31 @@ def _prepare_process(options: WorkerOptions, plan: _WorkerPlan) -> None:
         restart_in_place(cwd=_LAUNCH_DIR, executable=options.executable, environ=environ)
     if pidfile is not None:
         pidfile.acquire()
-    if plan.logfile is not None:
-        _log_to_file(plan.logfile)
 
 
-def _log_to_file(path: str) -> None:
-    """Log to ``path`` instead of stderr (reopened when logrotate moves it, as Celery's)."""
-    from logging.handlers import WatchedFileHandler
-
+def _setup_logging(
+    app: App, options: WorkerOptions, plan: _WorkerPlan, early: logging.Handler
+) -> None:
+    """-l, -f (reopened when logrotate moves it), --log-format, the log settings."""
     from .daemon import check_logfile
+    from .observe.logs import configure
 
-    check_logfile(path)
-    handler = WatchedFileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    root = logging.getLogger()
-    for previous in list(root.handlers):
-        root.removeHandler(previous)
-    root.addHandler(handler)
+    conf = app.conf
+    if plan.logfile is not None:
+        check_logfile(plan.logfile)
+    configure(
+        level=options.loglevel or "INFO",
+        logfile=plan.logfile,
+        json_lines=options.log_format == "json"
+        if options.log_format is not None
+        else conf.worker_log_json,
+        worker=plan.hostname,
+        hijack=conf.worker_hijack_root_logger,
+        text_format=conf.worker_log_format,
+        datefmt=conf.worker_log_datefmt,
+        early=early,
+        warn=log.warning,
+    )
 
 
 def _purge_before_start(app: App, queues: list[str]) -> None:

@@ -162,6 +162,19 @@ class Settings:
     worker_metrics_port: int | None = None
     #: The address the metrics port listens on (``--metrics-bind``; "0.0.0.0": all).
     worker_metrics_bind: str = "127.0.0.1"
+    #: The worker command replaces the root logger's handlers with its own (Celery's
+    #: name and default); False keeps the handlers the app configured.  An embedded
+    #: worker never configures logging.
+    worker_hijack_root_logger: bool = True
+    #: The worker command's text log format and date format (Celery's names); None:
+    #: greenworker's ``[%(asctime)s: %(levelname)s/%(name)s] %(message)s``.
+    worker_log_format: str | None = None
+    worker_log_datefmt: str | None = None
+    #: The worker command logs one JSON object per line (``--log-format json``).
+    worker_log_json: bool = False
+    #: Seconds between the worker's INFO stats lines (processed, failed, rate, pool,
+    #: reserved, held ETA, reconnects); 0: none.
+    worker_stats_interval: float = 60.0
     task_store_errors_even_if_ignored: bool = False
     result_expires: float | None = 86400.0
     worker_concurrency: int = 100
@@ -360,10 +373,7 @@ UNHONOURED: dict[str, str] = {
     "worker_disable_prefetch": "prefetch is pool size x worker_prefetch_multiplier",
     "worker_redirect_stdouts": "print() in a task goes to the worker's stdout",
     "worker_redirect_stdouts_level": "print() in a task goes to the worker's stdout",
-    "worker_hijack_root_logger": "the worker command configures the root logger (-l)",
     "worker_log_color": "log lines are not coloured",
-    "worker_log_format": "the worker command's log format is used",
-    "worker_log_datefmt": "the worker command's log format is used",
     "worker_task_log_format": "the worker command's log format is used",
     "worker_task_log_datefmt": "the worker command's log format is used",
     "control_exchange": "remote control uses Celery's default celery.pidbox exchange",
@@ -441,8 +451,14 @@ def _check_port(value: Any, what: str) -> None:
         raise ConfigError(f"{what} must be a port number (0 to 65535), not {value!r}")
 
 
+def _check_not_negative(value: float, what: str) -> None:
+    if value < 0:
+        raise ConfigError(f"{what} must be 0 (off) or more seconds, not {value}")
+
+
 #: Checks of a setting's value beyond its type.
 _VALUE_CHECKS: dict[str, Callable[[Any, str], object]] = {
+    "worker_stats_interval": _check_not_negative,
     "task_default_queue_type": _check_queue_type,
     "task_create_missing_queue_type": _check_queue_type,
     "broker_native_delayed_delivery_queue_type": _check_queue_type,

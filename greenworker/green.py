@@ -456,6 +456,12 @@ def real_thread_ident() -> int:
     return int(_original("_thread", "get_ident")())
 
 
+def real_thread_ident_function() -> Callable[[], int]:
+    """:func:`real_thread_ident` looked up once, for a hot path (call it once patched)."""
+    function: Callable[[], int] = _original("_thread", "get_ident")
+    return function
+
+
 def start_real_thread(fn: Callable[[], None]) -> int:
     """Start ``fn`` in a real OS thread, outside the hub (for watchdogs only)."""
     return int(_original("_thread", "start_new_thread")(fn, ()))

@@ -55,6 +55,7 @@ from ..exceptions import (
     Terminated,
     TimeLimitExceeded,
 )
+from ..observe import logs as task_log
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -292,10 +293,8 @@ class Executor:
     def _succeeded(self, request: Request, outcome: Outcome) -> None:
         elapsed = _elapsed(request)
         result = outcome.value
-        if not outcome.handled and log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "Task %s[%s] succeeded in %.4fs: %.200r", request.name, request.id, elapsed, result
-            )
+        if not outcome.handled:  # Celery's tracer logged a Celery app's
+            task_log.task_succeeded(request.name, request.id, elapsed, result)
         self.state.succeeded += 1
         self.hooks.emit("task_succeeded", request, result, elapsed)
         meta = outcome.meta
@@ -307,14 +306,7 @@ class Executor:
         self, request: Request, exc: BaseException, tb: str | None, *, handled: bool = False
     ) -> None:
         if not handled:
-            log.error(
-                "Task %s[%s] raised unexpected: %r (after %.3fs)\n%s",
-                request.name,
-                request.id,
-                exc,
-                _elapsed(request),
-                tb or "",
-            )
+            task_log.task_failed(request.name, request.id, exc)
         self.state.failed += 1
         self.hooks.emit("task_failed", request, exc, tb)
         record = None
@@ -328,7 +320,7 @@ class Executor:
         retry = outcome.retry
         assert retry is not None
         if not outcome.handled:
-            log.info("Task %s[%s] retry: %s", request.name, request.id, retry)
+            task_log.task_retried(request.name, request.id, retry)
         self.state.retried += 1
         request.retry = retry  # for the hooks that want more than exc and when (events)
         try:
@@ -373,9 +365,7 @@ class Executor:
         """Timer callback: the task ran past its hard limit; end it and free its slot now."""
         if request.finished:
             return
-        log.error(
-            "Task %s[%s] hard time limit (%ss) exceeded: killed", request.name, request.id, hard
-        )
+        task_log.task_timed_out(request.name, request.id, hard)
         exc = TimeLimitExceeded(hard)
         self.state.failed += 1
         self.hooks.emit("task_failed", request, exc, None)

@@ -22,6 +22,7 @@ from kombu.message import Message
 
 from .. import green
 from ..backends.base import FAILURE, ResultBackend, build_meta, celery_exception
+from ..observe import logs as task_log
 from ..protocol import MalformedMessage, TaskMessage, decode_task_message, utcnow
 from ..transport.reconnect import FailureBurst
 from .ratelimit import RateLimiter
@@ -131,7 +132,7 @@ class MessageHandler:
             return
         # handed over while its connection delivers: the current generation is its own
         request = Request(msg, message, task, self.executor, self.consumer.connection_generation)
-        log.debug("Received task %s[%s]", msg.task, msg.id)
+        task_log.task_received(msg.task, msg.id)
         self.state.task_received(request)
         self.hooks.emit("task_received", request)
         revocation = request.revocation()

@@ -25,6 +25,7 @@ from ..control.cluster import Gossip, Heart, mingle
 from ..control.commands import ControlTarget, set_rate_limit, set_time_limit, summary
 from ..control.events import EventDispatcher, TaskEvents
 from ..control.mailbox import RemoteControl
+from ..observe.statsline import StatsLine
 from ..transport.base import TaskConsumer
 from ..transport.consumer import Consumer
 from . import harness
@@ -123,6 +124,20 @@ class Worker:
         self.consumer: TaskConsumer = self._build_consumer()
         self._background: list[green.Greenlet] = []  # waiting for the broker; ended by stop
         self.autoscaler = self._build_autoscaler(autoscale, autoscale_policy)
+        #: The INFO stats line every ``worker_stats_interval`` seconds (None: off).
+        self.stats_line = (
+            StatsLine(
+                timer=self.timer,
+                interval=conf.worker_stats_interval,
+                hostname=self.hostname,
+                state=self.state,
+                pool=self.pool,
+                eta_held=lambda: self.handler.eta_held,
+                reconnects=lambda: self.consumer.reconnects,
+            )
+            if conf.worker_stats_interval > 0
+            else None
+        )
         #: Why this worker stopped to be restarted (a ``worker_max_*_per_child`` limit), or
         #: None.  The ``greenworker`` command then restarts the process in place; a
         #: program that embeds the worker decides for itself.
@@ -395,6 +410,8 @@ class Worker:
         self.watchdog.start()
         if self.autoscaler is not None:
             self.autoscaler.start()
+        if self.stats_line is not None:
+            self.stats_line.start()
         self.hooks.emit("worker_start", self)
         local_only = self.broker_scheme == "memory"  # no other process to ask
         if self.control is not None and self.app.conf.worker_enable_mingle and not local_only:
@@ -507,6 +524,8 @@ class Worker:
             self.beat.stop()
         if self.autoscaler is not None:
             self.autoscaler.stop()
+        if self.stats_line is not None:
+            self.stats_line.stop()
         self.consumer.stop_consuming()
         self.handler.drop_unstarted()
         if not self.pool.join(timeout):
