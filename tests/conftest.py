@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -240,6 +241,22 @@ def start_cli(
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
+
+
+def keep_draining(proc: subprocess.Popen[str]) -> list[str]:
+    """Read ``proc``'s output from now on in the background, into the list returned: a
+    worker at INFO writes a line or two per task, and a pipe nobody reads fills up and
+    blocks its writes (and so its hub)."""
+    assert proc.stdout is not None
+    stdout = proc.stdout
+    lines: list[str] = []
+
+    def drain() -> None:
+        for line in stdout:
+            lines.append(line)
+
+    threading.Thread(target=drain, daemon=True).start()
+    return lines
 
 
 def wait_for_output(proc: subprocess.Popen[str], needle: str, timeout: float = 30.0) -> str:

@@ -23,7 +23,7 @@ from greenworker import App, Worker
 from greenworker.exceptions import MetricsError
 from greenworker.observe.metrics import UNREGISTERED
 
-from .conftest import ROOT, publish_raw, run_cli, start_cli, wait_for_output
+from .conftest import ROOT, keep_draining, publish_raw, run_cli, start_cli, wait_for_output
 
 Samples = list[Sample]
 
@@ -311,6 +311,7 @@ def test_scrape_during_a_full_load(hub: str, tmp_path: Path, scratch_redis: str)
         said = wait_for_output(proc, "metrics at http://")
         url = said.rsplit("metrics at ", 1)[1].split()[0]
         wait_for_output(proc, " ready: ")
+        keep_draining(proc)  # two task lines per task at INFO
         for n in range(2000):
             client.send_task("metricsapp.nap", (0.5 + (n % 5) * 0.1,), queue=queue)
         took: list[float] = []
@@ -335,7 +336,7 @@ def test_scrape_during_a_full_load(hub: str, tmp_path: Path, scratch_redis: str)
         assert runtime == 2000
     finally:
         proc.terminate()
-        proc.communicate(timeout=30)
+        proc.wait(timeout=30)  # its output is read by keep_draining
         with client.connection() as conn:
             client.queue(queue)(conn.default_channel).delete()
         client.close()
