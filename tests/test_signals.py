@@ -121,10 +121,11 @@ def test_sigusr1_dumps_stacks_and_sighup_restarts(
     proc = _worker(hub, sig_env)
     try:
         client.send_task("sig.work", (1, 2.0))
-        time.sleep(0.5)
+        wait_for_output(proc, "] received")  # Celery's INFO line: the task is there
         proc.send_signal(signal.SIGUSR1)
-        dump = wait_for_output(proc, "sig.work[")
-        assert "greenlet stacks follow" in dump
+        wait_for_output(proc, "greenlet stacks follow")
+        dump = wait_for_output(proc, "sig.work[")  # the stack that runs it is named
+        assert "Task sig.work" not in dump  # a stack line, not another task line
         pid = proc.pid
         proc.send_signal(signal.SIGHUP)
         wait_for_output(proc, "restarting")
