@@ -24,13 +24,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from kombu.serialization import prepare_accept_content
-
 from .. import green
 from . import lmdb_store
-from .consumer import Reconnecting
 from .envelope import EnvelopeMessage, loads_envelope
 from .lmdb_transport import POLL_INTERVAL, TAKE_BATCH
+from .native import NativeConsumer
 
 if TYPE_CHECKING:
     from kombu.connection import Connection
@@ -56,7 +54,7 @@ class LmdbMessage(EnvelopeMessage):
             self.delivery_info["redelivered"] = True
 
 
-class NativeLmdbConsumer(Reconnecting):
+class NativeLmdbConsumer(NativeConsumer):
     """Consumes ``queues`` from the embedded broker's store; the interface of
     :class:`~.base.TaskConsumer`."""
 
@@ -68,17 +66,11 @@ class NativeLmdbConsumer(Reconnecting):
         prefetch_count: Callable[[], int],
     ) -> None:
         super().__init__(app, queues, on_message, prefetch_count)
-        self.accept = prepare_accept_content(app.conf.accept_content)
-        options = app.conf.broker_transport_options
-        self.visibility_timeout = float(options.get("visibility_timeout", 3600))
-        self.sweep_interval = float(options.get("sweep_interval", 2.0))
+        self.sweep_interval = float(app.conf.broker_transport_options.get("sweep_interval", 2.0))
         self._connection: Connection | None = None
         self._store: BrokerStore | None = None
         self._address: bytes | None = None
         self._socket: socket.socket | None = None
-        self._held: dict[str, LmdbMessage] = {}  # delivered, not yet acked or rejected
-        self._pending_acks: list[str] = []
-        self._capacity = green.new_event()
         self._waiting = False  # between takes: nothing taken is left to hand over
         self._turn = 0  # which queue is taken from first (they take turns)
 
@@ -125,31 +117,7 @@ class NativeLmdbConsumer(Reconnecting):
         self.queue_names.append(name)
         log.info("consuming from %s", name)
 
-    def cancel_queue(self, name: str) -> None:
-        if name in self.queue_names:
-            self.queue_names.remove(name)
-            log.info("cancelled queue %s", name)
-
-    def update_prefetch(self) -> None:
-        self._capacity.set()
-
     # ------------------------------------------------------------ acks
-
-    def ack(self, message: Any) -> bool:
-        try:
-            message.ack()
-            return True
-        except Exception as exc:
-            log.warning("could not ack message %s: %s", message.delivery_tag, exc)
-            return False
-
-    def reject(self, message: Any, requeue: bool) -> bool:
-        try:
-            message.reject(requeue=requeue)
-            return True
-        except Exception as exc:
-            log.warning("could not reject message %s: %s", message.delivery_tag, exc)
-            return False
 
     def ack_tag(self, tag: str) -> None:
         """Ack ``tag`` with the next take, or the ack loop's write if that comes first."""
@@ -157,10 +125,6 @@ class NativeLmdbConsumer(Reconnecting):
         self._pending_acks.append(tag)
         self._capacity.set()
         self._ack_wake.set()
-
-    def ack_pending(self, message: Any) -> bool:
-        """True while ``message``'s ack waits for its write (not in the store yet)."""
-        return message.delivery_tag in self._pending_acks
 
     def _flush_acks(self) -> bool:
         store = self._store
@@ -187,9 +151,6 @@ class NativeLmdbConsumer(Reconnecting):
             store.ack([tag])
 
     # ------------------------------------------------------------ visibility
-
-    def visibility_refresh_interval(self) -> float:
-        return max(0.25, self.visibility_timeout / 4)
 
     def refresh_visibility(self, messages: Sequence[Any]) -> int:
         tags = [m.delivery_tag for m in messages if m.channel is self and not m.acknowledged]

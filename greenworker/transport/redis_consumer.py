@@ -44,13 +44,12 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import redis
-from kombu.serialization import prepare_accept_content
 from kombu.utils import json  # kombu's envelope codec (typed values), as its transport
 from kombu.utils.url import maybe_sanitize_url
 
 from .. import green
-from .consumer import Reconnecting
 from .envelope import EnvelopeMessage, loads_envelope
+from .native import NativeConsumer
 from .redis_layout import (
     BINDING_KEY,
     PRIORITY_SEP,
@@ -145,7 +144,7 @@ class RedisMessage(EnvelopeMessage):
         self.source = source  # the list it came from (priority lists included)
 
 
-class NativeRedisConsumer(Reconnecting):
+class NativeRedisConsumer(NativeConsumer):
     """Consumes ``queues`` on Redis natively; same interface as :class:`~.consumer.Consumer`."""
 
     ACK_BATCH = 256
@@ -164,15 +163,9 @@ class NativeRedisConsumer(Reconnecting):
         prefetch_count: Callable[[], int],
     ) -> None:
         super().__init__(app, queues, on_message, prefetch_count)
-        self.accept = prepare_accept_content(app.conf.accept_content)
-        options = app.conf.broker_transport_options
-        self.visibility_timeout = float(options.get("visibility_timeout", 3600))
         self._client: redis.Redis | None = None
-        self._held: dict[str, RedisMessage] = {}  # popped, not yet acked/rejected
-        self._pending_acks: list[str] = []
         self._flush_lock = green.new_semaphore(1)
         self._acks_held_back = False  # a flush failed: said once, until one succeeds
-        self._capacity = green.new_event()
         self._pop: Any = None
         self._waiting = False  # in BLMOVE: nothing popped, safe to end at once
         self._restorer: green.Greenlet | None = None
@@ -232,31 +225,7 @@ class NativeRedisConsumer(Reconnecting):
             self.queue_names.append(name)
             log.info("consuming from %s", name)
 
-    def cancel_queue(self, name: str) -> None:
-        if name in self.queue_names:
-            self.queue_names.remove(name)
-            log.info("cancelled queue %s", name)
-
-    def update_prefetch(self) -> None:
-        self._capacity.set()
-
     # ------------------------------------------------------------ acks
-
-    def ack(self, message: Any) -> bool:
-        try:
-            message.ack()
-            return True
-        except Exception as exc:
-            log.warning("could not ack message %s: %s", message.delivery_tag, exc)
-            return False
-
-    def reject(self, message: Any, requeue: bool) -> bool:
-        try:
-            message.reject(requeue=requeue)
-            return True
-        except Exception as exc:
-            log.warning("could not reject message %s: %s", message.delivery_tag, exc)
-            return False
 
     def ack_tag(self, tag: str) -> None:
         self._held.pop(tag, None)
@@ -266,10 +235,6 @@ class NativeRedisConsumer(Reconnecting):
             self._flush_acks()
         else:
             self._ack_wake.set()
-
-    def ack_pending(self, message: Any) -> bool:
-        """True while ``message``'s ack waits in the batch (not on the server yet)."""
-        return message.delivery_tag in self._pending_acks
 
     def _flush_acks(self) -> bool:
         """Send the pending acks in one pipeline; on failure keep them for the next try.
@@ -321,9 +286,6 @@ class NativeRedisConsumer(Reconnecting):
         pipe.execute()
 
     # ------------------------------------------------------------ visibility
-
-    def visibility_refresh_interval(self) -> float:
-        return max(0.25, self.visibility_timeout / 4)
 
     def refresh_visibility(self, messages: Sequence[Any]) -> int:
         tags = [m.delivery_tag for m in messages if m.channel is self and not m.acknowledged]
