@@ -50,6 +50,9 @@ LOG_RETRY = "Task %s[%s] retry: %s"
 LOG_HARD_LIMIT = "Hard time limit (%ss) exceeded for %s[%s]"
 
 INFO, ERROR = logging.INFO, logging.ERROR
+#: Seconds an INFO or DEBUG line may wait in the buffer for the lines after it (WARNING
+#: and worse are written at once).
+FLUSH_DELAY = 0.02
 
 ExcInfo = tuple[type[BaseException], BaseException, Any]
 
@@ -232,8 +235,8 @@ class TextFormatter(logging.Formatter):
 
 
 class _FlushPerTurn(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes each line when it comes and flushes once per turn of the hub: the INFO and
-    DEBUG lines of one turn (a task's, the next message's...) reach the file in one
+    """Writes each line when it comes and flushes within :data:`FLUSH_DELAY`: the INFO
+    and DEBUG lines of those 20 ms (the tasks', the messages'...) reach the file in one
     ``write``.  A WARNING or worse line, a line from another thread (the watchdog's) and
     a line outside a green hub are flushed at once, with all before them; the worker
     flushes before it restarts in place or exits for a blocked hub, and logging at exit."""
@@ -267,6 +270,9 @@ class _FlushPerTurn(logging.StreamHandler):  # type: ignore[type-arg]
         self.stream.write(text)
 
     def _flush_turn(self) -> None:
+        # a moment rather than one hub turn: a turn under load holds a line or two, and a
+        # write per line costs more than the line
+        green.sleep(FLUSH_DELAY)
         self._pending = False
         self.flush()
 
