@@ -9,6 +9,7 @@ embedded broker: each run gets a new, empty data directory, removed after).
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import json
 import math
@@ -18,7 +19,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -510,29 +511,54 @@ class Runner:
         concurrency) on one broker, and the ratio.  The order alternates from one round
         to the next, so that neither count always runs first."""
         sizes = self.sizes
-        runs = self._g_runs.get((system, broker), 0)
-        self._g_runs[system, broker] = runs + 1
-        order = G_PROCESSES[::-1] if runs % 2 else G_PROCESSES
-        row: dict[str, Any] = {
-            "tasks": sizes.g_tasks,
-            "concurrency": sizes.g_concurrency,
-            "order": list(order),
-            "log_errors": 0,
-        }
+        row = {"tasks": sizes.g_tasks, "concurrency": sizes.g_concurrency}
+        return self._alternating(
+            self._g_runs,
+            system,
+            broker,
+            row,
+            G_PROCESSES,
+            functools.partial(self._run_g_once, system, broker),
+            lambda processes: f"N={processes}",
+            lambda processes: f"n{processes}",
+            ("scale_ratio", 2),
+        )
+
+    def _alternating(
+        self,
+        counts: dict[tuple[str, str], int],
+        system: str,
+        broker: str,
+        row: dict[str, Any],
+        variants: tuple[Any, ...],
+        run_once: Callable[[Any], dict[str, Any]],
+        label: Callable[[Any], str],
+        prefix: Callable[[Any], str],
+        ratio: tuple[str, int],
+    ) -> dict[str, Any]:
+        """One round of a scenario that runs each of ``variants`` once (the order
+        alternating from one round to the next, so that none always runs first) and
+        reports the last one's throughput over the first one's as ``ratio`` (its name,
+        its digits).  Each variant's figures are in ``row`` under ``prefix(variant)``."""
+        runs = counts.get((system, broker), 0)
+        counts[system, broker] = runs + 1
+        order = variants[::-1] if runs % 2 else variants
+        row = {**row, "order": list(order), "log_errors": 0}
         problems = []
-        for processes in order:
+        for variant in order:
             try:
-                part = self._run_g_once(system, broker, processes)
-            except Exception as exc:  # one count failing still reports the other
+                part = run_once(variant)
+            except Exception as exc:  # one variant failing still reports the other
                 part = {"status": f"error: {type(exc).__name__}: {exc}"}
             row["log_errors"] += part.pop("log_errors", 0)
             status = part.pop("status")
             if status != "ok":
-                problems.append(f"N={processes}: {status}")
-            row.update({f"n{processes}_{name}": value for name, value in part.items()})
-        first, last = (row.get(f"n{n}_tasks_per_s") for n in (G_PROCESSES[0], G_PROCESSES[-1]))
+                problems.append(f"{label(variant)}: {status}")
+            row.update({f"{prefix(variant)}_{name}": value for name, value in part.items()})
+        first, last = (row.get(f"{prefix(v)}_tasks_per_s") for v in (variants[0], variants[-1]))
         if first and last:
-            row["scale_ratio"] = round(last / first, 2)
+            name, digits = ratio
+            row[name] = round(last / first, digits)
         return {**row, "status": "; ".join(problems) or "ok"}
 
     def _run_g_once(self, system: str, broker: str, processes: int) -> dict[str, Any]:
@@ -576,30 +602,18 @@ class Runner:
         two per task), each logging to a file (``-f``), and the ratio INFO / WARNING.  The
         order alternates from one round to the next."""
         sizes = self.sizes
-        runs = self._l_runs.get((system, broker), 0)
-        self._l_runs[system, broker] = runs + 1
-        order = L_LEVELS[::-1] if runs % 2 else L_LEVELS
-        row: dict[str, Any] = {
-            "tasks": sizes.l_tasks,
-            "concurrency": sizes.l_concurrency,
-            "order": list(order),
-            "log_errors": 0,
-        }
-        problems = []
-        for level in order:
-            try:
-                part = self._run_l_once(system, broker, level)
-            except Exception as exc:  # one level failing still reports the other
-                part = {"status": f"error: {type(exc).__name__}: {exc}"}
-            row["log_errors"] += part.pop("log_errors", 0)
-            status = part.pop("status")
-            if status != "ok":
-                problems.append(f"-l {level}: {status}")
-            row.update({f"{level}_{name}": value for name, value in part.items()})
-        first, last = (row.get(f"{level}_tasks_per_s") for level in (L_LEVELS[0], L_LEVELS[-1]))
-        if first and last:
-            row["log_ratio"] = round(last / first, 3)
-        return {**row, "status": "; ".join(problems) or "ok"}
+        row = {"tasks": sizes.l_tasks, "concurrency": sizes.l_concurrency}
+        return self._alternating(
+            self._l_runs,
+            system,
+            broker,
+            row,
+            L_LEVELS,
+            functools.partial(self._run_l_once, system, broker),
+            lambda level: f"-l {level}",
+            str,
+            ("log_ratio", 3),
+        )
 
     def _run_l_once(self, system: str, broker: str, level: str) -> dict[str, Any]:
         tasks, timeout = self.sizes.l_tasks, self.timeout("L")
