@@ -201,6 +201,27 @@ def test_in_a_terminal_it_redraws_in_place_and_ctrl_c_restores_it(setup: Setup, 
         term.close()
 
 
+@contextmanager
+def _watching(*args: str) -> Iterator[subprocess.Popen[str]]:
+    """``python -m greenworker ARGS`` (a watch) in the background, killed at the end if
+    it is still running."""
+    watch = start_cli(*args)
+    try:
+        yield watch
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait(10)
+
+
+def _interrupt(watch: subprocess.Popen[str]) -> str:
+    """Ctrl-C to ``watch``: what it wrote until it exited, which it did with status 0."""
+    watch.send_signal(signal.SIGINT)
+    rest = _rest(watch)
+    assert watch.returncode == 0, rest
+    return rest
+
+
 def _rest(proc: subprocess.Popen[str]) -> str:
     """What ``proc`` writes until it exits (through the same buffered reader as the
     lines read before: ``communicate`` would skip what that buffer holds)."""
@@ -230,8 +251,7 @@ def test_through_a_pipe_plain_blocks_and_a_stopped_worker_shown_gone(
     setup: Setup, hub: str
 ) -> None:
     row = _row(setup.host)
-    watch = start_cli(*setup.base, "-P", hub, "top", "--interval", "0.3", "-d", setup.host)
-    try:
+    with _watching(*setup.base, "-P", hub, "top", "--interval", "0.3", "-d", setup.host) as watch:
         seen = _read_lines_until(watch, row)
         _send(setup, 3)
         seen += _read_lines_until(watch, re.compile(rf"^{re.escape(setup.host)}\s+3\s"))
@@ -241,13 +261,7 @@ def test_through_a_pipe_plain_blocks_and_a_stopped_worker_shown_gone(
             watch, re.compile(rf"^{re.escape(setup.host)}\s+gone: no reply since \d\d:\d\d")
         )
         seen += _read_lines_until(watch, re.compile("0 worker"))
-        watch.send_signal(signal.SIGINT)
-        rest = _rest(watch)
-    finally:
-        if watch.poll() is None:
-            watch.kill()
-            watch.wait(10)
-    assert watch.returncode == 0, rest
+        rest = _interrupt(watch)
     output = seen + rest
     assert "\x1b" not in output  # no escape sequence into a pipe
     assert "Traceback" not in output
@@ -259,7 +273,7 @@ def test_through_a_pipe_plain_blocks_and_a_stopped_worker_shown_gone(
 
 @pytest.mark.timeout(60)
 def test_no_worker_says_so_and_keeps_watching(hub: str, tmp_path: Path) -> None:
-    watch = start_cli(
+    with _watching(
         "-A",
         "tests.cliapp",
         "--data-dir",
@@ -272,17 +286,10 @@ def test_no_worker_says_so_and_keeps_watching(hub: str, tmp_path: Path) -> None:
         "0.2",
         "-t",
         "0.2",
-    )
-    try:
+    ) as watch:
         wait_for_output(watch, "no worker answered within 0.2s (still watching")
         wait_for_output(watch, "no worker answered")  # the next refresh: still there
-        watch.send_signal(signal.SIGINT)
-        rest = _rest(watch)
-    finally:
-        if watch.poll() is None:
-            watch.kill()
-            watch.wait(10)
-    assert watch.returncode == 0, rest
+        rest = _interrupt(watch)
     assert "Traceback" not in rest
 
 
@@ -312,23 +319,16 @@ def test_a_lost_broker_is_said_and_the_view_comes_back_with_it(
     through.start()
     url = f"redis://127.0.0.1:{through.port}/0"
     row = _row(setup.host)
-    watch = start_cli(
+    with _watching(
         "-A", "tests.cliapp", "-b", url, "-P", hub, "top", "--interval", "0.3", "-d", setup.host
-    )
-    try:
+    ) as watch:
         _read_lines_until(watch, row)
         through.cut()
         _read_lines_until(watch, re.compile(r"^broker unreachable: .* \(retrying\)$"))
         _read_lines_until(watch, re.compile(rf"^{re.escape(setup.host)}\s+gone: "))
         through.restore()
         _read_lines_until(watch, row)  # answering again, on a new connection
-        watch.send_signal(signal.SIGINT)
-        rest = _rest(watch)
-    finally:
-        if watch.poll() is None:
-            watch.kill()
-            watch.wait(10)
-    assert watch.returncode == 0, rest
+        rest = _interrupt(watch)
     assert "Traceback" not in rest
 
 
