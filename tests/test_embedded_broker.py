@@ -453,3 +453,29 @@ def test_brokerdb_shows_and_compacts_and_refuses_while_a_consumer_lives(tmp_path
     assert after < before
     missing = run_cli("brokerdb", str(tmp_path / "nothing"), "show")
     assert missing.returncode == 2 and "no embedded broker store" in missing.stderr
+
+
+def test_the_native_consumer_takes_a_queue_added_while_it_runs(tmp_path: Path) -> None:
+    app = App("addqueue", data_dir=str(tmp_path))
+    got = green.new_event()
+    seen: list[Any] = []
+
+    def on_message(message: Any) -> None:
+        seen.append(message.decode()[0][0])
+        consumer.ack(message)
+        got.set()
+
+    consumer = NativeLmdbConsumer(app, [app.conf.task_default_queue], on_message, lambda: 5)
+    consumer.start()
+    try:
+        assert consumer.wait_ready(10)
+        consumer.add_queue("added")  # consumed from now on, without a restart
+        app.send_task("native.record", ("to the added queue",), queue="added")
+        assert got.wait(10), seen
+        consumer.cancel_queue("added")
+        assert consumer.queue_names == [app.conf.task_default_queue]
+    finally:
+        consumer.stop_consuming()
+        consumer.close()
+    assert seen == ["to the added queue"]
+    assert open_store(str(tmp_path / "broker")).unacked_count() == 0

@@ -109,22 +109,11 @@ class NativeLmdbConsumer(NativeConsumer):
                 log.warning("could not requeue %d message(s) at close: %s", len(held), exc)
         self._release()
 
-    def add_queue(self, name: str) -> None:
-        if name in self.queue_names:
-            return
-        if self._connection is not None:
+    def _declare_added(self, name: str) -> None:
+        if self._connection is not None:  # else _consume declares it with the others
             self._declare(self._connection, [name])
-        self.queue_names.append(name)
-        log.info("consuming from %s", name)
 
     # ------------------------------------------------------------ acks
-
-    def ack_tag(self, tag: str) -> None:
-        """Ack ``tag`` with the next take, or the ack loop's write if that comes first."""
-        self._held.pop(tag, None)
-        self._pending_acks.append(tag)
-        self._capacity.set()
-        self._ack_wake.set()
 
     def _flush_acks(self) -> bool:
         store = self._store

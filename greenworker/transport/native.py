@@ -37,6 +37,31 @@ class NativeConsumer(Reconnecting):
         self._pending_acks: list[str] = []
         self._capacity = green.new_event()  # set when the prefetch window may have room
 
+    #: Pending acks that are written at once rather than by the ack loop (None: always
+    #: by the ack loop, or with the next take).
+    ACK_BATCH: int | None = None
+
+    def add_queue(self, name: str) -> None:
+        if name in self.queue_names:
+            return
+        self._declare_added(name)
+        self.queue_names.append(name)
+        log.info("consuming from %s", name)
+
+    def _declare_added(self, name: str) -> None:
+        """Declare a queue added while consuming, where the broker needs it declared."""
+
+    def ack_tag(self, tag: str) -> None:
+        """Ack ``tag``: batched, written by the ack loop or the consumer's next write if
+        that comes first (a full batch, at once)."""
+        self._held.pop(tag, None)
+        self._pending_acks.append(tag)
+        self._capacity.set()
+        if self.ACK_BATCH is not None and len(self._pending_acks) >= self.ACK_BATCH:
+            self._flush_acks()
+        else:
+            self._ack_wake.set()
+
     def cancel_queue(self, name: str) -> None:
         if name in self.queue_names:
             self.queue_names.remove(name)

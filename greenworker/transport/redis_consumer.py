@@ -220,21 +220,7 @@ class NativeRedisConsumer(NativeConsumer):
             self._client.close()
             self._client = None
 
-    def add_queue(self, name: str) -> None:
-        if name not in self.queue_names:
-            self.queue_names.append(name)
-            log.info("consuming from %s", name)
-
     # ------------------------------------------------------------ acks
-
-    def ack_tag(self, tag: str) -> None:
-        self._held.pop(tag, None)
-        self._pending_acks.append(tag)
-        self._capacity.set()
-        if len(self._pending_acks) >= self.ACK_BATCH:
-            self._flush_acks()
-        else:
-            self._ack_wake.set()
 
     def _flush_acks(self) -> bool:
         """Send the pending acks in one pipeline; on failure keep them for the next try.
