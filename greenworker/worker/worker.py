@@ -382,21 +382,16 @@ class Worker:
             assert self._saver is not None
             self._saver.load()
             self.watchdog.load_blockers()
-        if self._beat_opener is not None:
-            try:
+        try:
+            if self._beat_opener is not None:
                 self.beat, self._beat_store = self._beat_opener(self.timer, self.store)
-            except BaseException:
-                if self.store is not None:
-                    self.store.close()
-                raise
-        if self.metrics is not None:
-            try:
+            if self.metrics is not None:
                 self.metrics.serve()  # MetricsError (its port is taken): nothing runs yet
-            except BaseException:
-                for store in (self._beat_store, self.store):
-                    if store is not None:
-                        store.close()
-                raise
+        except BaseException:
+            for store in (self._beat_store, self.store):
+                if store is not None:
+                    store.close()
+            raise
         self._started = True
         self.restart_reason = None
         self.fatal = None
